@@ -1,0 +1,5 @@
+"""Compiled operators (with pure-PyTorch references) used by the model."""
+from .deformable_attention import extension_status, kernel_available, ms_deform_attn
+from .reference import ms_deform_attn_reference
+
+__all__ = ["ms_deform_attn", "ms_deform_attn_reference", "kernel_available", "extension_status"]

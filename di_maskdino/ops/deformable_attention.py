@@ -1,0 +1,181 @@
+"""Multi-scale deformable attention (MSDeformAttn) as a PyTorch custom operator.
+
+Shape glossary:
+    B   batch size
+    S   value tokens of all levels, sum over levels of H_l * W_l
+    Q   queries
+    L   feature levels
+    P   sampling points per level and head
+    C_h channels per head
+
+The compiled kernels of ``di_maskdino._C`` (``csrc/``) register the operators
+``torch.ops.di_maskdino.ms_deform_attn_forward`` / ``..._backward`` for CPU and CUDA. This
+module adds what PyTorch needs around them - the autograd formula, fake (meta) kernels for
+``torch.compile`` and an autocast policy (float32) - and the public function
+:func:`ms_deform_attn`. Where no kernel is available (extension not built, or built
+without CUDA and called on a GPU) the pure-PyTorch reference runs instead, and says so once.
+"""
+import warnings
+from typing import Optional, Tuple
+
+import torch
+
+from .reference import ms_deform_attn_reference
+
+__all__ = ["ms_deform_attn", "kernel_available", "extension_status"]
+
+
+def _load_extension() -> Tuple[Optional[object], str]:
+    try:
+        from di_maskdino import _C
+    except ModuleNotFoundError as error:
+        if error.name != "di_maskdino._C":
+            raise
+        return None, (
+            "the compiled extension di_maskdino._C is not built; build it from the repository "
+            "root with `pip install --no-build-isolation -e .`"
+        )
+    except ImportError as error:
+        return None, (
+            f"the compiled extension di_maskdino._C failed to load ({error}); it was probably "
+            "built against another PyTorch: rebuild it with `pip install --no-build-isolation -e .`"
+        )
+    return _C, ""
+
+
+_C, _UNAVAILABLE = _load_extension()
+_fallback_announced = False
+
+
+def extension_status() -> str:
+    """A one-line description of which kernels this installation has."""
+    if _C is None:
+        return "pure-PyTorch reference only: " + _UNAVAILABLE
+    return "compiled kernels: CPU" + (" and CUDA" if _C.compiled_with_cuda() else " (CUDA not compiled)")
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether a compiled kernel serves tensors on `device`."""
+    if _C is None:
+        return False
+    if device.type == "cpu":
+        return True
+    return device.type == "cuda" and _C.compiled_with_cuda()
+
+
+def _announce_fallback(device: torch.device) -> None:
+    global _fallback_announced
+    if _fallback_announced:
+        return
+    _fallback_announced = True
+    reason = _UNAVAILABLE if _C is None else f"di_maskdino._C has no kernel for {device.type} tensors"
+    if _C is not None and device.type == "cuda":
+        reason += "; rebuild with a visible GPU or FORCE_CUDA=1"
+    warnings.warn(
+        f"ms_deform_attn falls back to the slower pure-PyTorch reference: {reason}.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+if _C is not None:
+    _OP = "di_maskdino::ms_deform_attn_forward"
+    _BACKWARD_OP = "di_maskdino::ms_deform_attn_backward"
+
+    @torch.library.register_fake(_OP)
+    def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        batch, _, heads, channels = value.shape
+        return value.new_empty((batch, sampling_locations.shape[1], heads * channels))
+
+    @torch.library.register_fake(_BACKWARD_OP)
+    def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _backward(ctx, grad_output):
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
+        grad_value, grad_locations, grad_weights = torch.ops.di_maskdino.ms_deform_attn_backward(
+            grad_output.contiguous(), value, spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
+        return grad_value, None, None, grad_locations, grad_weights
+
+    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+    # Bilinear weights and sums over many samples lose too much in half precision.
+    for _device_type in ("cpu", "cuda"):
+        torch.library.register_autocast(_OP, _device_type, torch.float32)
+
+
+def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
+    if value.dim() != 4:
+        raise ValueError(f"ms_deform_attn: value must be (B, S, heads, C_h), got shape {tuple(value.shape)}")
+    batch, _, heads, _ = value.shape
+    if sampling_locations.dim() != 6 or sampling_locations.shape[-1] != 2:
+        raise ValueError(
+            "ms_deform_attn: sampling_locations must be (B, Q, heads, L, P, 2), "
+            f"got shape {tuple(sampling_locations.shape)}"
+        )
+    _, queries, loc_heads, levels, points, _ = sampling_locations.shape
+    if sampling_locations.shape[0] != batch or loc_heads != heads:
+        raise ValueError(
+            f"ms_deform_attn: sampling_locations {tuple(sampling_locations.shape)} and value "
+            f"{tuple(value.shape)} disagree on batch size or number of heads"
+        )
+    expected = (batch, queries, heads, levels, points)
+    if tuple(attention_weights.shape) != expected:
+        raise ValueError(
+            f"ms_deform_attn: attention_weights must have shape (B, Q, heads, L, P) = {expected}, "
+            f"got {tuple(attention_weights.shape)}"
+        )
+    if tuple(spatial_shapes.shape) != (levels, 2) or tuple(level_start_index.shape) != (levels,):
+        raise ValueError(
+            f"ms_deform_attn: spatial_shapes must be ({levels}, 2) and level_start_index ({levels},) "
+            f"for {levels} levels, got {tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}"
+        )
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+        if not tensor.is_floating_point():
+            raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {tensor.dtype}")
+
+
+def ms_deform_attn(
+    value: torch.Tensor,
+    spatial_shapes: torch.Tensor,
+    level_start_index: torch.Tensor,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Multi-scale deformable attention: every query takes, per head, a weighted sum of
+    values bilinearly sampled at L * P locations.
+
+    Args:
+        value: (B, S, heads, C_h) values of all levels, flattened level by level.
+        spatial_shapes: (L, 2) integer (H_l, W_l) of every level.
+        level_start_index: (L,) first token of every level in S.
+        sampling_locations: (B, Q, heads, L, P, 2) (x, y) locations; [0, 1] spans the map,
+            pixel centres at (i + 0.5) / W_l; samples falling outside read zeros.
+        attention_weights: (B, Q, heads, L, P) weight of every sample (normally softmaxed
+            over L * P).
+
+    Returns:
+        (B, Q, heads * C_h) tensor in the dtype of `value`. Half and bfloat16 inputs are
+        computed in float32 and cast back.
+    """
+    _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    compute_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
+    if compute_dtype in (torch.float16, torch.bfloat16):
+        compute_dtype = torch.float32
+    device = value.device
+    args = (
+        value.to(compute_dtype),
+        spatial_shapes.to(device=device, dtype=torch.long),
+        level_start_index.to(device=device, dtype=torch.long),
+        sampling_locations.to(compute_dtype),
+        attention_weights.to(compute_dtype),
+    )
+    if kernel_available(device):
+        output = torch.ops.di_maskdino.ms_deform_attn_forward(*args)
+    else:
+        _announce_fallback(device)
+        output = ms_deform_attn_reference(*args)
+    return output.to(value.dtype)
