@@ -1,4 +1,17 @@
 """Reusable network blocks."""
+from .blocks import FFN, MLP, ConvNormAct, CrossAttentionBlock, DeformableAttentionBlock, SelfAttentionBlock, with_pos
 from .ms_deform_attn import MSDeformAttn
+from .position_encoding import box_position_embedding, feature_map_position_embedding
 
-__all__ = ["MSDeformAttn"]
+__all__ = [
+    "MSDeformAttn",
+    "MLP",
+    "FFN",
+    "SelfAttentionBlock",
+    "CrossAttentionBlock",
+    "DeformableAttentionBlock",
+    "ConvNormAct",
+    "with_pos",
+    "box_position_embedding",
+    "feature_map_position_embedding",
+]

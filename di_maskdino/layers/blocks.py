@@ -1,0 +1,130 @@
+"""Reusable transformer blocks (post-norm, as in DETR / MaskDINO).
+
+Every attention layer of the model is assembled from these: a residual self-attention
+block, a residual cross-attention block, a residual deformable-attention block and a
+residual feed-forward block, each followed by LayerNorm. All tensors are batch-first:
+(B, N, C).
+"""
+from typing import Callable, Optional
+
+import torch
+from fvcore.nn.weight_init import c2_xavier_fill
+from torch import nn
+from torch.nn import functional as F
+
+from .ms_deform_attn import MSDeformAttn
+
+__all__ = ["MLP", "FFN", "SelfAttentionBlock", "CrossAttentionBlock", "DeformableAttentionBlock", "ConvNormAct", "with_pos"]
+
+
+def with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
+    return x if pos is None else x + pos
+
+
+class MLP(nn.Module):
+    """`num_layers` linear layers with ReLU between them (none after the last)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for index, layer in enumerate(self.layers):
+            x = layer(x)
+            if index < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class FFN(nn.Module):
+    """x <- norm(x + dropout(linear2(dropout(act(linear1(x))))))."""
+
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, activation: Callable = F.relu):
+        super().__init__()
+        self.linear1 = nn.Linear(dim, hidden_dim)
+        self.linear2 = nn.Linear(hidden_dim, dim)
+        self.activation = activation
+        self.dropout_hidden = nn.Dropout(dropout)
+        self.dropout_out = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = self.linear2(self.dropout_hidden(self.activation(self.linear1(x))))
+        return self.norm(x + self.dropout_out(update))
+
+
+class SelfAttentionBlock(nn.Module):
+    """x <- norm(x + dropout(MHA(q = k = x + pos, v = x)))."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """attn_mask: optional (N, N) bool, True where a query may NOT attend to a key."""
+        query = with_pos(x, pos)
+        update = self.attn(query, query, x, attn_mask=attn_mask, need_weights=False)[0]
+        return self.norm(x + self.dropout(update))
+
+
+class CrossAttentionBlock(nn.Module):
+    """x <- norm(x + dropout(MHA(q = x + pos, k = memory + memory_pos, v = memory)))."""
+
+    def __init__(self, dim: int, num_heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        memory: torch.Tensor,
+        pos: Optional[torch.Tensor] = None,
+        memory_pos: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        update = self.attn(with_pos(x, pos), with_pos(memory, memory_pos), memory, need_weights=False)[0]
+        return self.norm(x + self.dropout(update))
+
+
+class DeformableAttentionBlock(nn.Module):
+    """x <- norm(x + dropout(MSDeformAttn(x + pos, reference_points, value))).
+
+    The encoder uses it as self-attention (value = x), the decoder as cross-attention to
+    the encoder tokens.
+    """
+
+    def __init__(self, dim: int, num_levels: int, num_heads: int, num_points: int, dropout: float = 0.0):
+        super().__init__()
+        self.attn = MSDeformAttn(dim, num_levels, num_heads, num_points)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pos: Optional[torch.Tensor],
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        spatial_shapes: torch.Tensor,
+        level_start_index: torch.Tensor,
+    ) -> torch.Tensor:
+        update = self.attn(with_pos(x, pos), reference_points, value, spatial_shapes, level_start_index)
+        return self.norm(x + self.dropout(update))
+
+
+class ConvNormAct(nn.Module):
+    """Conv2d (no bias) -> GroupNorm -> optional ReLU; Caffe2-style Xavier init."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, num_groups: int = 32, activation: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.norm = nn.GroupNorm(num_groups, out_channels)
+        self.activation = nn.ReLU() if activation else nn.Identity()
+        c2_xavier_fill(self.conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.conv(x)))

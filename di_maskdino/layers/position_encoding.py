@@ -1,0 +1,42 @@
+"""Sine position encodings (Transformer / DETR style).
+
+`sine_features` turns scalar positions into interleaved (sin, cos) features with the usual
+geometric frequencies; the two public functions apply it to feature-map pixels and to
+reference boxes.
+"""
+import math
+
+import torch
+
+__all__ = ["feature_map_position_embedding", "box_position_embedding"]
+
+TWO_PI = 2 * math.pi
+
+
+def sine_features(positions: torch.Tensor, num_feats: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(...,) positions -> (..., num_feats): [sin(p / t_0), cos(p / t_0), sin(p / t_1), ...]
+    with t_i = temperature ** (2 * (i // 2) / num_feats)."""
+    exponent = 2 * (torch.arange(num_feats, dtype=torch.float32, device=positions.device) // 2) / num_feats
+    angles = positions[..., None] / temperature**exponent
+    return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1).flatten(-2)
+
+
+def feature_map_position_embedding(batch: int, height: int, width: int, channels: int, device: torch.device) -> torch.Tensor:
+    """(B, channels, H, W) embedding of the pixel grid: the first half encodes the row,
+    the second the column; positions (i + 1) / (H + eps) * 2 pi, i.e. normalised to (0, 2 pi]."""
+    eps = 1e-6
+    rows = torch.arange(1, height + 1, dtype=torch.float32, device=device) / (height + eps) * TWO_PI
+    cols = torch.arange(1, width + 1, dtype=torch.float32, device=device) / (width + eps) * TWO_PI
+    half = channels // 2
+    row_features = sine_features(rows, half)[:, None, :].expand(height, width, half)
+    col_features = sine_features(cols, half)[None, :, :].expand(height, width, half)
+    embedding = torch.cat([row_features, col_features], dim=-1).permute(2, 0, 1)
+    return embedding[None].expand(batch, channels, height, width)
+
+
+def box_position_embedding(boxes: torch.Tensor, num_feats: int) -> torch.Tensor:
+    """(..., 4) normalised (cx, cy, w, h) -> (..., 4 * num_feats), ordered (cy, cx, w, h);
+    (..., 2) points (x, y) -> (..., 2 * num_feats), ordered (y, x)."""
+    scaled = boxes * TWO_PI
+    order = [1, 0, 2, 3] if boxes.shape[-1] == 4 else [1, 0]
+    return torch.cat([sine_features(scaled[..., i], num_feats) for i in order], dim=-1)

@@ -1,0 +1,41 @@
+"""Prediction heads shared by every stage of the model (deep supervision).
+
+One class head, one box head and one mask-embedding head serve the encoder (two-stage)
+output, the initial prediction, every decoder layer and the denoising queries; the
+token-interaction layers of the DI module share the class head.
+
+Shape glossary: B batch, N queries, C hidden dim, K classes, D mask dim, h x w mask-feature
+resolution (1/4 of the padded image).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..layers import MLP
+
+__all__ = ["PredictionHeads"]
+
+
+class PredictionHeads(nn.Module):
+    """norm -> class logits (B, N, K); norm -> mask embedding . mask features (B, N, h, w);
+    box deltas (B, N, 4) in logit space from `box_embed`."""
+
+    def __init__(self, hidden_dim: int, num_classes: int, mask_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_dim)
+        self.class_embed = nn.Linear(hidden_dim, num_classes)
+        self.box_embed = MLP(hidden_dim, hidden_dim, 4, 3)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        nn.init.zeros_(self.box_embed.layers[-1].weight)
+        nn.init.zeros_(self.box_embed.layers[-1].bias)
+
+    def forward(
+        self, queries: torch.Tensor, mask_features: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """queries (B, N, C), mask_features (B, D, h, w) or None -> logits (B, N, K), masks (B, N, h, w) or None."""
+        x = self.norm(queries)
+        logits = self.class_embed(x)
+        if mask_features is None:
+            return logits, None
+        return logits, torch.einsum("bnd,bdhw->bnhw", self.mask_embed(x), mask_features)
