@@ -1,0 +1,137 @@
+"""Conversion of the authors' released checkpoints (MaskDINO and DI-MaskDINO, detectron2
+format) to this project's parameter names.
+
+The release registers some modules under several names (the shared class, box and mask
+heads, the decoder norm, the token-interaction box head, BATO); each such group maps to a
+single parameter here, after checking that the copies are identical. A few entries are
+known to carry no weights of the network (`criterion.empty_weight`) and are dropped.
+"""
+import re
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+
+__all__ = ["convert_release_state_dict", "ConversionError", "RELEASE_RULES", "DROPPED_RELEASE_KEYS"]
+
+_P = r"sem_seg_head\.pixel_decoder\."
+_H = r"sem_seg_head\.predictor\."
+
+# (release pattern, our name); the first matching rule wins. \g<n> refers to groups.
+RELEASE_RULES: List[Tuple[str, str]] = [
+    (r"backbone\.(.+)", r"backbone.\1"),
+    # encoder
+    (_P + r"input_proj\.(\d+)\.([01])\.(weight|bias)", r"encoder.input_proj.\1.\2.\3"),
+    (_P + r"transformer\.level_embed", r"encoder.level_embed"),
+    (_P + r"transformer\.encoder\.layers\.(\d+)\.self_attn\.(.+)", r"encoder.layers.\1.self_attn.attn.\2"),
+    (_P + r"transformer\.encoder\.layers\.(\d+)\.norm1\.(.+)", r"encoder.layers.\1.self_attn.norm.\2"),
+    (_P + r"transformer\.encoder\.layers\.(\d+)\.linear([12])\.(.+)", r"encoder.layers.\1.ffn.linear\2.\3"),
+    (_P + r"transformer\.encoder\.layers\.(\d+)\.norm2\.(.+)", r"encoder.layers.\1.ffn.norm.\2"),
+    (_P + r"mask_features\.(.+)", r"encoder.mask_features.\1"),
+    # NOTE: adapter_k / layer_k are numbered from the finest map; ours from the coarsest.
+    # Released models have one FPN level, where both give index 0.
+    (_P + r"adapter_1\.weight", r"encoder.lateral_convs.0.conv.weight"),
+    (_P + r"adapter_1\.norm\.(.+)", r"encoder.lateral_convs.0.norm.\1"),
+    (_P + r"layer_1\.weight", r"encoder.output_convs.0.conv.weight"),
+    (_P + r"layer_1\.norm\.(.+)", r"encoder.output_convs.0.norm.\1"),
+    # query selection (two-stage)
+    (_H + r"enc_output\.(.+)", r"head.query_selection.memory_proj.\1"),
+    (_H + r"enc_output_norm\.(.+)", r"head.query_selection.memory_norm.\1"),
+    # shared prediction heads
+    (_H + r"(?:decoder\.|oldm\.)?class_embed\.(.+)", r"head.heads.class_embed.\1"),
+    (_H + r"(?:_bbox_embed|bbox_embed\.\d+|decoder\.bbox_embed\.\d+)\.(.+)", r"head.heads.box_embed.\1"),
+    (_H + r"(?:decoder\.)?mask_embed\.(.+)", r"head.heads.mask_embed.\1"),
+    (_H + r"(?:decoder_norm|decoder\.norm)\.(.+)", r"head.heads.norm.\1"),
+    (_H + r"label_enc\.(.+)", r"head.denoising.label_embed.\1"),
+    # De-Imbalance module ("oldm" in the release): one stage
+    (_H + r"(?:oldm_norm|oldm\.norm)\.(.+)", r"head.de_imbalance.stages.0.norm.\1"),
+    (_H + r"(?:_oldm_bbox_embed|oldm_bbox_embed\.\d+|oldm\.bbox_embed\.\d+)\.(.+)", r"head.de_imbalance.stages.0.box_embed.\1"),
+    (_H + r"oldm\.ref_point_head\.(.+)", r"head.de_imbalance.stages.0.ref_point_head.\1"),
+    (_H + r"oldm\.layers\.(\d+)\.self_attn\.(.+)", r"head.de_imbalance.stages.0.layers.\1.self_attn.attn.\2"),
+    (_H + r"oldm\.layers\.(\d+)\.norm1\.(.+)", r"head.de_imbalance.stages.0.layers.\1.self_attn.norm.\2"),
+    (_H + r"oldm\.layers\.(\d+)\.linear([12])\.(.+)", r"head.de_imbalance.stages.0.layers.\1.ffn.linear\2.\3"),
+    (_H + r"oldm\.layers\.(\d+)\.norm2\.(.+)", r"head.de_imbalance.stages.0.layers.\1.ffn.norm.\2"),
+    # BATO ("query_guide_feature_update" and the decoder's "mask_output_conv")
+    (_H + r"(?:decoder\.)?query_guide_feature_update\.multihead_attn\.(.+)", r"head.decoder.bato.cross_attn.attn.\1"),
+    (_H + r"(?:decoder\.)?query_guide_feature_update\.norm1\.(.+)", r"head.decoder.bato.cross_attn.norm.\1"),
+    (_H + r"(?:decoder\.)?query_guide_feature_update\.linear([12])\.(.+)", r"head.decoder.bato.ffn.linear\1.\2"),
+    (_H + r"(?:decoder\.)?query_guide_feature_update\.norm2\.(.+)", r"head.decoder.bato.ffn.norm.\1"),
+    (_H + r"decoder\.mask_output_conv\.weight", r"head.decoder.bato.mask_feature_conv.conv.weight"),
+    (_H + r"decoder\.mask_output_conv\.norm\.(.+)", r"head.decoder.bato.mask_feature_conv.norm.\1"),
+    # decoder
+    (_H + r"decoder\.ref_point_head\.(.+)", r"head.decoder.ref_point_head.\1"),
+    (_H + r"decoder\.layers\.(\d+)\.self_attn\.(.+)", r"head.decoder.layers.\1.self_attn.attn.\2"),
+    (_H + r"decoder\.layers\.(\d+)\.norm2\.(.+)", r"head.decoder.layers.\1.self_attn.norm.\2"),
+    (_H + r"decoder\.layers\.(\d+)\.cross_attn\.(.+)", r"head.decoder.layers.\1.cross_attn.attn.\2"),
+    (_H + r"decoder\.layers\.(\d+)\.norm1\.(.+)", r"head.decoder.layers.\1.cross_attn.norm.\2"),
+    (_H + r"decoder\.layers\.(\d+)\.linear([12])\.(.+)", r"head.decoder.layers.\1.ffn.linear\2.\3"),
+    (_H + r"decoder\.layers\.(\d+)\.norm3\.(.+)", r"head.decoder.layers.\1.ffn.norm.\2"),
+]
+
+# Entries of the released state dicts that are not weights of the network.
+DROPPED_RELEASE_KEYS = {
+    "criterion.empty_weight": "the release's no-object class weight; sigmoid focal loss does not use it",
+    "pixel_mean": "input normalisation comes from the configuration",
+    "pixel_std": "input normalisation comes from the configuration",
+}
+
+_COMPILED_RULES = [(re.compile(pattern + r"$"), target) for pattern, target in RELEASE_RULES]
+
+
+class ConversionError(ValueError):
+    """A released checkpoint does not fit: lists every key that did not map or disagreed."""
+
+
+def _target_name(key: str) -> str:
+    for pattern, target in _COMPILED_RULES:
+        match = pattern.match(key)
+        if match:
+            return match.expand(target)
+    return ""
+
+
+def convert_release_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Maps a released `model` state dict to this project's names.
+
+    Raises ConversionError listing every key that no rule maps, and every group of shared
+    release entries whose copies differ.
+    """
+    converted: Dict[str, torch.Tensor] = {}
+    sources: Dict[str, str] = {}
+    unmapped, conflicting = [], []
+    for key, value in state_dict.items():
+        if key in DROPPED_RELEASE_KEYS:
+            continue
+        target = _target_name(key)
+        if not target:
+            unmapped.append(key)
+            continue
+        if target in converted:
+            if converted[target].shape != value.shape or not torch.equal(converted[target], value):
+                conflicting.append(f"{key} differs from {sources[target]} (both map to {target})")
+            continue
+        converted[target] = value
+        sources[target] = key
+    if unmapped or conflicting:
+        lines = [f"  unmapped: {k}" for k in unmapped] + [f"  conflict: {c}" for c in conflicting]
+        raise ConversionError("the checkpoint does not fit this project's model:\n" + "\n".join(lines))
+    return converted
+
+
+def check_against_model(converted: Dict[str, torch.Tensor], expected: Dict[str, Iterable[int]], skip_prefixes=()) -> None:
+    """Raises ConversionError unless `converted` has exactly the names and shapes of
+    `expected` (name -> shape), ignoring names that start with one of `skip_prefixes`."""
+
+    def keep(name):
+        return not any(name.startswith(p) for p in skip_prefixes)
+
+    ours = {k: tuple(v) for k, v in expected.items() if keep(k)}
+    theirs = {k: tuple(v.shape) for k, v in converted.items() if keep(k)}
+    lines = [f"  missing from the checkpoint: {k} {ours[k]}" for k in sorted(set(ours) - set(theirs))]
+    lines += [f"  not in the model: {k} {theirs[k]}" for k in sorted(set(theirs) - set(ours))]
+    lines += [
+        f"  shape mismatch: {k} checkpoint {theirs[k]} vs model {ours[k]}"
+        for k in sorted(set(ours) & set(theirs))
+        if ours[k] != theirs[k]
+    ]
+    if lines:
+        raise ConversionError("the converted checkpoint does not fit the model:\n" + "\n".join(lines))

@@ -1,0 +1,228 @@
+#!/usr/bin/env python
+"""Runs the authors' release (DI-MaskDINO or MaskDINO) and this project's model on the same
+images and weights, on the CPU, and compares every prediction.
+
+The release is imported from a local checkout given by --release-source; nothing of it is
+copied. To run it without its CUDA extension, the extension module is replaced by an empty
+one (the release then uses its own pure-PyTorch path) and `Tensor.cuda()` returns the tensor
+unchanged. Needs detectron2.
+
+    python tools/compare_with_release.py --release-source /path/to/DI-MaskDINO \\
+        --config configs/dimaskdino_r50_4scale_bs16_12ep.yaml [--weights release.pth]
+
+Without --weights, the release model is randomly initialised and all its parameters are
+perturbed (so that no head starts at zero); the converted state dict is loaded into ours.
+Exit status 0 when all compared tensors agree within --atol / --rtol.
+"""
+import argparse
+import contextlib
+import io
+import os
+import sys
+import types
+
+import numpy as np
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+def import_release(source: str):
+    """Imports the release package found in `source` and returns (package, add_config)."""
+    sys.modules.setdefault("MultiScaleDeformableAttention", types.ModuleType("MultiScaleDeformableAttention"))
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the release calls .cuda() unconditionally
+    sys.path.insert(0, source)
+    for name, config_function in (("dimaskdino", "add_dimaskdino_config"), ("maskdino", "add_maskdino_config")):
+        if os.path.isdir(os.path.join(source, name)):
+            package = __import__(name)
+            return package, getattr(package, config_function)
+    raise SystemExit(f"{source} holds neither a dimaskdino/ nor a maskdino/ package")
+
+
+def release_config(add_config, config_file: str):
+    from detectron2.config import get_cfg
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    cfg = get_cfg()
+    add_deeplab_config(cfg)
+    add_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.freeze()
+    return cfg
+
+
+def our_model_for(cfg, backbone):
+    """Our model with the architecture a release configuration describes."""
+    from di_maskdino.modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder
+
+    m, s = cfg.MODEL.MaskDINO, cfg.MODEL.SEM_SEG_HEAD
+    shapes = {k: v for k, v in backbone.output_shape().items() if k in s.IN_FEATURES}
+    di = cfg.MODEL.MaskDINO.TRANSFORMER_DECODER_NAME == "DIMaskDINODecoder"
+    encoder = MaskDINOEncoder(
+        {k: v.channels for k, v in shapes.items()},
+        {k: v.stride for k, v in shapes.items()},
+        transformer_in_features=s.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
+        hidden_dim=s.CONVS_DIM,
+        mask_dim=s.MASK_DIM,
+        num_levels=s.TOTAL_NUM_FEATURE_LEVELS,
+        num_layers=s.TRANSFORMER_ENC_LAYERS,
+        num_heads=m.NHEADS,
+        ffn_dim=s.DIM_FEEDFORWARD,
+        dropout=m.DROPOUT,
+        common_stride=s.COMMON_STRIDE,
+    )
+    head = DIMaskDINOHead(
+        num_classes=s.NUM_CLASSES,
+        hidden_dim=m.HIDDEN_DIM,
+        mask_dim=s.MASK_DIM,
+        num_heads=m.NHEADS,
+        ffn_dim=m.DIM_FEEDFORWARD,
+        dropout=m.DROPOUT,
+        num_levels=s.TOTAL_NUM_FEATURE_LEVELS,
+        num_queries=m.NUM_OBJECT_QUERIES,
+        num_decoder_layers=m.DEC_LAYERS,
+        de_imbalance=di,
+        selection_sizes=(m.FIRST_SELECTED_QUERIES, m.NUM_OBJECT_QUERIES) if di else (m.NUM_OBJECT_QUERIES,),
+        token_interaction_layers=m.TI_LAYERS if di else 1,
+        bato=di,
+        num_guiding_tokens=m.NUM_GUIDING_TOKENS if di else 50,
+        mask_enhanced_boxes=m.INITIALIZE_BOX_TYPE != "no",
+        denoising=m.DN != "no",
+        dn_num_queries=m.DN_NUM,
+        dn_noise_scale=m.DN_NOISE_SCALE,
+    )
+    return DIMaskDINO(
+        backbone, encoder, head, pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD, size_divisibility=32,
+        test_topk=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+
+
+def canonical_order(scores, labels, boxes):
+    """Sort by score (descending), then class, then box: ties in score are common with
+    random weights (every empty mask scores 0)."""
+    keys = [boxes[:, i].numpy().round(3) for i in range(3, -1, -1)] + [labels.numpy(), -scores.numpy().round(5)]
+    return torch.from_numpy(np.lexsort(keys))
+
+
+class Comparison:
+    def __init__(self, atol: float, rtol: float):
+        self.atol, self.rtol = atol, rtol
+        self.failures = []
+
+    def binary(self, name, ours, theirs, max_fraction: float = 1e-4):
+        """Binary masks: pixels whose logit is within rounding of the 0 threshold may flip."""
+        ours, theirs = ours.bool(), theirs.bool()
+        if ours.shape != theirs.shape:
+            self.failures.append(name)
+            print(f"  {name:<40} shape {tuple(ours.shape)} vs release {tuple(theirs.shape)}  MISMATCH")
+            return
+        differing = (ours != theirs).sum().item()
+        ok = differing <= max_fraction * ours.numel()
+        if not ok:
+            self.failures.append(name)
+        print(f"  {name:<40} {differing} of {ours.numel()} pixels differ  {'ok' if ok else 'MISMATCH'}")
+
+    def __call__(self, name, ours, theirs):
+        ours, theirs = ours.detach().float(), theirs.detach().float()
+        if ours.shape != theirs.shape:
+            self.failures.append(name)
+            print(f"  {name:<40} shape {tuple(ours.shape)} vs release {tuple(theirs.shape)}  MISMATCH")
+            return
+        finite = torch.isfinite(theirs)
+        if not torch.equal(finite, torch.isfinite(ours)):
+            self.failures.append(name)
+            print(f"  {name:<40} non-finite entries differ  MISMATCH")
+            return
+        diff = (ours[finite] - theirs[finite]).abs()
+        worst = diff.max().item() if diff.numel() else 0.0
+        ok = bool((diff <= self.atol + self.rtol * theirs[finite].abs()).all())
+        if not ok:
+            self.failures.append(name)
+        print(f"  {name:<40} max |diff| {worst:.2e}  {'ok' if ok else 'MISMATCH'}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--release-source", required=True, help="checkout of the DI-MaskDINO or MaskDINO release")
+    parser.add_argument("--config", required=True, help="release config, relative to the checkout or absolute")
+    parser.add_argument("--weights", help="a released checkpoint (.pth); default: perturbed random weights")
+    parser.add_argument("--image-sizes", default="256x320,224x288", help="comma-separated HxW of the test images")
+    parser.add_argument("--atol", type=float, default=2e-4)
+    parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from di_maskdino.checkpoint import convert_release_state_dict
+
+    _, add_config = import_release(os.path.abspath(args.release_source))
+    from detectron2.modeling import build_model
+
+    config_file = args.config if os.path.isabs(args.config) else os.path.join(args.release_source, args.config)
+    cfg = release_config(add_config, config_file)
+    torch.manual_seed(args.seed)
+    with contextlib.redirect_stdout(io.StringIO()):  # the release prints its loss weights
+        release = build_model(cfg).eval()
+    if args.weights:
+        state = torch.load(args.weights, map_location="cpu", weights_only=True)
+        release.load_state_dict(state.get("model", state), strict=True)
+    else:
+        generator = torch.Generator().manual_seed(args.seed)
+        with torch.no_grad():
+            seen = set()
+            for tensor in list(release.parameters()) + [b for n, b in release.named_buffers() if "running" in n]:
+                if id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.02)
+
+    ours = our_model_for(cfg, release.backbone).eval()
+    converted = convert_release_state_dict(release.state_dict())
+    ours.load_state_dict(converted, strict=True)
+    print(f"release: {type(release).__name__} from {args.release_source}; {len(release.state_dict())} release entries -> "
+          f"{len(converted)} parameters, loaded strictly")
+
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",")]
+    images = [torch.rand(3, h, w, generator=generator) * 255 for h, w in sizes]
+    compare = Comparison(args.atol, args.rtol)
+    with torch.no_grad():
+        # every supervised output of the head, on identical preprocessed inputs
+        batch, _ = ours.preprocess(images)
+        their_out, _ = release.sem_seg_head(release.backbone(batch))
+        our_out = ours(batch, all_layer_masks=False)
+        compare("final logits", our_out.final.logits, their_out["pred_logits"])
+        compare("final boxes", our_out.final.boxes, their_out["pred_boxes"])
+        compare("final masks", our_out.final.masks, their_out["pred_masks"])
+        for index, aux in enumerate(their_out["aux_outputs"]):
+            compare(f"layer {index} logits", our_out.layers[index].logits, aux["pred_logits"])
+            compare(f"layer {index} boxes", our_out.layers[index].boxes, aux["pred_boxes"])
+        compare("encoder logits", our_out.encoder.logits, their_out["interm_outputs"]["pred_logits"])
+        compare("encoder boxes", our_out.encoder.boxes, their_out["interm_outputs"]["pred_boxes"])
+        compare("encoder masks", our_out.encoder.masks, their_out["interm_outputs"]["pred_masks"])
+        for index, ti in enumerate(their_out.get("oldm_outputs", [])):
+            ours_ti = our_out.token_interaction[0][index]
+            compare(f"token interaction {index} logits", ours_ti.logits, ti["pred_logits"])
+            compare(f"token interaction {index} boxes", ours_ti.boxes, ti["pred_boxes"])
+
+        # end to end: instances at the original image sizes
+        their_results = release([{"image": image, "height": image.shape[1], "width": image.shape[2]} for image in images])
+        our_results = ours.predict(images)
+        for index, (mine, theirs) in enumerate(zip(our_results, their_results)):
+            theirs = theirs["instances"]
+            order_mine = canonical_order(mine.scores, mine.labels, mine.boxes)
+            order_theirs = canonical_order(theirs.scores, theirs.pred_classes, theirs.pred_boxes.tensor)
+            compare(f"image {index} scores", mine.scores[order_mine], theirs.scores[order_theirs])
+            compare(f"image {index} classes", mine.labels[order_mine], theirs.pred_classes[order_theirs])
+            compare(f"image {index} boxes", mine.boxes[order_mine], theirs.pred_boxes.tensor[order_theirs])
+            compare.binary(f"image {index} masks", mine.masks[order_mine], theirs.pred_masks[order_theirs])
+    if compare.failures:
+        print(f"{len(compare.failures)} comparisons failed: {', '.join(compare.failures)}")
+        return 1
+    print("all predictions agree")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
