@@ -11,7 +11,14 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
-__all__ = ["convert_release_state_dict", "ConversionError", "RELEASE_RULES", "DROPPED_RELEASE_KEYS"]
+__all__ = [
+    "convert_release_state_dict",
+    "check_against_model",
+    "infer_architecture",
+    "ConversionError",
+    "RELEASE_RULES",
+    "DROPPED_RELEASE_KEYS",
+]
 
 _P = r"sem_seg_head\.pixel_decoder\."
 _H = r"sem_seg_head\.predictor\."
@@ -135,3 +142,52 @@ def check_against_model(converted: Dict[str, torch.Tensor], expected: Dict[str, 
     ]
     if lines:
         raise ConversionError("the converted checkpoint does not fit the model:\n" + "\n".join(lines))
+
+
+def _count(names: Iterable[str], pattern: str) -> int:
+    regex = re.compile(pattern)
+    return len({m.group(1) for m in map(regex.match, names) if m})
+
+
+def infer_architecture(converted: Dict[str, torch.Tensor]) -> Dict[str, dict]:
+    """Reads the architecture of a converted (R50-style) checkpoint from its parameters.
+
+    Returns {"encoder": kwargs of MaskDINOEncoder (with in_channels / in_strides for
+    res2..res5), "head": kwargs of DIMaskDINOHead}. Sizes that leave no trace in the
+    weights (number of heads and points, selection sizes) take the paper's values.
+    """
+    names = list(converted)
+    num_classes, hidden_dim = converted["head.heads.class_embed.weight"].shape
+    projections = sorted(int(n.split(".")[2]) for n in names if re.match(r"encoder\.input_proj\.\d+\.0\.weight$", n))
+    kernels = [converted[f"encoder.input_proj.{i}.0.weight"].shape[-1] for i in projections]
+    num_inputs = kernels.count(1)
+    transformer_in = [f"res{3 + i}" for i in range(num_inputs)]
+    in_channels = {f: converted[f"encoder.input_proj.{i}.0.weight"].shape[1] for i, f in enumerate(transformer_in)}
+    in_channels["res2"] = converted["encoder.lateral_convs.0.conv.weight"].shape[1]
+    encoder = dict(
+        in_channels=in_channels,
+        in_strides={f"res{i}": 2**i for i in range(2, 3 + num_inputs)},
+        transformer_in_features=transformer_in,
+        hidden_dim=hidden_dim,
+        mask_dim=converted["encoder.mask_features.weight"].shape[0],
+        num_levels=converted["encoder.level_embed"].shape[0],
+        num_layers=_count(names, r"encoder\.layers\.(\d+)\."),
+        ffn_dim=converted["encoder.layers.0.ffn.linear1.weight"].shape[0],
+    )
+    de_imbalance = any(n.startswith("head.de_imbalance.") for n in names)
+    head = dict(
+        num_classes=num_classes,
+        hidden_dim=hidden_dim,
+        mask_dim=encoder["mask_dim"],
+        ffn_dim=converted["head.decoder.layers.0.ffn.linear1.weight"].shape[0],
+        num_levels=encoder["num_levels"],
+        num_decoder_layers=_count(names, r"head\.decoder\.layers\.(\d+)\."),
+        de_imbalance=de_imbalance,
+        bato=any(n.startswith("head.decoder.bato.") for n in names),
+        denoising="head.denoising.label_embed.weight" in converted,
+    )
+    if de_imbalance:
+        head["token_interaction_layers"] = _count(names, r"head\.de_imbalance\.stages\.0\.layers\.(\d+)\.")
+        stages = _count(names, r"head\.de_imbalance\.stages\.(\d+)\.")
+        head["selection_sizes"] = tuple(300 * (stages + 1 - i) for i in range(stages + 1)) if stages > 1 else (600, 300)
+    return {"encoder": encoder, "head": head}

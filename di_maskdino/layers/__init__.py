@@ -1,5 +1,5 @@
 """Reusable network blocks."""
-from .blocks import FFN, MLP, ConvNormAct, CrossAttentionBlock, DeformableAttentionBlock, SelfAttentionBlock, with_pos
+from .blocks import FFN, MLP, ConvNormAct, CrossAttentionBlock, DeformableAttentionBlock, SelfAttentionBlock, c2_xavier_fill, with_pos
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import box_position_embedding, feature_map_position_embedding
 
@@ -12,6 +12,7 @@ __all__ = [
     "DeformableAttentionBlock",
     "ConvNormAct",
     "with_pos",
+    "c2_xavier_fill",
     "box_position_embedding",
     "feature_map_position_embedding",
 ]

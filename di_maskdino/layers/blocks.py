@@ -5,16 +5,30 @@ block, a residual cross-attention block, a residual deformable-attention block a
 residual feed-forward block, each followed by LayerNorm. All tensors are batch-first:
 (B, N, C).
 """
+import warnings
 from typing import Callable, Optional
 
 import torch
-from fvcore.nn.weight_init import c2_xavier_fill
 from torch import nn
 from torch.nn import functional as F
 
+with warnings.catch_warnings():
+    # fvcore.nn scripts its focal loss with torch.jit at import time, which torch deprecates.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from fvcore.nn.weight_init import c2_xavier_fill
+
 from .ms_deform_attn import MSDeformAttn
 
-__all__ = ["MLP", "FFN", "SelfAttentionBlock", "CrossAttentionBlock", "DeformableAttentionBlock", "ConvNormAct", "with_pos"]
+__all__ = [
+    "MLP",
+    "FFN",
+    "SelfAttentionBlock",
+    "CrossAttentionBlock",
+    "DeformableAttentionBlock",
+    "ConvNormAct",
+    "with_pos",
+    "c2_xavier_fill",
+]
 
 
 def with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:

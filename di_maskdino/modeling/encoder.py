@@ -19,11 +19,10 @@ from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
 import torch
-from fvcore.nn.weight_init import c2_xavier_fill
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import FFN, ConvNormAct, DeformableAttentionBlock, MSDeformAttn, feature_map_position_embedding
+from ..layers import FFN, ConvNormAct, DeformableAttentionBlock, MSDeformAttn, c2_xavier_fill, feature_map_position_embedding
 from .geometry import level_start_index_of
 
 __all__ = ["MaskDINOEncoder", "EncoderOutput"]

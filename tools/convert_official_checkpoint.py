@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Converts a released MaskDINO or DI-MaskDINO checkpoint (detectron2 format) to this
+project's parameter names.
+
+    python tools/convert_official_checkpoint.py --input dimaskdino_r50_50ep.pth --output dimaskdino_r50_50ep_converted.pth
+
+Every released entry must map to one of our parameters (shared copies must agree), and the
+result must fill every parameter of the model the checkpoint describes, with the right
+shapes; otherwise the tool stops and lists what does not fit. The backbone entries keep
+detectron2's names and are checked against detectron2's ResNet when detectron2 is
+installed. Optimizer, scheduler and iteration entries are dropped.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from di_maskdino.checkpoint import ConversionError, check_against_model, convert_release_state_dict, infer_architecture  # noqa: E402
+from di_maskdino.modeling import DIMaskDINOHead, MaskDINOEncoder  # noqa: E402
+
+
+def load_release(path: str, trust_pickle: bool) -> dict:
+    if not os.path.isfile(path):
+        raise SystemExit(f"--input {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure gets the same advice
+        raise SystemExit(
+            f"could not read {path} as a weights-only checkpoint ({error}).\n"
+            "If you trust the file, rerun with --trust-pickle to allow arbitrary pickled objects."
+        ) from error
+    state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise SystemExit(f"{path} holds no state dict (expected {{'model': {{name: tensor}}}} or {{name: tensor}})")
+    return state
+
+
+def backbone_shapes(converted: dict):
+    """Parameter shapes of detectron2's ResNet matching the checkpoint's depth, or None
+    when detectron2 is not installed."""
+    if importlib.util.find_spec("detectron2") is None:
+        return None
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+    from detectron2.modeling.backbone.resnet import build_resnet_backbone
+
+    blocks_in_res4 = len({k.split(".")[2] for k in converted if k.startswith("backbone.res4.")})
+    depths = {6: 50, 23: 101, 36: 152}
+    if blocks_in_res4 not in depths:
+        raise SystemExit(f"the backbone has {blocks_in_res4} res4 blocks: not a ResNet-50/101/152 this tool knows")
+    cfg = get_cfg()
+    cfg.MODEL.RESNETS.DEPTH = depths[blocks_in_res4]
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    backbone = build_resnet_backbone(cfg, ShapeSpec(channels=3))
+    return {f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="released checkpoint (.pth)")
+    parser.add_argument("--output", required=True, help="where to write the converted checkpoint")
+    parser.add_argument("--trust-pickle", action="store_true", help="allow non-tensor pickled objects in --input")
+    args = parser.parse_args()
+
+    state = load_release(args.input, args.trust_pickle)
+    try:
+        converted = convert_release_state_dict(state)
+        architecture = infer_architecture(converted)
+        encoder = MaskDINOEncoder(**architecture["encoder"])
+        head = DIMaskDINOHead(**architecture["head"])
+        expected = {f"encoder.{k}": v.shape for k, v in encoder.state_dict().items()}
+        expected.update({f"head.{k}": v.shape for k, v in head.state_dict().items()})
+        backbone = backbone_shapes(converted)
+        if backbone is None:
+            print("detectron2 is not installed: the backbone entries are kept but not checked")
+            check_against_model(converted, expected, skip_prefixes=("backbone.",))
+        else:
+            check_against_model(converted, {**expected, **backbone})
+    except ConversionError as error:
+        print(f"{args.input}: {error}", file=sys.stderr)
+        return 1
+    head_args = architecture["head"]
+    kind = "DI-MaskDINO" if head_args["de_imbalance"] else "MaskDINO"
+    print(
+        f"{kind}: {len(state)} released entries -> {len(converted)} parameters; {head_args['num_classes']} classes, "
+        f"{head_args['num_decoder_layers']} decoder layers, DI {'on' if head_args['de_imbalance'] else 'off'}, "
+        f"BATO {'on' if head_args['bato'] else 'off'}"
+    )
+    torch.save({"model": converted, "__source__": os.path.basename(args.input)}, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
