@@ -1,0 +1,188 @@
+"""The training objective (MaskDINO's losses, kept by DI-MaskDINO, appendix B).
+
+For every supervised output - the final layer, every earlier decoder layer and the initial
+prediction, the encoder (two-stage) output, the token-interaction outputs of the DI module,
+and the denoising queries - predictions are matched to the ground truth (Hungarian, or by
+construction for denoising) and charged
+
+    loss_ce    sigmoid focal loss over all queries and classes
+    loss_bbox  L1 of matched boxes (cxcywh)
+    loss_giou  1 - GIoU of matched boxes
+    loss_mask  sigmoid BCE of matched masks on importance-sampled points
+    loss_dice  dice loss on the same points
+
+each summed and divided by the number of target objects (averaged over workers, at least
+1), then multiplied by its weight. Loss names: "loss_ce" (final layer), "loss_ce_{i}"
+(layer i, 0 being the initial prediction), "loss_ce_interm" (encoder),
+"loss_ce_ti{s}_{i}" (DI stage s, token-interaction layer i), "loss_ce_dn" / "loss_ce_dn_{i}"
+(denoising).
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+
+from .matcher import HungarianMatcher, Indices
+from .outputs import DIMaskDINOOutput, Predictions
+from .point_sampling import point_sample, uncertain_point_coords
+
+__all__ = ["SetCriterion", "LOSS_TERMS", "DETECTION_TERMS"]
+
+LOSS_TERMS = ("loss_ce", "loss_bbox", "loss_giou", "loss_mask", "loss_dice")
+DETECTION_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
+
+
+def _num_objects(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
+    count = torch.tensor([float(sum(t["labels"].numel() for t in targets))], device=device)
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count)
+        world = torch.distributed.get_world_size()
+    return max(count.item() / world, 1.0)
+
+
+class SetCriterion(nn.Module):
+    """
+    Args:
+        matcher: the Hungarian matcher.
+        class_weight, box_weight, giou_weight, mask_weight, dice_weight: loss weights.
+        detection_loss_factor: multiplies the detection weights (class, L1, GIoU); 0.1 is
+            the paper's loss-weight constraint of the imbalance tolerance test (Tab. 3).
+        num_points, oversample_ratio, importance_sample_ratio: mask point sampling.
+        focal_alpha, focal_gamma: of the class loss.
+        denoising: the model uses denoising queries (their loss names are then always
+            present, zero for batches without objects, so that all workers log the same keys).
+    """
+
+    def __init__(
+        self,
+        matcher: HungarianMatcher,
+        *,
+        class_weight: float = 4.0,
+        box_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        detection_loss_factor: float = 1.0,
+        num_points: int = 12544,
+        oversample_ratio: float = 3.0,
+        importance_sample_ratio: float = 0.75,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        denoising: bool = True,
+    ):
+        super().__init__()
+        self.matcher = matcher
+        self.weights = {
+            "loss_ce": class_weight * detection_loss_factor,
+            "loss_bbox": box_weight * detection_loss_factor,
+            "loss_giou": giou_weight * detection_loss_factor,
+            "loss_mask": mask_weight,
+            "loss_dice": dice_weight,
+        }
+        self.num_points = num_points
+        self.oversample_ratio = oversample_ratio
+        self.importance_sample_ratio = importance_sample_ratio
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+        self.denoising = denoising
+
+    def losses(self, prediction: Predictions, targets, indices: Indices, num_objects: float) -> Dict[str, torch.Tensor]:
+        """Unweighted losses of one output for given matches."""
+        batch = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(prediction.logits.device)
+        source = torch.cat([src for src, _ in indices]).to(prediction.logits.device)
+        logits = prediction.logits.float()
+        onehot = torch.zeros_like(logits)
+        labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(logits.device)
+        onehot[batch, source, labels] = 1.0
+        losses = {
+            "loss_ce": sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum") / num_objects
+        }
+        boxes = prediction.boxes[batch, source].float()
+        target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(boxes)
+        losses["loss_bbox"] = F.l1_loss(boxes, target_boxes, reduction="sum") / num_objects
+        losses["loss_giou"] = (
+            generalized_box_iou_loss(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), reduction="sum")
+            / num_objects
+        )
+        if prediction.masks is not None:
+            losses.update(self.mask_losses(prediction, targets, indices, batch, source, num_objects))
+        if source.numel() == 0:  # keep the box and mask heads in the graph
+            for key in ("loss_bbox", "loss_giou"):
+                losses[key] = losses[key] + 0.0 * prediction.boxes.sum()
+        return losses
+
+    def mask_losses(self, prediction, targets, indices, batch, source, num_objects) -> Dict[str, torch.Tensor]:
+        predicted = prediction.masks[batch, source].float()[:, None]  # (n, 1, h, w)
+        if predicted.shape[0] == 0:
+            zero = 0.0 * prediction.masks.sum()
+            return {"loss_mask": zero, "loss_dice": zero}
+        wanted = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(predicted)[:, None]
+        points = uncertain_point_coords(predicted, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+        point_labels = point_sample(wanted, points)
+        point_logits = point_sample(predicted, points)
+        bce = F.binary_cross_entropy_with_logits(point_logits, point_labels, reduction="none").mean(1)
+        prob = point_logits.sigmoid()
+        dice = 1 - (2 * (prob * point_labels).sum(1) + 1) / (prob.sum(1) + point_labels.sum(1) + 1)
+        return {"loss_mask": bce.sum() / num_objects, "loss_dice": dice.sum() / num_objects}
+
+    @staticmethod
+    def denoising_indices(num_groups: int, group_size: int, num_targets: List[int]) -> Indices:
+        """Query g * group_size + j reconstructs target j of its image."""
+        indices = []
+        for count in num_targets:
+            target = torch.arange(count).repeat(num_groups)
+            query = (torch.arange(num_groups)[:, None] * group_size + torch.arange(count)[None, :]).flatten()
+            indices.append((query, target))
+        return indices
+
+    def forward(self, output: DIMaskDINOOutput, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """Weighted losses of every supervised output.
+
+        targets: per image "labels" (M,) int64, "boxes" (M, 4) normalised cxcywh of the padded
+        input, "masks" (M, H, W) at the padded input resolution.
+        """
+        device = output.final.logits.device
+        num_objects = _num_objects(targets, device)
+        named: List[Tuple[str, Predictions]] = [("", output.final)]
+        named += [(f"_{i}", p) for i, p in enumerate(output.layers[:-1])]
+        if output.encoder is not None:
+            named.append(("_interm", output.encoder))
+        for s, stage in enumerate(output.token_interaction):
+            named += [(f"_ti{s}_{i}", p) for i, p in enumerate(stage)]
+
+        raw: Dict[str, torch.Tensor] = {}
+        for suffix, prediction in named:
+            indices = self.matcher(prediction, targets, name=self._describe(suffix))
+            for key, value in self.losses(prediction, targets, indices, num_objects).items():
+                raw[key + suffix] = value
+
+        dn_suffixes = ["_dn"] + [f"_dn_{i}" for i in range(len(output.layers) - 1)]
+        if output.denoising is not None:
+            queries = output.denoising.queries
+            indices = self.denoising_indices(queries.num_groups, queries.group_size, queries.num_targets)
+            dn_predictions = [output.denoising.layers[-1]] + output.denoising.layers[:-1]
+            for suffix, prediction in zip(dn_suffixes, dn_predictions):
+                for key, value in self.losses(prediction, targets, indices, num_objects * queries.num_groups).items():
+                    raw[key + suffix] = value
+        elif self.denoising and self.training:
+            zero = output.final.logits.new_zeros(())
+            raw.update({key + suffix: zero for suffix in dn_suffixes for key in LOSS_TERMS})
+        return {key: value * self.weights[self._term(key)] for key, value in raw.items()}
+
+    @staticmethod
+    def _term(key: str) -> str:
+        return next(term for term in LOSS_TERMS if key == term or key.startswith(term + "_"))
+
+    @staticmethod
+    def _describe(suffix: str) -> str:
+        if suffix == "":
+            return "the final layer"
+        if suffix == "_interm":
+            return "the encoder output"
+        if suffix.startswith("_ti"):
+            stage, layer = suffix[3:].split("_")
+            return f"token-interaction layer {layer} of DI stage {stage}"
+        return f"decoder output {suffix[1:]}"

@@ -1,0 +1,129 @@
+"""Hungarian matching of predictions to ground truth (DETR; MaskDINO's costs).
+
+cost = w_class * focal class cost + w_box * L1(cxcywh) + w_giou * (-GIoU)
+       + w_mask * sigmoid BCE + w_dice * dice,
+
+the mask terms on `num_points` points drawn uniformly once per image and shared by all
+predictions and targets. Outputs without masks (the token-interaction outputs of the DI
+module) are matched on the class and box terms only. The assignment is scipy's
+`linear_sum_assignment`.
+
+Shape glossary: N predictions, M targets of one image, K classes, P points.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torch.nn import functional as F
+from torchvision.ops import box_convert, generalized_box_iou
+
+from .outputs import Predictions
+from .point_sampling import point_sample
+
+__all__ = ["HungarianMatcher", "focal_class_cost", "sigmoid_bce_cost", "dice_cost"]
+
+Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
+
+def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """(N, K) logits, (M,) labels -> (N, M): focal loss of predicting the target class
+    minus that of not predicting it. Log-probabilities come from logsigmoid, so no epsilon
+    is needed (it would round to 0 in half precision)."""
+    prob = logits.sigmoid()
+    positive = alpha * (1 - prob) ** gamma * -F.logsigmoid(logits)
+    negative = (1 - alpha) * prob**gamma * -F.logsigmoid(-logits)
+    return (positive - negative)[:, labels]
+
+
+def sigmoid_bce_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, P) logits, (M, P) binary targets -> (N, M) mean binary cross-entropy over points."""
+    positive = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    negative = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return (positive @ targets.T + negative @ (1 - targets).T) / logits.shape[1]
+
+
+def dice_cost(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N, P) logits, (M, P) binary targets -> (N, M) dice loss, 1 - (2|p t| + 1) / (|p| + |t| + 1)."""
+    prob = logits.sigmoid()
+    numerator = 2 * prob @ targets.T
+    denominator = prob.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+class HungarianMatcher(nn.Module):
+    """
+    Args:
+        class_weight, box_weight, giou_weight, mask_weight, dice_weight: cost weights.
+        num_points: P, points for the mask costs.
+        focal_alpha, focal_gamma: of the class cost.
+    """
+
+    def __init__(
+        self,
+        class_weight: float = 4.0,
+        box_weight: float = 5.0,
+        giou_weight: float = 2.0,
+        mask_weight: float = 5.0,
+        dice_weight: float = 5.0,
+        num_points: int = 12544,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ):
+        super().__init__()
+        self.class_weight = class_weight
+        self.box_weight = box_weight
+        self.giou_weight = giou_weight
+        self.mask_weight = mask_weight
+        self.dice_weight = dice_weight
+        self.num_points = num_points
+        self.focal_alpha = focal_alpha
+        self.focal_gamma = focal_gamma
+
+    def cost_matrix(self, prediction: Predictions, image: int, target: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, M) cost of image `image` of `prediction` against its target."""
+        logits = prediction.logits[image].float()
+        boxes = prediction.boxes[image].float()
+        labels, target_boxes = target["labels"], target["boxes"].float()
+        cost = self.class_weight * focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
+        cost = cost + self.box_weight * torch.cdist(boxes, target_boxes, p=1)
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
+        cost = cost - self.giou_weight * giou
+        if prediction.masks is not None:
+            points = torch.rand(1, self.num_points, 2, device=logits.device)
+            predicted = point_sample(prediction.masks[image][:, None].float(), points.expand(logits.shape[0], -1, -1))
+            wanted = point_sample(target["masks"][:, None].float(), points.expand(labels.shape[0], -1, -1))
+            cost = cost + self.mask_weight * sigmoid_bce_cost(predicted, wanted)
+            cost = cost + self.dice_weight * dice_cost(predicted, wanted)
+        return cost
+
+    @torch.no_grad()
+    def forward(self, prediction: Predictions, targets: List[Dict[str, torch.Tensor]], name: Optional[str] = None) -> Indices:
+        """
+        Args:
+            prediction: one output of the model (B images).
+            targets: per image "labels" (M,), "boxes" (M, 4) normalised cxcywh and, for
+                outputs with masks, "masks" (M, H, W).
+            name: names the output in error messages (e.g. "decoder layer 3").
+
+        Returns:
+            per image (prediction indices, target indices), int64, of equal length min(N, M).
+        """
+        indices = []
+        device_type = prediction.logits.device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            for image, target in enumerate(targets):
+                if target["labels"].numel() == 0:
+                    empty = torch.zeros(0, dtype=torch.int64)
+                    indices.append((empty, empty))
+                    continue
+                cost = self.cost_matrix(prediction, image, target).cpu()
+                if not torch.isfinite(cost).all():
+                    raise FloatingPointError(
+                        f"HungarianMatcher: the matching cost of {name or 'an output'} is not finite for image {image} "
+                        f"({int((~torch.isfinite(cost)).sum())} of {cost.numel()} entries); the predictions or targets "
+                        "hold NaN/inf or degenerate boxes"
+                    )
+                rows, cols = linear_sum_assignment(cost.numpy())
+                indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
