@@ -72,22 +72,28 @@ class DIMaskDINO(nn.Module):
         normalised = [(image.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std for image in images]
         return pad_images(normalised, self.size_divisibility)
 
-    def forward(
+    def run(
         self,
         batch: torch.Tensor,
         targets: Optional[List[Dict[str, torch.Tensor]]] = None,
         all_layer_masks: Optional[bool] = None,
     ) -> DIMaskDINOOutput:
-        """batch: (B, 3, H, W) preprocessed images; targets: see `DIMaskDINOHead.forward`."""
+        """batch: (B, 3, H, W) preprocessed images; targets: see `DIMaskDINOHead.forward`.
+
+        (`forward` does the same here; detectron2's meta-architecture overrides `forward` to
+        take detectron2's batched inputs and keeps this.)"""
         features = self.backbone(batch)
         return self.head(self.encoder(features), targets=targets, all_layer_masks=all_layer_masks)
+
+    def forward(self, batch, targets=None, all_layer_masks=None) -> DIMaskDINOOutput:
+        return self.run(batch, targets, all_layer_masks)
 
     @torch.no_grad()
     def predict(self, images: Sequence[torch.Tensor], output_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Instances]:
         """Instances for each (3, H_i, W_i) image, reported at `output_sizes` (default: the
         input sizes)."""
         batch, sizes = self.preprocess(images)
-        final = self(batch).final
+        final = self.run(batch).final
         output_sizes = sizes if output_sizes is None else output_sizes
         padded = tuple(batch.shape[-2:])
         return [

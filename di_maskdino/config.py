@@ -1,0 +1,109 @@
+"""detectron2 configuration of DI-MaskDINO: `add_di_maskdino_config(cfg)` declares every key.
+
+All model keys live under MODEL.DI_MASKDINO; the paper's defaults are the values below.
+Each key is read by exactly one `from_config` (see tests/d2/test_config.py, which fails on a
+key nobody reads).
+"""
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_di_maskdino_config"]
+
+
+def add_di_maskdino_config(cfg: CN) -> None:
+    cfg.MODEL.META_ARCHITECTURE = "DIMaskDINOArch"
+    cfg.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]
+    cfg.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]
+    cfg.INPUT.FORMAT = "RGB"
+    # the paper's backbone: detectron2's ResNet-50 with torchvision-style (RGB) weights
+    cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
+    cfg.MODEL.BACKBONE.FREEZE_AT = 0
+    cfg.MODEL.RESNETS.DEPTH = 50
+    cfg.MODEL.RESNETS.STRIDE_IN_1X1 = False
+    cfg.MODEL.RESNETS.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+
+    m = cfg.MODEL.DI_MASKDINO = CN()
+    m.NUM_CLASSES = 80
+    m.HIDDEN_DIM = 256
+    m.MASK_DIM = 256
+    m.NUM_HEADS = 8
+    m.DIM_FEEDFORWARD = 2048
+    m.DROPOUT = 0.0
+    m.NUM_FEATURE_LEVELS = 4  # encoder levels, the extra stride-64 one included
+    m.DEC_N_POINTS = 4
+    m.NUM_OBJECT_QUERIES = 300
+    m.DEC_LAYERS = 6
+    m.MASK_ENHANCED_BOXES = True  # "mask2box" initial boxes
+    m.SIZE_DIVISIBILITY = 32
+
+    m.ENCODER = CN()
+    m.ENCODER.IN_FEATURES = ["res3", "res4", "res5"]  # maps entering the deformable encoder
+    m.ENCODER.NUM_LAYERS = 6
+    m.ENCODER.DIM_FEEDFORWARD = 2048
+    m.ENCODER.N_POINTS = 4
+    m.ENCODER.COMMON_STRIDE = 4  # stride of the mask features
+    m.ENCODER.NUM_GROUPS = 32  # GroupNorm groups (encoder and BATO convolutions)
+
+    m.DE_IMBALANCE = CN()
+    m.DE_IMBALANCE.ENABLED = True
+    m.DE_IMBALANCE.SELECTION_SIZES = [600, 300]  # k1, k2 (, k3); the last = NUM_OBJECT_QUERIES
+    m.DE_IMBALANCE.TI_LAYERS = 2
+
+    m.BATO = CN()
+    m.BATO.ENABLED = True
+    m.BATO.GUIDANCE_SOURCE = "Q_bal"  # T_i, T_s1, T_s2 or Q_bal (Tab. 5)
+    m.BATO.GENERATE_GUIDING_TOKENS = True  # Tab. 6
+    m.BATO.NUM_GUIDING_TOKENS = 50
+
+    m.DN = CN()
+    m.DN.ENABLED = True
+    m.DN.NUM_QUERIES = 100
+    m.DN.NOISE_SCALE = 0.4
+
+    # imbalance tolerance tests (Tab. 3)
+    m.TOLERANCE = CN()
+    m.TOLERANCE.DETECTION_LOSS_FACTOR = 1.0  # 0.1: the loss-weight constraint
+    m.TOLERANCE.RANDOM_POSITION_TOKEN = False  # the position-token constraint
+
+    m.LOSS = CN()
+    m.LOSS.CLASS_WEIGHT = 4.0
+    m.LOSS.BOX_WEIGHT = 5.0
+    m.LOSS.GIOU_WEIGHT = 2.0
+    m.LOSS.MASK_WEIGHT = 5.0
+    m.LOSS.DICE_WEIGHT = 5.0
+    m.LOSS.FOCAL_ALPHA = 0.25
+    m.LOSS.FOCAL_GAMMA = 2.0
+    m.LOSS.TRAIN_NUM_POINTS = 12544
+    m.LOSS.OVERSAMPLE_RATIO = 3.0
+    m.LOSS.IMPORTANCE_SAMPLE_RATIO = 0.75
+
+    m.MATCHER = CN()
+    m.MATCHER.CLASS_WEIGHT = 4.0
+    m.MATCHER.BOX_WEIGHT = 5.0
+    m.MATCHER.GIOU_WEIGHT = 2.0
+    m.MATCHER.MASK_WEIGHT = 5.0
+    m.MATCHER.DICE_WEIGHT = 5.0
+
+    # timm backbones (MODEL.BACKBONE.NAME = "build_timm_backbone")
+    cfg.MODEL.TIMM = CN()
+    cfg.MODEL.TIMM.NAME = "swin_large_patch4_window12_384"
+    cfg.MODEL.TIMM.OUT_STRIDES = [4, 8, 16, 32]
+    cfg.MODEL.TIMM.PRETRAINED = False  # timm's own weights (downloads); MODEL.WEIGHTS is the usual way
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.3
+    cfg.MODEL.TIMM.IMG_SIZE = 0  # fixed input size for models that need one (Swin); 0 = the model's default
+
+    # data: "lsj" (large-scale jitter, the paper's COCO setting) or "resize" (shortest edge)
+    cfg.INPUT.DATASET_MAPPER_NAME = "lsj"
+    cfg.INPUT.IMAGE_SIZE = 1024
+    cfg.INPUT.MIN_SCALE = 0.1
+    cfg.INPUT.MAX_SCALE = 2.0
+
+    # solver
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    cfg.SOLVER.BASE_LR = 1e-4
+    cfg.SOLVER.WEIGHT_DECAY = 0.05
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+    cfg.SOLVER.AMP.ENABLED = True

@@ -1,0 +1,26 @@
+"""The detectron2 layer: configuration, registration of the meta-architecture, backbones and
+datasets, data mapping. Importing it registers everything."""
+import os
+
+from ..config import add_di_maskdino_config
+from .backbone import D2TimmBackbone, build_timm_backbone
+from .data import DIMaskDINODatasetMapper, ImageReadError, build_augmentation, read_image_rgb
+from .datasets import BDD100K_CLASSES, DatasetError, register_builtin_datasets, register_coco_instances_checked
+from .meta_arch import DIMaskDINOArch
+
+register_builtin_datasets(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+
+__all__ = [
+    "add_di_maskdino_config",
+    "DIMaskDINOArch",
+    "D2TimmBackbone",
+    "build_timm_backbone",
+    "DIMaskDINODatasetMapper",
+    "ImageReadError",
+    "read_image_rgb",
+    "build_augmentation",
+    "register_coco_instances_checked",
+    "register_builtin_datasets",
+    "DatasetError",
+    "BDD100K_CLASSES",
+]

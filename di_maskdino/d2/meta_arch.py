@@ -1,0 +1,152 @@
+"""The detectron2 meta-architecture "DIMaskDINOArch": batched detectron2 inputs in, losses
+(training) or `Instances` (inference) out. It is the core network
+(`di_maskdino.modeling.DIMaskDINO`, whose parameter names it keeps) plus the objective
+(`SetCriterion`) and the translation from and to detectron2's structures.
+"""
+from typing import Dict, List
+
+import torch
+from detectron2.config import configurable
+from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.structures import Boxes, Instances
+from torchvision.ops import box_convert
+
+from ..modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder
+from ..modeling.criterion import SetCriterion
+from ..modeling.matcher import HungarianMatcher
+from ..modeling.postprocess import instance_inference
+
+__all__ = ["DIMaskDINOArch"]
+
+
+@META_ARCH_REGISTRY.register()
+class DIMaskDINOArch(DIMaskDINO):
+    @configurable
+    def __init__(self, *, backbone, encoder, head, criterion: SetCriterion, pixel_mean, pixel_std, size_divisibility, test_topk):
+        super().__init__(
+            backbone, encoder, head, pixel_mean=pixel_mean, pixel_std=pixel_std, size_divisibility=size_divisibility, test_topk=test_topk
+        )
+        self.criterion = criterion
+
+    @classmethod
+    def from_config(cls, cfg):
+        m = cfg.MODEL.DI_MASKDINO
+        backbone = build_backbone(cfg)
+        shapes = backbone.output_shape()
+        encoder = MaskDINOEncoder(
+            {k: v.channels for k, v in shapes.items()},
+            {k: v.stride for k, v in shapes.items()},
+            transformer_in_features=m.ENCODER.IN_FEATURES,
+            hidden_dim=m.HIDDEN_DIM,
+            mask_dim=m.MASK_DIM,
+            num_levels=m.NUM_FEATURE_LEVELS,
+            num_layers=m.ENCODER.NUM_LAYERS,
+            num_heads=m.NUM_HEADS,
+            num_points=m.ENCODER.N_POINTS,
+            ffn_dim=m.ENCODER.DIM_FEEDFORWARD,
+            dropout=m.DROPOUT,
+            common_stride=m.ENCODER.COMMON_STRIDE,
+            num_groups=m.ENCODER.NUM_GROUPS,
+        )
+        head = DIMaskDINOHead(
+            num_classes=m.NUM_CLASSES,
+            hidden_dim=m.HIDDEN_DIM,
+            mask_dim=m.MASK_DIM,
+            num_heads=m.NUM_HEADS,
+            ffn_dim=m.DIM_FEEDFORWARD,
+            dropout=m.DROPOUT,
+            num_levels=m.NUM_FEATURE_LEVELS,
+            num_points=m.DEC_N_POINTS,
+            num_queries=m.NUM_OBJECT_QUERIES,
+            num_decoder_layers=m.DEC_LAYERS,
+            de_imbalance=m.DE_IMBALANCE.ENABLED,
+            selection_sizes=tuple(m.DE_IMBALANCE.SELECTION_SIZES),
+            token_interaction_layers=m.DE_IMBALANCE.TI_LAYERS,
+            bato=m.BATO.ENABLED,
+            guidance_source=m.BATO.GUIDANCE_SOURCE,
+            generate_guiding_tokens=m.BATO.GENERATE_GUIDING_TOKENS,
+            num_guiding_tokens=m.BATO.NUM_GUIDING_TOKENS,
+            mask_enhanced_boxes=m.MASK_ENHANCED_BOXES,
+            denoising=m.DN.ENABLED,
+            dn_num_queries=m.DN.NUM_QUERIES,
+            dn_noise_scale=m.DN.NOISE_SCALE,
+            random_position_token=m.TOLERANCE.RANDOM_POSITION_TOKEN,
+            num_groups=m.ENCODER.NUM_GROUPS,
+        )
+        matcher = HungarianMatcher(
+            class_weight=m.MATCHER.CLASS_WEIGHT,
+            box_weight=m.MATCHER.BOX_WEIGHT,
+            giou_weight=m.MATCHER.GIOU_WEIGHT,
+            mask_weight=m.MATCHER.MASK_WEIGHT,
+            dice_weight=m.MATCHER.DICE_WEIGHT,
+            num_points=m.LOSS.TRAIN_NUM_POINTS,
+            focal_alpha=m.LOSS.FOCAL_ALPHA,
+            focal_gamma=m.LOSS.FOCAL_GAMMA,
+        )
+        criterion = SetCriterion(
+            matcher,
+            class_weight=m.LOSS.CLASS_WEIGHT,
+            box_weight=m.LOSS.BOX_WEIGHT,
+            giou_weight=m.LOSS.GIOU_WEIGHT,
+            mask_weight=m.LOSS.MASK_WEIGHT,
+            dice_weight=m.LOSS.DICE_WEIGHT,
+            detection_loss_factor=m.TOLERANCE.DETECTION_LOSS_FACTOR,
+            num_points=m.LOSS.TRAIN_NUM_POINTS,
+            oversample_ratio=m.LOSS.OVERSAMPLE_RATIO,
+            importance_sample_ratio=m.LOSS.IMPORTANCE_SAMPLE_RATIO,
+            focal_alpha=m.LOSS.FOCAL_ALPHA,
+            focal_gamma=m.LOSS.FOCAL_GAMMA,
+            denoising=m.DN.ENABLED,
+        )
+        return {
+            "backbone": backbone,
+            "encoder": encoder,
+            "head": head,
+            "criterion": criterion,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": m.SIZE_DIVISIBILITY,
+            "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    def targets(self, batched_inputs: List[Dict], padded_size) -> List[Dict[str, torch.Tensor]]:
+        """detectron2 Instances -> targets with boxes normalised by the padded input size
+        (the frame the network predicts in) and masks padded to it."""
+        height, width = padded_size
+        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
+        targets = []
+        for item in batched_inputs:
+            instances = item["instances"].to(self.device)
+            masks = instances.gt_masks.tensor if hasattr(instances, "gt_masks") else None
+            if masks is None:
+                raise ValueError("DIMaskDINO trains on instance masks: the dataset mapper must keep them (use_instance_mask)")
+            padded = masks.new_zeros((masks.shape[0], height, width))
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            boxes = box_convert(instances.gt_boxes.tensor, "xyxy", "cxcywh") / scale
+            targets.append({"labels": instances.gt_classes, "boxes": boxes, "masks": padded.float()})
+        return targets
+
+    def forward(self, batched_inputs: List[Dict]):
+        batch, sizes = self.preprocess([x["image"] for x in batched_inputs])
+        if self.training:
+            targets = self.targets(batched_inputs, batch.shape[-2:])
+            return self.criterion(self.run(batch, targets=targets), targets)
+        final = self.run(batch).final
+        results = []
+        for index, item in enumerate(batched_inputs):
+            output_size = (item.get("height", sizes[index][0]), item.get("width", sizes[index][1]))
+            found = instance_inference(
+                final.logits[index], final.boxes[index], final.masks[index], sizes[index], tuple(batch.shape[-2:]), output_size,
+                self.test_topk,
+            )
+            instances = Instances(output_size)
+            instances.scores = found.scores
+            instances.pred_classes = found.labels
+            instances.pred_boxes = Boxes(found.boxes)
+            instances.pred_masks = found.masks
+            results.append({"instances": instances})
+        return results

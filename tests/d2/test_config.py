@@ -1,0 +1,103 @@
+"""Configuration: every declared key is read by the code that builds the model, data and
+optimizer; configs round-trip through YAML."""
+import os
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
+
+from detectron2.config import CfgNode, get_cfg  # noqa: E402
+
+from di_maskdino.d2 import DIMaskDINOArch, DIMaskDINODatasetMapper, add_di_maskdino_config  # noqa: E402
+
+from .train_net_module import load_train_net  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class TrackedCfg(CfgNode):
+    """A CfgNode that records the full name of every key read through attribute access."""
+
+    def __getattr__(self, name):
+        value = super().__getattr__(name)
+        self.__dict__["_reads"].add(self.__dict__["_path"] + name)
+        return value
+
+
+def tracked(node, reads, path=""):
+    copy = TrackedCfg()
+    copy.__dict__["_reads"] = reads
+    copy.__dict__["_path"] = path
+    for key, value in node.items():
+        dict.__setitem__(copy, key, tracked(value, reads, f"{path}{key}.") if isinstance(value, CfgNode) else value)
+    return copy
+
+
+def leaves(node, path=""):
+    for key, value in node.items():
+        if isinstance(value, CfgNode):
+            yield from leaves(value, f"{path}{key}.")
+        else:
+            yield path + key
+
+
+def declared_keys():
+    """Keys that add_di_maskdino_config adds to detectron2's defaults."""
+    base = set(leaves(get_cfg()))
+    cfg = get_cfg()
+    add_di_maskdino_config(cfg)
+    return cfg, set(leaves(cfg)) - base
+
+
+def test_every_declared_key_is_read():
+    cfg, declared = declared_keys()
+    reads = set()
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.DI_MASKDINO.ENCODER.NUM_LAYERS = 1  # keep the build quick; the key is still read
+    cfg.MODEL.DI_MASKDINO.DEC_LAYERS = 2
+    view = tracked(cfg, reads)
+    model = DIMaskDINOArch(view)
+    DIMaskDINODatasetMapper(view, True)
+    DIMaskDINODatasetMapper(view, False)
+    train_net = load_train_net()
+    train_net.Trainer.build_optimizer(view, model)
+    timm_cfg = cfg.clone()
+    timm_cfg.MODEL.BACKBONE.NAME = "build_timm_backbone"
+    timm_cfg.MODEL.TIMM.NAME = "resnet18"
+    from detectron2.modeling import build_backbone
+
+    build_backbone(tracked(timm_cfg, reads))
+    unread = sorted(declared - reads)
+    assert unread == [], f"declared but never read: {unread}"
+
+
+def value_of(cfg, key):
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg, declared = declared_keys()
+    cfg.MODEL.DI_MASKDINO.DE_IMBALANCE.SELECTION_SIZES = [900, 600, 300]
+    cfg.MODEL.DI_MASKDINO.BATO.GUIDANCE_SOURCE = "T_s1"
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.dump())
+    again = get_cfg()
+    add_di_maskdino_config(again)
+    again.merge_from_file(str(path))
+    for key in declared:
+        assert value_of(again, key) == value_of(cfg, key), key
+    assert again.MODEL.DI_MASKDINO.DE_IMBALANCE.SELECTION_SIZES == [900, 600, 300]
+
+
+def test_every_shipped_config_loads():
+    configs = []
+    for folder, _, files in os.walk(os.path.join(ROOT, "configs")):
+        configs += [os.path.join(folder, f) for f in files if f.endswith(".yaml")]
+    assert configs
+    for path in configs:
+        cfg = get_cfg()
+        add_di_maskdino_config(cfg)
+        cfg.merge_from_file(path)
+        assert cfg.MODEL.META_ARCHITECTURE == "DIMaskDINOArch", path
