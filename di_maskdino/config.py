@@ -89,7 +89,8 @@ def add_di_maskdino_config(cfg: CN) -> None:
     cfg.MODEL.TIMM.OUT_STRIDES = [4, 8, 16, 32]
     cfg.MODEL.TIMM.PRETRAINED = False  # timm's own weights (downloads); MODEL.WEIGHTS is the usual way
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.3
-    cfg.MODEL.TIMM.IMG_SIZE = 0  # fixed input size for models that need one (Swin); 0 = the model's default
+    cfg.MODEL.TIMM.IMG_SIZE = 0  # input size a model is built for (Swin, ViT); 0 = the model's default
+    cfg.MODEL.TIMM.STRICT_IMG_SIZE = True  # False lets Swin/ViT take any input size (detection)
 
     # data: "lsj" (large-scale jitter, the paper's COCO setting) or "resize" (shortest edge)
     cfg.INPUT.DATASET_MAPPER_NAME = "lsj"

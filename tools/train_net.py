@@ -128,8 +128,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def test(cls, cfg, model, evaluators=None):
         results = super().test(cfg, model, evaluators)
+        # detectron2 returns one dataset's metrics unwrapped
+        by_dataset = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
         if comm.is_main_process():
-            for dataset_name, metrics in results.items():
+            for dataset_name, metrics in by_dataset.items():
                 path = os.path.join(cfg.OUTPUT_DIR, f"metrics_{dataset_name}.json")
                 with open(path, "w") as handle:
                     json.dump(metrics, handle, indent=2)

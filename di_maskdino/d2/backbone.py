@@ -32,4 +32,6 @@ def build_timm_backbone(cfg, input_shape):
     kwargs = {"drop_path_rate": t.DROP_PATH_RATE}
     if t.IMG_SIZE:
         kwargs["img_size"] = t.IMG_SIZE
+    if not t.STRICT_IMG_SIZE:  # only transformer backbones know this argument
+        kwargs["strict_img_size"] = False
     return D2TimmBackbone(TimmBackbone(t.NAME, out_strides=tuple(t.OUT_STRIDES), pretrained=t.PRETRAINED, **kwargs))

@@ -91,13 +91,25 @@ def test_yaml_round_trip(tmp_path):
     assert again.MODEL.DI_MASKDINO.DE_IMBALANCE.SELECTION_SIZES == [900, 600, 300]
 
 
-def test_every_shipped_config_loads():
+def shipped_configs():
     configs = []
     for folder, _, files in os.walk(os.path.join(ROOT, "configs")):
-        configs += [os.path.join(folder, f) for f in files if f.endswith(".yaml")]
-    assert configs
-    for path in configs:
-        cfg = get_cfg()
-        add_di_maskdino_config(cfg)
-        cfg.merge_from_file(path)
-        assert cfg.MODEL.META_ARCHITECTURE == "DIMaskDINOArch", path
+        configs += [os.path.relpath(os.path.join(folder, f), ROOT) for f in files if f.endswith(".yaml")]
+    return sorted(configs)
+
+
+@pytest.mark.parametrize("path", shipped_configs())
+def test_every_shipped_config_builds_its_model(path):
+    from detectron2.modeling import build_model
+
+    cfg = get_cfg()
+    add_di_maskdino_config(cfg)
+    cfg.merge_from_file(os.path.join(ROOT, path))
+    cfg.MODEL.DEVICE = "cpu"
+    model = build_model(cfg)
+    head = model.head
+    m = cfg.MODEL.DI_MASKDINO
+    assert len(head.decoder.layers) == m.DEC_LAYERS
+    assert (head.de_imbalance is not None) == m.DE_IMBALANCE.ENABLED
+    assert (head.decoder.bato is not None) == m.BATO.ENABLED
+    assert head.heads.class_embed.out_features == m.NUM_CLASSES
