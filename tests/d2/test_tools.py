@@ -2,43 +2,13 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-QUICK = os.path.join(ROOT, "configs", "quick_start.yaml")
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    subprocess.run(
-        [sys.executable, os.path.join(ROOT, "datasets", "make_synthetic.py"), "--output", str(root / "synthetic"),
-         "--num-train", "8", "--num-val", "4"],
-        check=True, capture_output=True,
-    )
-    return root
-
-
-def run_tool(tool, args, data_root, check=True):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(data_root))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool)] + args, capture_output=True, text=True, env=env, cwd=ROOT)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{tool} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return result
-
-
-@pytest.fixture(scope="module")
-def trained(data_root, tmp_path_factory):
-    """20 iterations of the quick-start config, then its evaluation."""
-    output = tmp_path_factory.mktemp("train")
-    run_tool("train_net.py", ["--config-file", QUICK, "SOLVER.MAX_ITER", "20", "SOLVER.CHECKPOINT_PERIOD", "10", "OUTPUT_DIR", str(output)], data_root)
-    return output
+from .conftest import QUICK, run_tool  # noqa: E402
 
 
 def iterations_logged(output):

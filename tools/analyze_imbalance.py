@@ -1,0 +1,94 @@
+#!/usr/bin/env python
+"""Imbalance analysis (paper Fig. 1c/1d, appendix A): box AP and mask AP of the predictions
+of every decoder layer - the initial prediction as layer 0 - and box AP of the
+token-interaction outputs, all in one evaluation pass.
+
+    python tools/analyze_imbalance.py --config-file configs/coco/dimaskdino_r50_12ep.yaml \\
+        --output output/imbalance MODEL.WEIGHTS model.pth
+
+Writes OUTPUT/imbalance.json, OUTPUT/imbalance.md (a table) and OUTPUT/imbalance.png (box vs
+mask AP per layer). --dataset picks a dataset other than the config's first test set.
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.data import build_detection_test_loader  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from di_maskdino.d2 import DIMaskDINODatasetMapper, add_di_maskdino_config  # noqa: E402
+from di_maskdino.d2.layer_evaluation import evaluate_every_layer  # noqa: E402
+
+
+def markdown_table(table) -> str:
+    lines = ["| output | box AP | mask AP | box - mask |", "|---|---|---|---|"]
+    for name, metrics in table.items():
+        box, mask = metrics.get("bbox"), metrics.get("segm")
+        gap = f"{box - mask:.1f}" if mask is not None else ""
+        lines.append(f"| {name} | {box:.1f} | {'' if mask is None else f'{mask:.1f}'} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot(table, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [n for n, m in table.items() if "segm" in m]
+    x = range(len(layers))
+    figure, axis = plt.subplots(figsize=(max(4, 1.1 * len(layers)), 3.2))
+    axis.bar([i - 0.2 for i in x], [table[n]["bbox"] for n in layers], width=0.4, label="detection (box AP)")
+    axis.bar([i + 0.2 for i in x], [table[n]["segm"] for n in layers], width=0.4, label="segmentation (mask AP)")
+    axis.set_xticks(list(x))
+    axis.set_xticklabels(layers)
+    axis.set_ylabel("AP")
+    axis.set_title("Detection vs segmentation per decoder layer")
+    highest = max(max(table[n]["bbox"], table[n]["segm"]) for n in layers)
+    axis.set_ylim(0, max(highest, 1.0) * 1.3)
+    axis.legend(loc="upper center", ncol=2, fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--dataset", help="dataset name (default: the config's first test set)")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
+    args = parser.parse_args()
+
+    cfg = get_cfg()
+    add_di_maskdino_config(cfg)
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(args.opts)
+    cfg.freeze()
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
+    if not dataset:
+        raise SystemExit("no dataset: give --dataset or set DATASETS.TEST in the config")
+    model = build_model(cfg)
+    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    loader = build_detection_test_loader(cfg, dataset, mapper=DIMaskDINODatasetMapper(cfg, False))
+    table = evaluate_every_layer(model, loader, dataset)
+
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "imbalance.json"), "w") as handle:
+        json.dump(table, handle, indent=2)
+    text = markdown_table(table)
+    with open(os.path.join(args.output, "imbalance.md"), "w") as handle:
+        handle.write(text)
+    bar_plot(table, os.path.join(args.output, "imbalance.png"))
+    print(text)
+    print(f"wrote imbalance.json, imbalance.md and imbalance.png to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
