@@ -4,8 +4,8 @@ images and weights, on the CPU, and compares every prediction.
 
 The release is imported from a local checkout given by --release-source; nothing of it is
 copied. To run it without its CUDA extension, the extension module is replaced by an empty
-one (the release then uses its own pure-PyTorch path) and `Tensor.cuda()` returns the tensor
-unchanged. Needs detectron2.
+one (the release then uses its own pure-PyTorch path) and the tensor method `cuda` returns the
+tensor unchanged. Needs detectron2.
 
     python tools/compare_with_release.py --release-source /path/to/DI-MaskDINO \\
         --config configs/dimaskdino_r50_4scale_bs16_12ep.yaml [--weights release.pth]
@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def import_release(source: str):
     """Imports the release package found in `source` and returns (package, add_config)."""
     sys.modules.setdefault("MultiScaleDeformableAttention", types.ModuleType("MultiScaleDeformableAttention"))
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self  # the release calls .cuda() unconditionally
+    # the release moves tensors to the GPU unconditionally; on the CPU that must be a no-op
+    setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
     sys.path.insert(0, source)
     for name, config_function in (("dimaskdino", "add_dimaskdino_config"), ("maskdino", "add_maskdino_config")):
         if os.path.isdir(os.path.join(source, name)):

@@ -28,11 +28,20 @@ __all__ = [
     "ConvNormAct",
     "with_pos",
     "c2_xavier_fill",
+    "xavier_init_matrices",
 ]
 
 
 def with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
     return x if pos is None else x + pos
+
+
+def xavier_init_matrices(*modules: nn.Module) -> None:
+    """Xavier-uniform initialisation of every parameter with two or more dimensions."""
+    for module in modules:
+        for p in module.parameters():
+            if p.dim() > 1:
+                nn.init.xavier_uniform_(p)
 
 
 class MLP(nn.Module):

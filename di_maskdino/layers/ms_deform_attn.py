@@ -34,14 +34,11 @@ class MSDeformAttn(nn.Module):
         super().__init__()
         if embed_dim % num_heads != 0:
             raise ValueError(f"MSDeformAttn: embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
-        self.embed_dim = embed_dim
-        self.num_levels = num_levels
-        self.num_heads = num_heads
-        self.num_points = num_points
-        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
-        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
-        self.value_proj = nn.Linear(embed_dim, embed_dim)
-        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.embed_dim, self.num_levels, self.num_heads, self.num_points = embed_dim, num_levels, num_heads, num_points
+        samples = num_heads * num_levels * num_points  # per query
+        # per sample: an (x, y) offset and an attention logit
+        self.sampling_offsets, self.attention_weights = nn.Linear(embed_dim, 2 * samples), nn.Linear(embed_dim, samples)
+        self.value_proj, self.output_proj = nn.Linear(embed_dim, embed_dim), nn.Linear(embed_dim, embed_dim)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

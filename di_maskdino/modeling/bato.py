@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import FFN, ConvNormAct, CrossAttentionBlock
+from ..layers import FFN, ConvNormAct, CrossAttentionBlock, xavier_init_matrices
 from .de_imbalance import select_top_k
 from .heads import PredictionHeads
 
@@ -61,9 +61,7 @@ class BalanceAwareTokensOptimization(nn.Module):
         self.cross_attn = CrossAttentionBlock(dim, num_heads, dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
         self.mask_feature_conv = ConvNormAct(dim, dim, 3, num_groups=num_groups)
-        for p in list(self.cross_attn.parameters()) + list(self.ffn.parameters()):
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_matrices(self.cross_attn, self.ffn)
 
     def guiding_tokens(self, queries: torch.Tensor, query_pos: torch.Tensor, heads: PredictionHeads) -> GuidingTokens:
         """T_g from the G queries with the highest class score (Eq. 5-6).

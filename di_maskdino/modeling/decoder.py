@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from ..layers import FFN, MLP, DeformableAttentionBlock, MSDeformAttn, SelfAttentionBlock, box_position_embedding
+from ..layers import FFN, MLP, DeformableAttentionBlock, MSDeformAttn, SelfAttentionBlock, box_position_embedding, xavier_init_matrices
 from .bato import BalanceAwareTokensOptimization, GuidingTokens
 from .geometry import refine_boxes
 from .heads import PredictionHeads
@@ -97,9 +97,7 @@ class DeformableDecoder(nn.Module):
         self.ref_point_head = MLP(2 * dim, dim, dim, 2)
         self.bato = bato
         self.bato_layer = bato_layer
-        for p in list(self.layers.parameters()) + list(self.ref_point_head.parameters()):
-            if p.dim() > 1:
-                nn.init.xavier_uniform_(p)
+        xavier_init_matrices(self.layers, self.ref_point_head)
         for module in self.layers.modules():
             if isinstance(module, MSDeformAttn):
                 module.reset_parameters()

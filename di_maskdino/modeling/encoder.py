@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import FFN, ConvNormAct, DeformableAttentionBlock, MSDeformAttn, c2_xavier_fill, feature_map_position_embedding
+from ..layers import FFN, ConvNormAct, DeformableAttentionBlock, MSDeformAttn, c2_xavier_fill, feature_map_position_embedding, xavier_init_matrices
 from .geometry import level_start_index_of
 
 __all__ = ["MaskDINOEncoder", "EncoderOutput"]
@@ -130,13 +130,10 @@ class MaskDINOEncoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for layer in self.layers:
-            for p in layer.parameters():
-                if p.dim() > 1:
-                    nn.init.xavier_uniform_(p)
-            for module in layer.modules():
-                if isinstance(module, MSDeformAttn):
-                    module.reset_parameters()
+        xavier_init_matrices(self.layers)
+        for module in self.layers.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_parameters()
         nn.init.normal_(self.level_embed)
         for projection in self.input_proj:
             nn.init.xavier_uniform_(projection[0].weight, gain=1)

@@ -9,46 +9,20 @@ import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
-from torch import nn
 
 from di_maskdino.data import SHAPE_CLASSES, render_scene
-from di_maskdino.modeling import DIMaskDINO, DIMaskDINOHead, FeatureSpec, MaskDINOEncoder
+from di_maskdino.modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder
 from di_maskdino.modeling.criterion import SetCriterion
 from di_maskdino.modeling.matcher import HungarianMatcher
+
+from .tiny import TinyBackbone
 
 SIZE = 96
 ITERATIONS = 300
 
 
-class ConvBackbone(nn.Module):
-    """Two 3x3 conv + GroupNorm + ReLU per stage; res2..res5 at strides 4..32."""
-
-    def __init__(self, widths=(32, 64, 96, 128)):
-        super().__init__()
-        self.widths = widths
-        self.stages = nn.ModuleList()
-        previous = 3
-        for index, width in enumerate(widths):
-            blocks = [nn.Conv2d(previous, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
-            if index == 0:
-                blocks += [nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
-            blocks += [nn.Conv2d(width, width, 3, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
-            self.stages.append(nn.Sequential(*blocks))
-            previous = width
-
-    def output_shape(self):
-        return {f"res{i + 2}": FeatureSpec(w, 4 * 2**i) for i, w in enumerate(self.widths)}
-
-    def forward(self, x):
-        features = {}
-        for index, stage in enumerate(self.stages):
-            x = stage(x)
-            features[f"res{index + 2}"] = x
-        return features
-
-
 def build_model():
-    backbone = ConvBackbone()
+    backbone = TinyBackbone(channels=(32, 64, 96, 128), deep=True)
     shapes = backbone.output_shape()
     dim = 64
     encoder = MaskDINOEncoder(

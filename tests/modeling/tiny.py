@@ -22,17 +22,25 @@ HEAD_DEFAULTS = dict(
 
 
 class TinyBackbone(nn.Module):
-    """res2..res5 at strides 4..32."""
+    """res2..res5 at strides 4..32: one strided conv + ReLU per stage, or with `deep`, two
+    3x3 convs with GroupNorm per stage (enough to learn from scratch)."""
 
-    def __init__(self, channels=(8, 16, 24, 32)):
+    def __init__(self, channels=(8, 16, 24, 32), deep: bool = False):
         super().__init__()
+        self.channels = channels
         self.stages = nn.ModuleList()
         previous = 3
         for index, c in enumerate(channels):
-            stride = 4 if index == 0 else 2
-            self.stages.append(nn.Sequential(nn.Conv2d(previous, c, stride, stride=stride), nn.ReLU()))
+            if deep:
+                blocks = [nn.Conv2d(previous, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.ReLU()]
+                if index == 0:  # stride 4 for res2
+                    blocks += [nn.Conv2d(c, c, 3, stride=2, padding=1), nn.GroupNorm(8, c), nn.ReLU()]
+                blocks += [nn.Conv2d(c, c, 3, padding=1), nn.GroupNorm(8, c), nn.ReLU()]
+            else:
+                stride = 4 if index == 0 else 2
+                blocks = [nn.Conv2d(previous, c, stride, stride=stride), nn.ReLU()]
+            self.stages.append(nn.Sequential(*blocks))
             previous = c
-        self.channels = channels
 
     def output_shape(self):
         return {f"res{i + 2}": FeatureSpec(c, 4 * 2**i) for i, c in enumerate(self.channels)}
