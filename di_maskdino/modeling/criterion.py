@@ -17,7 +17,7 @@ each summed and divided by the number of target objects (averaged over workers, 
 "loss_ce_ti{s}_{i}" (DI stage s, token-interaction layer i), "loss_ce_dn" / "loss_ce_dn_{i}"
 (denoising).
 """
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 from torch import nn

@@ -2,13 +2,12 @@
 import csv
 import json
 import math
-import os
 
 import pytest
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
 
-from .conftest import QUICK, ROOT, run_tool  # noqa: E402
+from .conftest import QUICK, run_tool  # noqa: E402
 
 DECODER_LAYERS = 3  # configs/quick_start.yaml
 

@@ -4,7 +4,6 @@ import contextlib
 import io
 
 import numpy as np
-import pytest
 import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
