@@ -8,10 +8,8 @@ from typing import Dict, List, Tuple
 
 import torch
 from detectron2.evaluation import COCOEvaluator
-from detectron2.structures import Boxes, Instances
 
 from ..modeling.outputs import DIMaskDINOOutput, Predictions
-from ..modeling.postprocess import instance_inference
 
 __all__ = ["evaluate_every_layer", "named_outputs"]
 
@@ -22,16 +20,6 @@ def named_outputs(output: DIMaskDINOOutput) -> List[Tuple[str, Predictions]]:
     for s, stage in enumerate(output.token_interaction):
         named += [(f"TI {s}.{i}", p) for i, p in enumerate(stage)]
     return named
-
-
-def _to_instances(found, size) -> Instances:
-    instances = Instances(size)
-    instances.scores = found.scores
-    instances.pred_classes = found.labels
-    instances.pred_boxes = Boxes(found.boxes)
-    if found.masks is not None:
-        instances.pred_masks = found.masks
-    return instances
 
 
 @torch.no_grad()
@@ -51,15 +39,7 @@ def evaluate_every_layer(model, data_loader, dataset_name: str) -> "OrderedDict[
                     tasks = ("bbox", "segm") if prediction.masks is not None else ("bbox",)
                     evaluators[name] = COCOEvaluator(dataset_name, tasks=tasks, output_dir=None)
                     evaluators[name].reset()
-                results = []
-                for index, item in enumerate(inputs):
-                    size = (item.get("height", sizes[index][0]), item.get("width", sizes[index][1]))
-                    masks = None if prediction.masks is None else prediction.masks[index]
-                    found = instance_inference(
-                        prediction.logits[index], prediction.boxes[index], masks, sizes[index], padded, size, model.test_topk
-                    )
-                    results.append({"instances": _to_instances(found, size)})
-                evaluators[name].process(inputs, results)
+                evaluators[name].process(inputs, model.detectron2_results(prediction, inputs, sizes, padded))
     finally:
         model.train(was_training)
     table = OrderedDict()

@@ -11,10 +11,9 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import box_convert
 
-from ..modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder
+from ..modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder, Predictions
 from ..modeling.criterion import SetCriterion
 from ..modeling.matcher import HungarianMatcher
-from ..modeling.postprocess import instance_inference
 
 __all__ = ["DIMaskDINOArch"]
 
@@ -135,18 +134,19 @@ class DIMaskDINOArch(DIMaskDINO):
         if self.training:
             targets = self.targets(batched_inputs, batch.shape[-2:])
             return self.criterion(self.run(batch, targets=targets), targets)
-        final = self.run(batch).final
+        return self.detectron2_results(self.run(batch).final, batched_inputs, sizes, tuple(batch.shape[-2:]))
+
+    def detectron2_results(self, prediction: Predictions, batched_inputs: List[Dict], sizes, padded_size) -> List[Dict]:
+        """[{"instances": detectron2 Instances}] of one output, at each input's "height" x
+        "width" (the original image size) when given."""
+        output_sizes = [(x.get("height", s[0]), x.get("width", s[1])) for x, s in zip(batched_inputs, sizes)]
         results = []
-        for index, item in enumerate(batched_inputs):
-            output_size = (item.get("height", sizes[index][0]), item.get("width", sizes[index][1]))
-            found = instance_inference(
-                final.logits[index], final.boxes[index], final.masks[index], sizes[index], tuple(batch.shape[-2:]), output_size,
-                self.test_topk,
-            )
-            instances = Instances(output_size)
+        for found, size in zip(self.instances(prediction, sizes, padded_size, output_sizes), output_sizes):
+            instances = Instances(size)
             instances.scores = found.scores
             instances.pred_classes = found.labels
             instances.pred_boxes = Boxes(found.boxes)
-            instances.pred_masks = found.masks
+            if found.masks is not None:
+                instances.pred_masks = found.masks
             results.append({"instances": instances})
         return results

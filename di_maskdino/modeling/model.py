@@ -11,7 +11,7 @@ from torch import nn
 
 from .encoder import MaskDINOEncoder
 from .head import DIMaskDINOHead
-from .outputs import DIMaskDINOOutput
+from .outputs import DIMaskDINOOutput, Predictions
 from .postprocess import Instances, instance_inference
 
 __all__ = ["DIMaskDINO", "pad_images"]
@@ -93,10 +93,29 @@ class DIMaskDINO(nn.Module):
         """Instances for each (3, H_i, W_i) image, reported at `output_sizes` (default: the
         input sizes)."""
         batch, sizes = self.preprocess(images)
-        final = self.run(batch).final
         output_sizes = sizes if output_sizes is None else output_sizes
-        padded = tuple(batch.shape[-2:])
+        return self.instances(self.run(batch).final, sizes, tuple(batch.shape[-2:]), output_sizes)
+
+    def instances(
+        self,
+        prediction: Predictions,
+        image_sizes: Sequence[Tuple[int, int]],
+        padded_size: Tuple[int, int],
+        output_sizes: Sequence[Tuple[int, int]],
+    ) -> List[Instances]:
+        """Instances of every image of one output (any layer; box-only outputs give no masks).
+
+        image_sizes: (H_i, W_i) before padding; padded_size: the batch's (H, W);
+        output_sizes: (H, W) to report each image at."""
         return [
-            instance_inference(final.logits[i], final.boxes[i], final.masks[i], sizes[i], padded, tuple(output_sizes[i]), self.test_topk)
-            for i in range(len(images))
+            instance_inference(
+                prediction.logits[i],
+                prediction.boxes[i],
+                None if prediction.masks is None else prediction.masks[i],
+                tuple(image_sizes[i]),
+                tuple(padded_size),
+                tuple(output_sizes[i]),
+                self.test_topk,
+            )
+            for i in range(prediction.logits.shape[0])
         ]
