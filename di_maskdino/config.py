@@ -4,9 +4,22 @@ All model keys live under MODEL.DI_MASKDINO; the paper's defaults are the values
 Each key is read by exactly one `from_config` (see tests/d2/test_config.py, which fails on a
 key nobody reads).
 """
-from detectron2.config import CfgNode as CN
+from typing import Sequence
 
-__all__ = ["add_di_maskdino_config"]
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = ["add_di_maskdino_config", "load_config"]
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
+    """detectron2's defaults with DI-MaskDINO's keys, then `config_file`, then `opts`
+    (KEY VALUE ... overrides); not frozen, so that a tool can adjust it before freezing."""
+    cfg = get_cfg()
+    add_di_maskdino_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
 
 
 def add_di_maskdino_config(cfg: CN) -> None:

@@ -17,11 +17,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from di_maskdino.d2 import DIMaskDINODatasetMapper, add_di_maskdino_config  # noqa: E402
+from di_maskdino.d2 import DIMaskDINODatasetMapper, load_config  # noqa: E402
 from di_maskdino.d2.layer_evaluation import evaluate_every_layer  # noqa: E402
 
 
@@ -65,10 +64,7 @@ def main() -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
     args = parser.parse_args()
 
-    cfg = get_cfg()
-    add_di_maskdino_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     if not dataset:

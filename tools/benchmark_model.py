@@ -24,11 +24,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
-from di_maskdino.d2 import add_di_maskdino_config  # noqa: E402
+from di_maskdino.d2 import load_config  # noqa: E402
 from di_maskdino.ops import flop_handles  # noqa: E402
 
 
@@ -78,10 +77,7 @@ def main() -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args()
 
-    cfg = get_cfg()
-    add_di_maskdino_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.freeze()
     device = torch.device(args.device)

@@ -21,7 +21,6 @@ import tqdm
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.data import transforms as T  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -29,7 +28,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
-from di_maskdino.d2 import ImageReadError, add_di_maskdino_config, read_image_rgb  # noqa: E402
+from di_maskdino.d2 import ImageReadError, load_config, read_image_rgb  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -51,10 +50,7 @@ def expand_inputs(patterns):
 
 
 def setup_cfg(args):
-    cfg = get_cfg()
-    add_di_maskdino_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     if args.device:
         cfg.MODEL.DEVICE = args.device
     cfg.freeze()

@@ -23,13 +23,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import detectron2.engine.defaults as d2_defaults  # noqa: E402
 import detectron2.utils.comm as comm  # noqa: E402
 from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import build_detection_test_loader, build_detection_train_loader  # noqa: E402
 from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import COCOEvaluator  # noqa: E402
 from detectron2.solver.build import get_default_optimizer_params  # noqa: E402
 
-from di_maskdino.d2 import DIMaskDINODatasetMapper, add_di_maskdino_config  # noqa: E402
+from di_maskdino.d2 import DIMaskDINODatasetMapper, load_config  # noqa: E402
 
 logger = logging.getLogger("di_maskdino")
 
@@ -140,10 +139,7 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_di_maskdino_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, args.opts)
     if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
         logging.getLogger(__name__).warning("SOLVER.AMP.ENABLED is turned off: detectron2's AMP trainer needs CUDA")
         cfg.SOLVER.AMP.ENABLED = False

@@ -2,7 +2,7 @@
 datasets, data mapping. Importing it registers everything."""
 import os
 
-from ..config import add_di_maskdino_config
+from ..config import add_di_maskdino_config, load_config
 from .backbone import D2TimmBackbone, build_timm_backbone
 from .data import DIMaskDINODatasetMapper, ImageReadError, build_augmentation, read_image_rgb
 from .datasets import BDD100K_CLASSES, DatasetError, register_builtin_datasets, register_coco_instances_checked
@@ -12,6 +12,7 @@ register_builtin_datasets(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 __all__ = [
     "add_di_maskdino_config",
+    "load_config",
     "DIMaskDINOArch",
     "D2TimmBackbone",
     "build_timm_backbone",
