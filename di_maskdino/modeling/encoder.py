@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..layers import FFN, ConvNormAct, DeformableAttentionBlock, MSDeformAttn, c2_xavier_fill, feature_map_position_embedding, xavier_init_matrices
-from .geometry import level_start_index_of
+from .geometry import level_start_index_of, pixel_centres
 
 __all__ = ["MaskDINOEncoder", "EncoderOutput"]
 
@@ -143,13 +143,8 @@ class MaskDINOEncoder(nn.Module):
     @staticmethod
     def reference_points(spatial_shapes: Sequence[Sequence[int]], num_levels: int, device: torch.device) -> torch.Tensor:
         """(1, S, L, 2): every token's pixel centre (x, y), normalised, repeated for every level."""
-        points = []
-        for height, width in spatial_shapes:
-            y = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
-            x = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
-            grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
-            points.append(torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2))
-        return torch.cat(points)[None, :, None, :].expand(1, -1, num_levels, 2)
+        points = torch.cat([pixel_centres(height, width, device) for height, width in spatial_shapes])
+        return points[None, :, None, :].expand(1, -1, num_levels, 2)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> EncoderOutput:
         device_type = next(iter(features.values())).device.type

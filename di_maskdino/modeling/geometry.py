@@ -9,12 +9,21 @@ import torch
 from torchvision.ops import box_convert, masks_to_boxes
 
 __all__ = [
+    "pixel_centres",
     "level_start_index_of",
     "inverse_sigmoid",
     "refine_boxes",
     "encoder_proposals",
     "masks_to_box_logits",
 ]
+
+
+def pixel_centres(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(H * W, 2) normalised (x, y) centres of an H x W map's pixels, row by row."""
+    y = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+    x = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
+    grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
+    return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 
 
 def level_start_index_of(spatial_shapes: torch.Tensor) -> torch.Tensor:
@@ -51,11 +60,9 @@ def encoder_proposals(tokens: torch.Tensor, shapes: List[List[int]]):
     """
     proposals = []
     for level, (height, width) in enumerate(shapes):
-        y = (torch.arange(height, dtype=torch.float32, device=tokens.device) + 0.5) / height
-        x = (torch.arange(width, dtype=torch.float32, device=tokens.device) + 0.5) / width
-        grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
-        size = torch.full_like(grid_x, 0.05 * 2.0**level)
-        proposals.append(torch.stack([grid_x, grid_y, size, size], dim=-1).reshape(-1, 4))
+        centres = pixel_centres(height, width, tokens.device)
+        size = centres.new_full((centres.shape[0], 2), 0.05 * 2.0**level)
+        proposals.append(torch.cat([centres, size], dim=-1))
     proposals = torch.cat(proposals)[None]
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     logits = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))
