@@ -146,16 +146,17 @@ class SetCriterion(nn.Module):
         """
         device = output.final.logits.device
         num_objects = _num_objects(targets, device)
-        named: List[Tuple[str, Predictions]] = [("", output.final)]
-        named += [(f"_{i}", p) for i, p in enumerate(output.layers[:-1])]
+        # (loss-name suffix, description for error messages, output)
+        named: List[Tuple[str, str, Predictions]] = [("", "the final layer", output.final)]
+        named += [(f"_{i}", f"decoder output {i}", p) for i, p in enumerate(output.layers[:-1])]
         if output.encoder is not None:
-            named.append(("_interm", output.encoder))
+            named.append(("_interm", "the encoder output", output.encoder))
         for s, stage in enumerate(output.token_interaction):
-            named += [(f"_ti{s}_{i}", p) for i, p in enumerate(stage)]
+            named += [(f"_ti{s}_{i}", f"token-interaction layer {i} of DI stage {s}", p) for i, p in enumerate(stage)]
 
         raw: Dict[str, torch.Tensor] = {}
-        for suffix, prediction in named:
-            indices = self.matcher(prediction, targets, name=self._describe(suffix))
+        for suffix, description, prediction in named:
+            indices = self.matcher(prediction, targets, name=description)
             for key, value in self.losses(prediction, targets, indices, num_objects).items():
                 raw[key + suffix] = value
 
@@ -175,14 +176,3 @@ class SetCriterion(nn.Module):
     @staticmethod
     def _term(key: str) -> str:
         return next(term for term in LOSS_TERMS if key == term or key.startswith(term + "_"))
-
-    @staticmethod
-    def _describe(suffix: str) -> str:
-        if suffix == "":
-            return "the final layer"
-        if suffix == "_interm":
-            return "the encoder output"
-        if suffix.startswith("_ti"):
-            stage, layer = suffix[3:].split("_")
-            return f"token-interaction layer {layer} of DI stage {stage}"
-        return f"decoder output {suffix[1:]}"
