@@ -55,27 +55,13 @@ def release_config(add_config, config_file: str):
     return cfg
 
 
-def our_model_for(cfg, backbone):
-    """Our model with the architecture a release configuration describes."""
-    from di_maskdino.modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder
+def release_architecture(cfg):
+    """The `Architecture` a release configuration describes."""
+    from di_maskdino.modeling import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec
 
     m, s = cfg.MODEL.MaskDINO, cfg.MODEL.SEM_SEG_HEAD
-    shapes = {k: v for k, v in backbone.output_shape().items() if k in s.IN_FEATURES}
-    di = cfg.MODEL.MaskDINO.TRANSFORMER_DECODER_NAME == "DIMaskDINODecoder"
-    encoder = MaskDINOEncoder(
-        {k: v.channels for k, v in shapes.items()},
-        {k: v.stride for k, v in shapes.items()},
-        transformer_in_features=s.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES,
-        hidden_dim=s.CONVS_DIM,
-        mask_dim=s.MASK_DIM,
-        num_levels=s.TOTAL_NUM_FEATURE_LEVELS,
-        num_layers=s.TRANSFORMER_ENC_LAYERS,
-        num_heads=m.NHEADS,
-        ffn_dim=s.DIM_FEEDFORWARD,
-        dropout=m.DROPOUT,
-        common_stride=s.COMMON_STRIDE,
-    )
-    head = DIMaskDINOHead(
+    di = m.TRANSFORMER_DECODER_NAME == "DIMaskDINODecoder"
+    return Architecture(
         num_classes=s.NUM_CLASSES,
         hidden_dim=m.HIDDEN_DIM,
         mask_dim=s.MASK_DIM,
@@ -85,18 +71,32 @@ def our_model_for(cfg, backbone):
         num_levels=s.TOTAL_NUM_FEATURE_LEVELS,
         num_queries=m.NUM_OBJECT_QUERIES,
         num_decoder_layers=m.DEC_LAYERS,
-        de_imbalance=di,
-        selection_sizes=(m.FIRST_SELECTED_QUERIES, m.NUM_OBJECT_QUERIES) if di else (m.NUM_OBJECT_QUERIES,),
-        token_interaction_layers=m.TI_LAYERS if di else 1,
-        bato=di,
-        num_guiding_tokens=m.NUM_GUIDING_TOKENS if di else 50,
         mask_enhanced_boxes=m.INITIALIZE_BOX_TYPE != "no",
-        denoising=m.DN != "no",
-        dn_num_queries=m.DN_NUM,
-        dn_noise_scale=m.DN_NOISE_SCALE,
+        encoder=EncoderSpec(
+            in_features=tuple(s.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
+            num_layers=s.TRANSFORMER_ENC_LAYERS,
+            ffn_dim=s.DIM_FEEDFORWARD,
+            common_stride=s.COMMON_STRIDE,
+        ),
+        de_imbalance=DeImbalanceSpec((m.FIRST_SELECTED_QUERIES, m.NUM_OBJECT_QUERIES), m.TI_LAYERS) if di else None,
+        bato=BATOSpec(num_guiding_tokens=m.NUM_GUIDING_TOKENS) if di else None,
+        denoising=DenoisingSpec(m.DN_NUM, m.DN_NOISE_SCALE) if m.DN != "no" else None,
     )
+
+
+def our_model_for(cfg, backbone):
+    """Our model with the architecture a release configuration describes, on its backbone."""
+    from di_maskdino.modeling import DIMaskDINO, build_encoder, build_head
+
+    architecture = release_architecture(cfg)
+    shapes = {k: v for k, v in backbone.output_shape().items() if k in cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES}
     return DIMaskDINO(
-        backbone, encoder, head, pixel_mean=cfg.MODEL.PIXEL_MEAN, pixel_std=cfg.MODEL.PIXEL_STD, size_divisibility=32,
+        backbone,
+        build_encoder(architecture, shapes),
+        build_head(architecture),
+        pixel_mean=cfg.MODEL.PIXEL_MEAN,
+        pixel_std=cfg.MODEL.PIXEL_STD,
+        size_divisibility=32,
         test_topk=cfg.TEST.DETECTIONS_PER_IMAGE,
     )
 
@@ -156,7 +156,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from di_maskdino.checkpoint import convert_release_state_dict
+    from di_maskdino.release_conversion import convert_release_state_dict
 
     _, add_config = import_release(os.path.abspath(args.release_source))
     from detectron2.modeling import build_model

@@ -19,8 +19,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from di_maskdino.checkpoint import ConversionError, check_against_model, convert_release_state_dict, infer_architecture  # noqa: E402
-from di_maskdino.modeling import DIMaskDINOHead, MaskDINOEncoder  # noqa: E402
+from di_maskdino.modeling import build_encoder, build_head  # noqa: E402
+from di_maskdino.release_conversion import (  # noqa: E402
+    ConversionError,
+    check_against_model,
+    convert_release_state_dict,
+    infer_architecture,
+)
 
 
 def load_release(path: str, trust_pickle: bool) -> dict:
@@ -71,9 +76,9 @@ def main() -> int:
     state = load_release(args.input, args.trust_pickle)
     try:
         converted = convert_release_state_dict(state)
-        architecture = infer_architecture(converted)
-        encoder = MaskDINOEncoder(**architecture["encoder"])
-        head = DIMaskDINOHead(**architecture["head"])
+        architecture, backbone_maps = infer_architecture(converted)
+        encoder = build_encoder(architecture, backbone_maps)
+        head = build_head(architecture)
         expected = {f"encoder.{k}": v.shape for k, v in encoder.state_dict().items()}
         expected.update({f"head.{k}": v.shape for k, v in head.state_dict().items()})
         backbone = backbone_shapes(converted)
@@ -85,12 +90,11 @@ def main() -> int:
     except ConversionError as error:
         print(f"{args.input}: {error}", file=sys.stderr)
         return 1
-    head_args = architecture["head"]
-    kind = "DI-MaskDINO" if head_args["de_imbalance"] else "MaskDINO"
+    kind = "DI-MaskDINO" if architecture.de_imbalance is not None else "MaskDINO"
     print(
-        f"{kind}: {len(state)} released entries -> {len(converted)} parameters; {head_args['num_classes']} classes, "
-        f"{head_args['num_decoder_layers']} decoder layers, DI {'on' if head_args['de_imbalance'] else 'off'}, "
-        f"BATO {'on' if head_args['bato'] else 'off'}"
+        f"{kind}: {len(state)} released entries -> {len(converted)} parameters; {architecture.num_classes} classes, "
+        f"{architecture.num_decoder_layers} decoder layers, DI {'on' if architecture.de_imbalance else 'off'}, "
+        f"BATO {'on' if architecture.bato else 'off'}"
     )
     torch.save({"model": converted, "__source__": os.path.basename(args.input)}, args.output)
     print(f"wrote {args.output}")

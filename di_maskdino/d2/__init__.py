@@ -1,19 +1,26 @@
 """The detectron2 layer: configuration, registration of the meta-architecture, backbones and
-datasets, data mapping. Importing it registers everything."""
+datasets, data mapping, optimizer, checkpointer and trainer. Importing it registers
+everything."""
+
 import os
 
-from ..config import add_di_maskdino_config, load_config
 from .backbone import D2TimmBackbone, build_timm_backbone
+from .checkpoint import Checkpointer, ReleaseCheckpointError
+from .config import add_di_maskdino_config, architecture_from_config, load_config
 from .data import DIMaskDINODatasetMapper, ImageReadError, build_augmentation, read_image_rgb
 from .datasets import BDD100K_CLASSES, DatasetError, register_builtin_datasets, register_coco_instances_checked
-from .meta_arch import DIMaskDINOArch
+from .meta_arch import DIMaskDINOArch, build_criterion
+from .solver import build_optimizer
+from .trainer import Trainer, setup
 
 register_builtin_datasets(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 __all__ = [
     "add_di_maskdino_config",
+    "architecture_from_config",
     "load_config",
     "DIMaskDINOArch",
+    "build_criterion",
     "D2TimmBackbone",
     "build_timm_backbone",
     "DIMaskDINODatasetMapper",
@@ -24,4 +31,9 @@ __all__ = [
     "register_builtin_datasets",
     "DatasetError",
     "BDD100K_CLASSES",
+    "Checkpointer",
+    "ReleaseCheckpointError",
+    "build_optimizer",
+    "Trainer",
+    "setup",
 ]

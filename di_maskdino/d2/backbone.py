@@ -1,4 +1,5 @@
 """timm backbones for detectron2 configs: MODEL.BACKBONE.NAME = "build_timm_backbone"."""
+
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
@@ -7,12 +8,12 @@ from ..modeling.backbone import TimmBackbone
 __all__ = ["D2TimmBackbone", "build_timm_backbone"]
 
 
-class D2TimmBackbone(Backbone):
-    """detectron2 `Backbone` around `TimmBackbone` (maps res2..res5)."""
+class D2TimmBackbone(TimmBackbone, Backbone):
+    """`TimmBackbone` as a detectron2 `Backbone` (maps res2..res5; the timm model's
+    parameters are named backbone.body.*)."""
 
-    def __init__(self, body: TimmBackbone, size_divisibility: int = 32):
-        super().__init__()
-        self.body = body
+    def __init__(self, model_name: str, size_divisibility: int = 32, **kwargs):
+        super().__init__(model_name, **kwargs)
         self._size_divisibility = size_divisibility
 
     @property
@@ -20,10 +21,7 @@ class D2TimmBackbone(Backbone):
         return self._size_divisibility
 
     def output_shape(self):
-        return {name: ShapeSpec(channels=s.channels, stride=s.stride) for name, s in self.body.output_shape().items()}
-
-    def forward(self, x):
-        return self.body(x)
+        return {name: ShapeSpec(channels=s.channels, stride=s.stride) for name, s in super().output_shape().items()}
 
 
 @BACKBONE_REGISTRY.register()
@@ -34,4 +32,4 @@ def build_timm_backbone(cfg, input_shape):
         kwargs["img_size"] = t.IMG_SIZE
     if not t.STRICT_IMG_SIZE:  # only transformer backbones know this argument
         kwargs["strict_img_size"] = False
-    return D2TimmBackbone(TimmBackbone(t.NAME, out_strides=tuple(t.OUT_STRIDES), pretrained=t.PRETRAINED, **kwargs))
+    return D2TimmBackbone(t.NAME, out_strides=tuple(t.OUT_STRIDES), pretrained=t.PRETRAINED, **kwargs)

@@ -11,100 +11,72 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.structures import Boxes, Instances
 from torchvision.ops import box_convert
 
-from ..modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder, Predictions
+from ..modeling import DIMaskDINO, Predictions, build_encoder, build_head
 from ..modeling.criterion import SetCriterion
 from ..modeling.matcher import HungarianMatcher
+from .config import architecture_from_config
 
-__all__ = ["DIMaskDINOArch"]
+__all__ = ["DIMaskDINOArch", "build_criterion"]
+
+
+def build_criterion(cfg) -> SetCriterion:
+    """The training objective MODEL.DI_MASKDINO.{LOSS, MATCHER, TOLERANCE} describe."""
+    m = cfg.MODEL.DI_MASKDINO
+    matcher = HungarianMatcher(
+        class_weight=m.MATCHER.CLASS_WEIGHT,
+        box_weight=m.MATCHER.BOX_WEIGHT,
+        giou_weight=m.MATCHER.GIOU_WEIGHT,
+        mask_weight=m.MATCHER.MASK_WEIGHT,
+        dice_weight=m.MATCHER.DICE_WEIGHT,
+        num_points=m.LOSS.TRAIN_NUM_POINTS,
+        focal_alpha=m.LOSS.FOCAL_ALPHA,
+        focal_gamma=m.LOSS.FOCAL_GAMMA,
+    )
+    return SetCriterion(
+        matcher,
+        class_weight=m.LOSS.CLASS_WEIGHT,
+        box_weight=m.LOSS.BOX_WEIGHT,
+        giou_weight=m.LOSS.GIOU_WEIGHT,
+        mask_weight=m.LOSS.MASK_WEIGHT,
+        dice_weight=m.LOSS.DICE_WEIGHT,
+        detection_loss_factor=m.TOLERANCE.DETECTION_LOSS_FACTOR,
+        num_points=m.LOSS.TRAIN_NUM_POINTS,
+        oversample_ratio=m.LOSS.OVERSAMPLE_RATIO,
+        importance_sample_ratio=m.LOSS.IMPORTANCE_SAMPLE_RATIO,
+        focal_alpha=m.LOSS.FOCAL_ALPHA,
+        focal_gamma=m.LOSS.FOCAL_GAMMA,
+    )
 
 
 @META_ARCH_REGISTRY.register()
 class DIMaskDINOArch(DIMaskDINO):
     @configurable
-    def __init__(self, *, backbone, encoder, head, criterion: SetCriterion, pixel_mean, pixel_std, size_divisibility, test_topk):
+    def __init__(
+        self, *, backbone, encoder, head, criterion: SetCriterion, pixel_mean, pixel_std, size_divisibility, test_topk
+    ):
         super().__init__(
-            backbone, encoder, head, pixel_mean=pixel_mean, pixel_std=pixel_std, size_divisibility=size_divisibility, test_topk=test_topk
+            backbone,
+            encoder,
+            head,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            size_divisibility=size_divisibility,
+            test_topk=test_topk,
         )
         self.criterion = criterion
 
     @classmethod
     def from_config(cls, cfg):
-        m = cfg.MODEL.DI_MASKDINO
+        architecture = architecture_from_config(cfg)
         backbone = build_backbone(cfg)
-        shapes = backbone.output_shape()
-        encoder = MaskDINOEncoder(
-            {k: v.channels for k, v in shapes.items()},
-            {k: v.stride for k, v in shapes.items()},
-            transformer_in_features=m.ENCODER.IN_FEATURES,
-            hidden_dim=m.HIDDEN_DIM,
-            mask_dim=m.MASK_DIM,
-            num_levels=m.NUM_FEATURE_LEVELS,
-            num_layers=m.ENCODER.NUM_LAYERS,
-            num_heads=m.NUM_HEADS,
-            num_points=m.ENCODER.N_POINTS,
-            ffn_dim=m.ENCODER.DIM_FEEDFORWARD,
-            dropout=m.DROPOUT,
-            common_stride=m.ENCODER.COMMON_STRIDE,
-            num_groups=m.ENCODER.NUM_GROUPS,
-        )
-        head = DIMaskDINOHead(
-            num_classes=m.NUM_CLASSES,
-            hidden_dim=m.HIDDEN_DIM,
-            mask_dim=m.MASK_DIM,
-            num_heads=m.NUM_HEADS,
-            ffn_dim=m.DIM_FEEDFORWARD,
-            dropout=m.DROPOUT,
-            num_levels=m.NUM_FEATURE_LEVELS,
-            num_points=m.DEC_N_POINTS,
-            num_queries=m.NUM_OBJECT_QUERIES,
-            num_decoder_layers=m.DEC_LAYERS,
-            de_imbalance=m.DE_IMBALANCE.ENABLED,
-            selection_sizes=tuple(m.DE_IMBALANCE.SELECTION_SIZES),
-            token_interaction_layers=m.DE_IMBALANCE.TI_LAYERS,
-            bato=m.BATO.ENABLED,
-            guidance_source=m.BATO.GUIDANCE_SOURCE,
-            generate_guiding_tokens=m.BATO.GENERATE_GUIDING_TOKENS,
-            num_guiding_tokens=m.BATO.NUM_GUIDING_TOKENS,
-            mask_enhanced_boxes=m.MASK_ENHANCED_BOXES,
-            denoising=m.DN.ENABLED,
-            dn_num_queries=m.DN.NUM_QUERIES,
-            dn_noise_scale=m.DN.NOISE_SCALE,
-            random_position_token=m.TOLERANCE.RANDOM_POSITION_TOKEN,
-            num_groups=m.ENCODER.NUM_GROUPS,
-        )
-        matcher = HungarianMatcher(
-            class_weight=m.MATCHER.CLASS_WEIGHT,
-            box_weight=m.MATCHER.BOX_WEIGHT,
-            giou_weight=m.MATCHER.GIOU_WEIGHT,
-            mask_weight=m.MATCHER.MASK_WEIGHT,
-            dice_weight=m.MATCHER.DICE_WEIGHT,
-            num_points=m.LOSS.TRAIN_NUM_POINTS,
-            focal_alpha=m.LOSS.FOCAL_ALPHA,
-            focal_gamma=m.LOSS.FOCAL_GAMMA,
-        )
-        criterion = SetCriterion(
-            matcher,
-            class_weight=m.LOSS.CLASS_WEIGHT,
-            box_weight=m.LOSS.BOX_WEIGHT,
-            giou_weight=m.LOSS.GIOU_WEIGHT,
-            mask_weight=m.LOSS.MASK_WEIGHT,
-            dice_weight=m.LOSS.DICE_WEIGHT,
-            detection_loss_factor=m.TOLERANCE.DETECTION_LOSS_FACTOR,
-            num_points=m.LOSS.TRAIN_NUM_POINTS,
-            oversample_ratio=m.LOSS.OVERSAMPLE_RATIO,
-            importance_sample_ratio=m.LOSS.IMPORTANCE_SAMPLE_RATIO,
-            focal_alpha=m.LOSS.FOCAL_ALPHA,
-            focal_gamma=m.LOSS.FOCAL_GAMMA,
-            denoising=m.DN.ENABLED,
-        )
         return {
             "backbone": backbone,
-            "encoder": encoder,
-            "head": head,
-            "criterion": criterion,
+            "encoder": build_encoder(architecture, backbone.output_shape()),
+            "head": build_head(architecture),
+            "criterion": build_criterion(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "size_divisibility": m.SIZE_DIVISIBILITY,
+            "size_divisibility": cfg.MODEL.DI_MASKDINO.SIZE_DIVISIBILITY,
             "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
         }
 

@@ -1,7 +1,25 @@
-"""Reusable network blocks."""
-from .blocks import FFN, MLP, ConvNormAct, CrossAttentionBlock, DeformableAttentionBlock, SelfAttentionBlock, c2_xavier_fill, with_pos, xavier_init_matrices
+"""Reusable network blocks, the deformable attention layer and position encodings."""
+
+from .blocks import (
+    FFN,
+    MLP,
+    ConvNormAct,
+    CrossAttentionBlock,
+    DeformableAttentionBlock,
+    NormLayer,
+    SelfAttentionBlock,
+    c2_xavier_fill,
+    group_norm,
+    with_pos,
+    xavier_init_matrices,
+)
 from .ms_deform_attn import MSDeformAttn
-from .position_encoding import box_position_embedding, feature_map_position_embedding
+from .position_encoding import (
+    BoxPositionalQuery,
+    box_position_embedding,
+    feature_map_position_embedding,
+    sine_features,
+)
 
 __all__ = [
     "MSDeformAttn",
@@ -11,9 +29,13 @@ __all__ = [
     "CrossAttentionBlock",
     "DeformableAttentionBlock",
     "ConvNormAct",
+    "NormLayer",
+    "group_norm",
     "with_pos",
     "c2_xavier_fill",
     "xavier_init_matrices",
+    "BoxPositionalQuery",
     "box_position_embedding",
     "feature_map_position_embedding",
+    "sine_features",
 ]

@@ -1,16 +1,21 @@
-"""Reusable transformer blocks (post-norm, as in DETR / MaskDINO).
+"""Reusable network blocks (post-norm, as in DETR / MaskDINO).
 
 Every attention layer of the model is assembled from these: a residual self-attention
 block, a residual cross-attention block, a residual deformable-attention block and a
 residual feed-forward block, each followed by LayerNorm. All tensors are batch-first:
 (B, N, C).
+
+Norm and activation layers are passed as constructors (timm's convention): a `norm_layer`
+is called with the number of channels, an `act_layer` with no argument; None leaves the
+step out.
 """
+
+import functools
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Type
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 with warnings.catch_warnings():
     # fvcore.nn scripts its focal loss with torch.jit at import time, which torch deprecates.
@@ -26,10 +31,19 @@ __all__ = [
     "CrossAttentionBlock",
     "DeformableAttentionBlock",
     "ConvNormAct",
+    "NormLayer",
+    "group_norm",
     "with_pos",
     "c2_xavier_fill",
     "xavier_init_matrices",
 ]
+
+NormLayer = Callable[[int], nn.Module]
+
+
+def group_norm(num_groups: int) -> NormLayer:
+    """A norm-layer constructor: channels -> nn.GroupNorm(num_groups, channels)."""
+    return functools.partial(nn.GroupNorm, num_groups)
 
 
 def with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
@@ -51,23 +65,24 @@ class MLP(nn.Module):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.activation = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for index, layer in enumerate(self.layers):
             x = layer(x)
             if index < len(self.layers) - 1:
-                x = F.relu(x)
+                x = self.activation(x)
         return x
 
 
 class FFN(nn.Module):
     """x <- norm(x + dropout(linear2(dropout(act(linear1(x))))))."""
 
-    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, activation: Callable = F.relu):
+    def __init__(self, dim: int, hidden_dim: int, dropout: float = 0.0, act_layer: Type[nn.Module] = nn.ReLU):
         super().__init__()
         self.linear1 = nn.Linear(dim, hidden_dim)
         self.linear2 = nn.Linear(hidden_dim, dim)
-        self.activation = activation
+        self.activation = act_layer()
         self.dropout_hidden = nn.Dropout(dropout)
         self.dropout_out = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
@@ -86,7 +101,9 @@ class SelfAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, pos: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, pos: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """attn_mask: optional (N, N) bool, True where a query may NOT attend to a key."""
         query = with_pos(x, pos)
         update = self.attn(query, query, x, attn_mask=attn_mask, need_weights=False)[0]
@@ -140,13 +157,28 @@ class DeformableAttentionBlock(nn.Module):
 
 
 class ConvNormAct(nn.Module):
-    """Conv2d (no bias) -> GroupNorm -> optional ReLU; Caffe2-style Xavier init."""
+    """Conv2d (no bias when normalised) -> norm -> activation; Caffe2-style Xavier init.
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, *, num_groups: int = 32, activation: bool = True):
+    Args:
+        norm_layer: channels -> norm module (e.g. `group_norm(32)`), or None.
+        act_layer: activation class (e.g. nn.ReLU), or None.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        norm_layer: Optional[NormLayer] = None,
+        act_layer: Optional[Type[nn.Module]] = None,
+    ):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
-        self.norm = nn.GroupNorm(num_groups, out_channels)
-        self.activation = nn.ReLU() if activation else nn.Identity()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm_layer is None
+        )
+        self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
+        self.activation = act_layer() if act_layer is not None else nn.Identity()
         c2_xavier_fill(self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

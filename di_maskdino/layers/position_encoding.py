@@ -1,14 +1,19 @@
-"""Sine position encodings (Transformer / DETR style).
+"""Sine position encodings (Transformer / DETR style) and the positional queries made from
+them.
 
 `sine_features` turns scalar positions into interleaved (sin, cos) features with the usual
-geometric frequencies; the two public functions apply it to feature-map pixels and to
-reference boxes.
+geometric frequencies; `feature_map_position_embedding` applies it to the pixels of a
+feature map, `box_position_embedding` to reference boxes, and `BoxPositionalQuery` maps the
+latter through an MLP to the positional query of a decoder or token-interaction query.
 """
+
 import math
 
 import torch
 
-__all__ = ["feature_map_position_embedding", "box_position_embedding"]
+from .blocks import MLP
+
+__all__ = ["feature_map_position_embedding", "box_position_embedding", "sine_features", "BoxPositionalQuery"]
 
 TWO_PI = 2 * math.pi
 
@@ -21,7 +26,9 @@ def sine_features(positions: torch.Tensor, num_feats: int, temperature: float = 
     return torch.stack([angles[..., 0::2].sin(), angles[..., 1::2].cos()], dim=-1).flatten(-2)
 
 
-def feature_map_position_embedding(batch: int, height: int, width: int, channels: int, device: torch.device) -> torch.Tensor:
+def feature_map_position_embedding(
+    batch: int, height: int, width: int, channels: int, device: torch.device
+) -> torch.Tensor:
     """(B, channels, H, W) embedding of the pixel grid: the first half encodes the row,
     the second the column; positions (i + 1) / (H + eps) * 2 pi, i.e. normalised to (0, 2 pi]."""
     eps = 1e-6
@@ -40,3 +47,19 @@ def box_position_embedding(boxes: torch.Tensor, num_feats: int) -> torch.Tensor:
     scaled = boxes * TWO_PI
     order = [1, 0, 2, 3] if boxes.shape[-1] == 4 else [1, 0]
     return torch.cat([sine_features(scaled[..., i], num_feats) for i in order], dim=-1)
+
+
+class BoxPositionalQuery(MLP):
+    """The positional query of a box (DAB-DETR / DINO): a two-layer MLP of the box's sine
+    embedding, (..., 4) normalised boxes -> (..., dim).
+
+    The decoder, the token-interaction layers of the De-Imbalance module and BATO's box
+    guiding tokens all make their positional queries this way.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__(2 * dim, dim, dim, 2)
+        self.dim = dim
+
+    def forward(self, boxes: torch.Tensor) -> torch.Tensor:
+        return super().forward(box_position_embedding(boxes, self.dim // 2))

@@ -1,28 +1,76 @@
-"""The DI-MaskDINO network (model core: needs torch, torchvision, fvcore, scipy, numpy only)."""
+"""The DI-MaskDINO network (model core: needs torch, torchvision, fvcore, scipy, numpy only).
+
+One module per part of the paper (Sec. 3.2): `encoder` (feature tokens extractor),
+`query_selection` (first selection, Eq. 1), `de_imbalance` (Eq. 2-3), `decoder` (Q_bal,
+Eq. 4; Eq. 9), `bato` (Eq. 5-8), `prediction_heads` (Eq. 10-11); `di_maskdino_head`
+composes them and `architecture` builds them from one description.
+"""
+
+from .architecture import (
+    Architecture,
+    BATOSpec,
+    DeImbalanceSpec,
+    DenoisingSpec,
+    EncoderSpec,
+    build_encoder,
+    build_head,
+    build_model,
+)
 from .backbone import FeatureSpec, TimmBackbone
-from .bato import BalanceAwareTokensOptimization, GuidingTokens
-from .de_imbalance import DeImbalance, TokenInteraction, select_top_k
-from .decoder import DeformableDecoder
+from .bato import (
+    GUIDANCE_SOURCES,
+    BalanceAwareQueryGuidance,
+    BalanceAwareTokensOptimization,
+    GuidanceSource,
+    GuidingTokens,
+    MaskBoxGuidingTokens,
+    QueryGuidingTokens,
+    TokenSetGuidance,
+    guidance_source,
+)
+from .de_imbalance import DeImbalance, TokenInteraction
+from .decoder import DecoderOutput, DeformableDecoder
 from .denoising import DenoisingGenerator, DenoisingQueries, denoising_attention_mask
+from .di_maskdino_head import DIMaskDINOHead
 from .encoder import EncoderOutput, MaskDINOEncoder
-from .head import GUIDANCE_SOURCES, DIMaskDINOHead
-from .heads import PredictionHeads
+from .feature_tokens import FeatureTokens
 from .model import DIMaskDINO, pad_images
 from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions
-from .postprocess import Instances, instance_inference
-from .query_selection import QuerySelection
+from .postprocess import Detections, instance_inference
+from .prediction_heads import PredictionHeads
+from .query_selection import QuerySelection, SelectedTokens, TokenSet, select_top_k
 
 __all__ = [
+    "Architecture",
+    "EncoderSpec",
+    "DeImbalanceSpec",
+    "BATOSpec",
+    "DenoisingSpec",
+    "build_encoder",
+    "build_head",
+    "build_model",
     "DIMaskDINO",
     "DIMaskDINOHead",
     "MaskDINOEncoder",
     "EncoderOutput",
+    "FeatureTokens",
     "QuerySelection",
+    "SelectedTokens",
+    "TokenSet",
+    "select_top_k",
     "DeImbalance",
     "TokenInteraction",
     "BalanceAwareTokensOptimization",
     "GuidingTokens",
+    "GuidanceSource",
+    "BalanceAwareQueryGuidance",
+    "TokenSetGuidance",
+    "guidance_source",
+    "GUIDANCE_SOURCES",
+    "MaskBoxGuidingTokens",
+    "QueryGuidingTokens",
     "DeformableDecoder",
+    "DecoderOutput",
     "DenoisingGenerator",
     "DenoisingQueries",
     "denoising_attention_mask",
@@ -30,11 +78,9 @@ __all__ = [
     "Predictions",
     "DenoisingOutput",
     "DIMaskDINOOutput",
-    "Instances",
+    "Detections",
     "instance_inference",
     "TimmBackbone",
     "FeatureSpec",
-    "GUIDANCE_SOURCES",
-    "select_top_k",
     "pad_images",
 ]

@@ -1,48 +1,162 @@
-"""Balance-Aware Tokens Optimization (BATO, paper Sec. 3.3, Eq. 5-8).
+"""Balance-Aware Tokens Optimization (BATO, paper Sec. 3.2.3, Eq. 5-8).
 
-Guiding tokens T_g are made from the best queries of the chosen guidance source (by
-default Q_bal, the output of the first decoder layer): the top NUM_GUIDING_TOKENS by class
-score give mask guiding tokens (their mask embeddings, the values) and box guiding tokens
-(their positional queries, added to the keys). Every encoder token then cross-attends to
-T_g (Eq. 7), giving the balance-aware tokens T_bal, and the highest-resolution level of
-T_bal, upsampled to 1/4, updates the mask features (Eq. 8). Later decoder layers attend to
-T_bal and predict masks on the updated features.
+BATO takes the G best queries of a guidance source (by default the balance-aware query
+Q_bal made by the first decoder layer, Eq. 4), turns them into guiding tokens T_g and lets
+every encoder token cross-attend to them: the result is the balance-aware tokens T_bal
+(Eq. 8), which the later decoder layers attend to instead of T_i. The highest-resolution
+level of T_bal also updates the mask features those layers predict masks on.
 
-Shape glossary: B batch, N queries, G guiding tokens, S encoder tokens, C hidden dim.
+The parts are composed, each replaceable:
+- a guidance source (Tab. 5): `BalanceAwareQueryGuidance` (Q_bal, the paper's model) or
+  `TokenSetGuidance` for T_i, T_s1 or T_s2 - it decides which tokens guide and before
+  which decoder layer BATO runs;
+- a guiding-token generator (Tab. 6): `MaskBoxGuidingTokens` (mask and box guiding tokens,
+  Eq. 5-7) or `QueryGuidingTokens` (the selected queries themselves, no generation);
+- the cross-attention, feed-forward and mask-feature update of
+  `BalanceAwareTokensOptimization`.
+
+Shape glossary: B batch, N candidate tokens, G guiding tokens, S encoder tokens, C hidden
+dim, h x w mask-feature resolution.
 """
+
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple, Type
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import FFN, ConvNormAct, CrossAttentionBlock, xavier_init_matrices
-from .de_imbalance import select_top_k
-from .heads import PredictionHeads
+from ..layers import FFN, BoxPositionalQuery, ConvNormAct, CrossAttentionBlock, NormLayer, group_norm
+from ..layers import xavier_init_matrices
+from .feature_tokens import FeatureTokens
+from .prediction_heads import PredictionHeads
+from .query_selection import TokenSet, select_top_k
 
-__all__ = ["BalanceAwareTokensOptimization", "GuidingTokens"]
+__all__ = [
+    "BalanceAwareTokensOptimization",
+    "GuidingTokens",
+    "GuidanceSource",
+    "BalanceAwareQueryGuidance",
+    "TokenSetGuidance",
+    "guidance_source",
+    "GUIDANCE_SOURCES",
+    "MaskBoxGuidingTokens",
+    "QueryGuidingTokens",
+]
+
+# Tab. 5: the encoder tokens T_i, the first-selected T_s1, the second-selected T_s2, or the
+# balance-aware query Q_bal (the paper's choice).
+GUIDANCE_SOURCES = ("T_i", "T_s1", "T_s2", "Q_bal")
+
+
+class GuidanceSource(ABC):
+    """Which tokens BATO's guiding tokens come from, and before which decoder layer BATO
+    runs (`layer`)."""
+
+    name: str
+    layer: int
+
+    @abstractmethod
+    def candidates(
+        self,
+        token_sets: Dict[str, TokenSet],
+        queries: torch.Tensor,
+        query_pos: torch.Tensor,
+        positional_query: BoxPositionalQuery,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(tokens (B, N, C), their positional queries (B, N, C)) to choose guiding tokens from.
+
+        token_sets: the named token sets of this forward pass ("T_i", "T_s1", "T_s2");
+        queries, query_pos: the matching queries entering decoder layer `layer` and their
+        positional queries; positional_query: the decoder's box -> positional query module.
+        """
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r}, before decoder layer {self.layer})"
+
+
+class BalanceAwareQueryGuidance(GuidanceSource):
+    """Guidance from Q_bal, the output of decoder layer 0 (Eq. 4): BATO runs before layer 1,
+    so layer 0 attends to T_i and layers 1.. to T_bal (as in the release)."""
+
+    name = "Q_bal"
+    layer = 1
+
+    def candidates(self, token_sets, queries, query_pos, positional_query):
+        return queries, query_pos
+
+
+class TokenSetGuidance(GuidanceSource):
+    """Guidance from a token set made before the decoder (T_i, T_s1 or T_s2; Tab. 5).
+
+    NOTE: the paper does not say where BATO runs with these sources; as they exist before
+    the decoder, BATO runs before layer 0 and every decoder layer attends to T_bal. Their
+    positional queries come from their boxes through the decoder's positional-query MLP.
+    """
+
+    layer = 0
+
+    def __init__(self, name: str):
+        if name not in ("T_i", "T_s1", "T_s2"):
+            raise ValueError(f"TokenSetGuidance: the token set must be T_i, T_s1 or T_s2, got {name!r}")
+        self.name = name
+
+    def candidates(self, token_sets, queries, query_pos, positional_query):
+        if self.name not in token_sets:
+            raise ValueError(f"BATO guidance from {self.name} needs a model that makes {self.name} (T_s2: the DI module)")
+        chosen = token_sets[self.name]
+        return chosen.tokens, positional_query(chosen.boxes)
+
+
+def guidance_source(name: str) -> GuidanceSource:
+    """The guidance source called `name`, one of GUIDANCE_SOURCES."""
+    if name == "Q_bal":
+        return BalanceAwareQueryGuidance()
+    if name in GUIDANCE_SOURCES:
+        return TokenSetGuidance(name)
+    raise ValueError(f"BATO guidance source must be one of {GUIDANCE_SOURCES}, got {name!r}")
 
 
 @dataclass
 class GuidingTokens:
-    """values: (B, G, C) mask guiding tokens; pos: (B, G, C) box guiding tokens, or None
-    when guiding-token generation is off."""
+    """T_g as the cross-attention reads it: values (B, G, C); key_pos (B, G, C) added to the
+    values to make the keys, or None."""
 
     values: torch.Tensor
-    pos: Optional[torch.Tensor]
+    key_pos: Optional[torch.Tensor]
+
+
+class MaskBoxGuidingTokens(nn.Module):
+    """Guiding-token generation (Eq. 5-7): the mask guiding tokens are the mask embeddings
+    of the chosen queries (Eq. 5), the box guiding tokens their positional queries (Eq. 6),
+    and T_g combines them (Eq. 7).
+
+    NOTE: Eq. 7 sums the mask and box guiding tokens; the release (and we) put that sum into
+    the keys only, the values being the mask guiding tokens alone.
+    """
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, heads: PredictionHeads) -> GuidingTokens:
+        return GuidingTokens(values=heads.mask_embed(tokens), key_pos=pos)
+
+
+class QueryGuidingTokens(nn.Module):
+    """No guiding-token generation (Tab. 6): the chosen queries are keys and values."""
+
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor, heads: PredictionHeads) -> GuidingTokens:
+        return GuidingTokens(values=tokens, key_pos=None)
 
 
 class BalanceAwareTokensOptimization(nn.Module):
     """
     Args:
-        dim: hidden dim C (the mask dim must equal it: mask embeddings are the values).
+        dim: hidden dim C (with `MaskBoxGuidingTokens` the mask dim must equal it: mask
+            embeddings are the values).
         num_heads, ffn_dim, dropout: the cross-attention and feed-forward blocks.
-        num_guiding_tokens: G, how many queries guide.
-        generate_guiding_tokens: True (paper) builds mask/box guiding tokens from the
-            selected queries; False uses the selected queries themselves as keys and values
-            (Tab. 6).
-        num_groups: GroupNorm groups of the mask-feature convolution.
+        guidance: the guidance source (default: Q_bal).
+        generator: the guiding-token generator (default: `MaskBoxGuidingTokens`).
+        num_guiding_tokens: G, how many of the guidance source's tokens guide.
+        norm_layer: norm of the mask-feature convolution (default GroupNorm, 32 groups).
     """
 
     def __init__(
@@ -50,54 +164,55 @@ class BalanceAwareTokensOptimization(nn.Module):
         dim: int,
         num_heads: int,
         ffn_dim: int,
-        dropout: float,
+        dropout: float = 0.0,
+        *,
+        guidance: Optional[GuidanceSource] = None,
+        generator: Optional[nn.Module] = None,
         num_guiding_tokens: int = 50,
-        generate_guiding_tokens: bool = True,
-        num_groups: int = 32,
+        norm_layer: NormLayer = group_norm(32),
+        act_layer: Type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
+        if num_guiding_tokens < 1:
+            raise ValueError(f"BATO: the number of guiding tokens must be at least 1, got {num_guiding_tokens}")
+        self.guidance = guidance if guidance is not None else BalanceAwareQueryGuidance()
+        self.generator = generator if generator is not None else MaskBoxGuidingTokens()
         self.num_guiding_tokens = num_guiding_tokens
-        self.generate_guiding_tokens = generate_guiding_tokens
         self.cross_attn = CrossAttentionBlock(dim, num_heads, dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
-        self.mask_feature_conv = ConvNormAct(dim, dim, 3, num_groups=num_groups)
+        self.mask_feature_conv = ConvNormAct(dim, dim, 3, norm_layer=norm_layer, act_layer=act_layer)
         xavier_init_matrices(self.cross_attn, self.ffn)
 
-    def guiding_tokens(self, queries: torch.Tensor, query_pos: torch.Tensor, heads: PredictionHeads) -> GuidingTokens:
-        """T_g from the G queries with the highest class score (Eq. 5-6).
+    def guiding_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, heads: PredictionHeads) -> GuidingTokens:
+        """T_g from the G candidates with the highest class score (Eq. 5-7).
 
-        queries: (B, N, C) guidance source (matching queries only, never denoising ones);
-        query_pos: (B, N, C) their positional queries.
+        tokens, pos: (B, N, C) candidates of the guidance source (matching queries only,
+        never denoising ones) and their positional queries.
 
-        NOTE: as in the released weights, scores and mask embeddings are computed on the
-        queries without the heads' LayerNorm.
+        NOTE: as in the released weights, the scores are computed on the candidates without
+        the prediction heads' LayerNorm (and so are the mask embeddings of Eq. 5).
         """
-        scores = heads.class_embed(queries).max(-1).values
-        _, selected, selected_pos = select_top_k(scores, self.num_guiding_tokens, queries, query_pos)
-        if not self.generate_guiding_tokens:
-            return GuidingTokens(values=selected, pos=None)
-        return GuidingTokens(values=heads.mask_embed(selected), pos=selected_pos)
+        scores = heads.class_embed(tokens).max(-1).values
+        _, chosen, chosen_pos = select_top_k(scores, self.num_guiding_tokens, tokens, pos)
+        return self.generator(chosen, chosen_pos, heads)
 
     def forward(
-        self,
-        tokens: torch.Tensor,
-        token_pos: torch.Tensor,
-        guide: GuidingTokens,
-        mask_features: torch.Tensor,
-        finest_level: Tuple[int, int, int],
+        self, memory: FeatureTokens, mask_features: torch.Tensor, guide: GuidingTokens
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
-            tokens: (B, S, C) encoder tokens T_i; token_pos: (B, S, C) their sine positions.
-            guide: guiding tokens T_g.
+            memory: the encoder tokens T_i (with their sine positions).
             mask_features: (B, C, h, w) 1/4-resolution mask features.
-            finest_level: (start, H, W) of the highest-resolution level inside S.
+            guide: the guiding tokens T_g.
 
         Returns:
             T_bal (B, S, C) and the updated mask features (B, C, h, w).
         """
-        balanced = self.ffn(self.cross_attn(tokens, guide.values, pos=token_pos, memory_pos=guide.pos))
-        start, height, width = finest_level
-        finest = balanced[:, start : start + height * width].transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
+        # Eq. 8: T_bal = FFN(MHCA(T_i, T_g))
+        balanced = self.ffn(self.cross_attn(memory.tokens, guide.values, pos=memory.pos, memory_pos=guide.key_pos))
+        # NOTE: the mask-feature update has no equation in the paper; as in the release, the
+        # finest level of T_bal, upsampled to the mask features, is added to them and passed
+        # through a 3x3 conv + norm + activation.
+        finest = memory.level_maps(balanced)[memory.finest_level()]
         upsampled = F.interpolate(finest, size=mask_features.shape[-2:], mode="bilinear", align_corners=False)
         return balanced, self.mask_feature_conv(mask_features + upsampled)

@@ -52,8 +52,10 @@ class SetCriterion(nn.Module):
             the paper's loss-weight constraint of the imbalance tolerance test (Tab. 3).
         num_points, oversample_ratio, importance_sample_ratio: mask point sampling.
         focal_alpha, focal_gamma: of the class loss.
-        denoising: the model uses denoising queries (their loss names are then always
-            present, zero for batches without objects, so that all workers log the same keys).
+
+    The denoising losses are charged whenever the output carries a `denoising` entry; a
+    batch without objects (no denoising queries) gets them as zeros, so that all workers
+    log the same keys.
     """
 
     def __init__(
@@ -71,7 +73,6 @@ class SetCriterion(nn.Module):
         importance_sample_ratio: float = 0.75,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
-        denoising: bool = True,
     ):
         super().__init__()
         self.matcher = matcher
@@ -87,7 +88,6 @@ class SetCriterion(nn.Module):
         self.importance_sample_ratio = importance_sample_ratio
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
-        self.denoising = denoising
 
     def losses(self, prediction: Predictions, targets, indices: Indices, num_objects: float) -> Dict[str, torch.Tensor]:
         """Unweighted losses of one output for given matches."""
@@ -161,14 +161,14 @@ class SetCriterion(nn.Module):
                 raw[key + suffix] = value
 
         dn_suffixes = ["_dn"] + [f"_dn_{i}" for i in range(len(output.layers) - 1)]
-        if output.denoising is not None:
+        if output.denoising is not None and output.denoising.queries is not None:
             queries = output.denoising.queries
             indices = self.denoising_indices(queries.num_groups, queries.group_size, queries.num_targets)
             dn_predictions = [output.denoising.layers[-1]] + output.denoising.layers[:-1]
             for suffix, prediction in zip(dn_suffixes, dn_predictions):
                 for key, value in self.losses(prediction, targets, indices, num_objects * queries.num_groups).items():
                     raw[key + suffix] = value
-        elif self.denoising and self.training:
+        elif output.denoising is not None:
             zero = output.final.logits.new_zeros(())
             raw.update({key + suffix: zero for suffix in dn_suffixes for key in LOSS_TERMS})
         return {key: value * self.weights[self._term(key)] for key, value in raw.items()}

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from .geometry import inverse_sigmoid
+from .boxes import inverse_sigmoid
 
 __all__ = ["DenoisingQueries", "DenoisingGenerator", "denoising_attention_mask"]
 

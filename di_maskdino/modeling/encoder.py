@@ -1,9 +1,9 @@
-"""The MaskDINO encoder, DI-MaskDINO's "feature tokens extractor" (paper Sec. 3.1).
+"""The MaskDINO encoder, DI-MaskDINO's feature tokens extractor (paper Sec. 3.2.1).
 
 It turns backbone maps into the encoder tokens T_i and the 1/4-resolution mask features:
 
-1. 1x1 conv + GroupNorm projections of the transformer inputs (res3..res5 by default) and
-   3x3 stride-2 conv + GroupNorm for the extra levels (stride 64 by default);
+1. 1x1 conv + norm projections of the transformer inputs (res3..res5 by default) and 3x3
+   stride-2 conv + norm for the extra levels (stride 64 by default);
 2. `num_layers` deformable self-attention layers over all levels (with sine position and
    learned level embeddings);
 3. an FPN step from the highest-resolution encoder level down to the finest backbone map
@@ -14,18 +14,20 @@ Shape glossary: B batch, C hidden dim, L levels, S tokens (sum of H_l * W_l).
 NOTE: no padding mask is used; like the authors' release, padded pixels are treated as
 image (valid ratios are 1), which keeps every level's reference grid the same.
 """
+
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Type
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import FFN, ConvNormAct, DeformableAttentionBlock, MSDeformAttn, c2_xavier_fill, feature_map_position_embedding, xavier_init_matrices
-from .geometry import level_start_index_of, pixel_centres
+from ..layers import FFN, ConvNormAct, DeformableAttentionBlock, MSDeformAttn, NormLayer, c2_xavier_fill, group_norm
+from ..layers import xavier_init_matrices
+from .feature_tokens import FeatureTokens
 
-__all__ = ["MaskDINOEncoder", "EncoderOutput"]
+__all__ = ["MaskDINOEncoder", "EncoderOutput", "EncoderLayer"]
 
 
 @dataclass
@@ -61,7 +63,9 @@ class MaskDINOEncoder(nn.Module):
         num_levels: levels in the encoder (the transformer inputs plus extra stride-2 levels).
         num_layers, num_heads, num_points, ffn_dim, dropout: deformable encoder layers.
         common_stride: stride of the mask features.
-        num_groups: GroupNorm groups.
+        norm_layer: channels -> norm module of the projections and FPN convolutions
+            (default GroupNorm with 32 groups).
+        act_layer: activation of the FPN output convolutions.
     """
 
     def __init__(
@@ -79,12 +83,15 @@ class MaskDINOEncoder(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.0,
         common_stride: int = 4,
-        num_groups: int = 32,
+        norm_layer: NormLayer = group_norm(32),
+        act_layer: Type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
         missing = [f for f in transformer_in_features if f not in in_channels]
         if missing:
-            raise ValueError(f"MaskDINOEncoder: transformer inputs {missing} are not backbone outputs ({sorted(in_channels)})")
+            raise ValueError(
+                f"MaskDINOEncoder: transformer inputs {missing} are not backbone outputs ({sorted(in_channels)})"
+            )
         if num_levels < len(transformer_in_features):
             raise ValueError(
                 f"MaskDINOEncoder: num_levels ({num_levels}) must be at least the number of transformer inputs "
@@ -95,7 +102,7 @@ class MaskDINOEncoder(nn.Module):
         self.num_levels = num_levels
 
         projections = [
-            nn.Sequential(nn.Conv2d(in_channels[f], hidden_dim, kernel_size=1), nn.GroupNorm(num_groups, hidden_dim))
+            nn.Sequential(nn.Conv2d(in_channels[f], hidden_dim, kernel_size=1), norm_layer(hidden_dim))
             for f in self.transformer_in_features
         ]
         # NOTE: the first extra level starts from the widest transformer input (res5 for a
@@ -105,7 +112,7 @@ class MaskDINOEncoder(nn.Module):
         for _ in range(num_levels - len(self.transformer_in_features)):
             projections.append(
                 nn.Sequential(
-                    nn.Conv2d(channels, hidden_dim, kernel_size=3, stride=2, padding=1), nn.GroupNorm(num_groups, hidden_dim)
+                    nn.Conv2d(channels, hidden_dim, kernel_size=3, stride=2, padding=1), norm_layer(hidden_dim)
                 )
             )
             channels = hidden_dim
@@ -121,10 +128,11 @@ class MaskDINOEncoder(nn.Module):
         by_stride = sorted(in_channels, key=lambda f: in_strides[f])
         self.fpn_in_features = by_stride[:num_fpn_levels][::-1]  # coarse to fine, e.g. ["res2"]
         self.lateral_convs = nn.ModuleList(
-            ConvNormAct(in_channels[f], hidden_dim, 1, num_groups=num_groups, activation=False) for f in self.fpn_in_features
+            ConvNormAct(in_channels[f], hidden_dim, 1, norm_layer=norm_layer) for f in self.fpn_in_features
         )
         self.output_convs = nn.ModuleList(
-            ConvNormAct(hidden_dim, hidden_dim, 3, num_groups=num_groups) for _ in self.fpn_in_features
+            ConvNormAct(hidden_dim, hidden_dim, 3, norm_layer=norm_layer, act_layer=act_layer)
+            for _ in self.fpn_in_features
         )
         self.mask_features = nn.Conv2d(hidden_dim, mask_dim, kernel_size=1)
         self.reset_parameters()
@@ -140,48 +148,40 @@ class MaskDINOEncoder(nn.Module):
             nn.init.zeros_(projection[0].bias)
         c2_xavier_fill(self.mask_features)
 
-    @staticmethod
-    def reference_points(spatial_shapes: Sequence[Sequence[int]], num_levels: int, device: torch.device) -> torch.Tensor:
-        """(1, S, L, 2): every token's pixel centre (x, y), normalised, repeated for every level."""
-        points = torch.cat([pixel_centres(height, width, device) for height, width in spatial_shapes])
-        return points[None, :, None, :].expand(1, -1, num_levels, 2)
-
     def forward(self, features: Dict[str, torch.Tensor]) -> EncoderOutput:
         device_type = next(iter(features.values())).device.type
         # NOTE: like the release, the encoder runs in float32 even under autocast.
         with torch.autocast(device_type=device_type, enabled=False):
-            return self._forward(features)
+            encoded = self.encode(features)
+            return EncoderOutput(features=encoded, mask_features=self.mask_feature_map(encoded[0], features))
 
-    def _forward(self, features: Dict[str, torch.Tensor]) -> EncoderOutput:
+    def input_levels(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """The L projected input maps (B, C, H_l, W_l), highest resolution first."""
         maps = [proj(features[f].float()) for proj, f in zip(self.input_proj, self.transformer_in_features)]
         previous = features[self.extra_level_source].float()
         for proj in self.input_proj[len(self.transformer_in_features) :]:
             previous = proj(previous)
             maps.append(previous)
+        return maps
 
-        batch = maps[0].shape[0]
-        shapes = [tuple(m.shape[-2:]) for m in maps]
-        tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)  # (B, S, C)
-        pos = torch.cat(
-            [
-                feature_map_position_embedding(batch, h, w, self.hidden_dim, m.device).flatten(2).transpose(1, 2)
-                + self.level_embed[level]
-                for level, (m, (h, w)) in enumerate(zip(maps, shapes))
-            ],
-            dim=1,
+    def encode(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        """Deformable self-attention over the levels: T_i as L maps (B, C, H_l, W_l)."""
+        levels = FeatureTokens.from_maps(self.input_levels(features))
+        level_pos = torch.cat(
+            [self.level_embed[level].expand(size, -1) for level, size in enumerate(levels.sizes)]
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=tokens.device)
-        level_start_index = level_start_index_of(spatial_shapes)
-        reference = self.reference_points(shapes, self.num_levels, tokens.device).expand(batch, -1, -1, -1)
+        pos = levels.pos + level_pos
+        reference = levels.reference_points().expand(levels.tokens.shape[0], -1, -1, -1)
+        tokens = levels.tokens
         for layer in self.layers:
-            tokens = layer(tokens, pos, reference, spatial_shapes, level_start_index)
+            tokens = layer(tokens, pos, reference, levels.spatial_shapes, levels.level_start_index)
+        return levels.level_maps(tokens)
 
-        sizes = [h * w for h, w in shapes]
-        encoded = [
-            t.transpose(1, 2).reshape(batch, self.hidden_dim, h, w) for t, (h, w) in zip(tokens.split(sizes, dim=1), shapes)
-        ]
-        fused = encoded[0]
+    def mask_feature_map(self, finest_encoded: torch.Tensor, features: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """FPN from the finest encoded level down to the common stride, then the 1x1 conv."""
+        fused = finest_encoded
         for feature, lateral, output in zip(self.fpn_in_features, self.lateral_convs, self.output_convs):
             lateral_map = lateral(features[feature].float())
-            fused = output(lateral_map + F.interpolate(fused, size=lateral_map.shape[-2:], mode="bilinear", align_corners=False))
-        return EncoderOutput(features=encoded, mask_features=self.mask_features(fused))
+            upsampled = F.interpolate(fused, size=lateral_map.shape[-2:], mode="bilinear", align_corners=False)
+            fused = output(lateral_map + upsampled)
+        return self.mask_features(fused)

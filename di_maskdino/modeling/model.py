@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from .encoder import MaskDINOEncoder
-from .head import DIMaskDINOHead
+from .di_maskdino_head import DIMaskDINOHead
 from .outputs import DIMaskDINOOutput, Predictions
-from .postprocess import Instances, instance_inference
+from .postprocess import Detections, instance_inference
 
 __all__ = ["DIMaskDINO", "pad_images"]
 
@@ -89,8 +89,8 @@ class DIMaskDINO(nn.Module):
         return self.run(batch, targets, all_layer_masks)
 
     @torch.no_grad()
-    def predict(self, images: Sequence[torch.Tensor], output_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Instances]:
-        """Instances for each (3, H_i, W_i) image, reported at `output_sizes` (default: the
+    def predict(self, images: Sequence[torch.Tensor], output_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Detections]:
+        """Detections for each (3, H_i, W_i) image, reported at `output_sizes` (default: the
         input sizes)."""
         batch, sizes = self.preprocess(images)
         output_sizes = sizes if output_sizes is None else output_sizes
@@ -102,8 +102,8 @@ class DIMaskDINO(nn.Module):
         image_sizes: Sequence[Tuple[int, int]],
         padded_size: Tuple[int, int],
         output_sizes: Sequence[Tuple[int, int]],
-    ) -> List[Instances]:
-        """Instances of every image of one output (any layer; box-only outputs give no masks).
+    ) -> List[Detections]:
+        """Detections of every image of one output (any layer; box-only outputs give no masks).
 
         image_sizes: (H_i, W_i) before padding; padded_size: the batch's (H, W);
         output_sizes: (H, W) to report each image at."""

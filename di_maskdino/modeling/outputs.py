@@ -30,9 +30,12 @@ class Predictions:
 @dataclass
 class DenoisingOutput:
     """The denoising queries and their predictions at every supervised stage (the initial
-    prediction and every decoder layer, as in `DIMaskDINOOutput.layers`)."""
+    prediction and every decoder layer, as in `DIMaskDINOOutput.layers`).
 
-    queries: DenoisingQueries
+    A model that trains with denoising queries reports `queries = None` (and no layers) for
+    a batch without objects, so that its denoising losses are still charged, as zeros."""
+
+    queries: Optional[DenoisingQueries]
     layers: List[Predictions]
 
 
@@ -44,7 +47,7 @@ class DIMaskDINOOutput:
         then one entry per decoder layer; `final` is the last.
     encoder: the two-stage prediction of the k1 first-selected tokens T_s1.
     token_interaction: per DI stage, per token-interaction layer (no masks).
-    denoising: present in training when denoising queries were used.
+    denoising: present in training when the model has denoising queries.
     """
 
     layers: List[Predictions]

@@ -12,11 +12,11 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import box_convert
 
-__all__ = ["Instances", "instance_inference"]
+__all__ = ["Detections", "instance_inference"]
 
 
 @dataclass
-class Instances:
+class Detections:
     """Detections of one image at its original size (H, W): scores (n,), labels (n,)
     int64, boxes (n, 4) absolute xyxy, masks (n, H, W) bool or None (box-only outputs)."""
 
@@ -37,7 +37,7 @@ def instance_inference(
     padded_size: Tuple[int, int],
     output_size: Tuple[int, int],
     topk: int = 100,
-) -> Instances:
+) -> Detections:
     """
     Args:
         logits: (N, K) class logits; boxes: (N, 4) normalised cxcywh of the padded input;
@@ -66,4 +66,4 @@ def instance_inference(
         [padded_size[1] / image_size[1] * width, padded_size[0] / image_size[0] * height] * 2
     )
     absolute = box_convert(boxes[query].float(), "cxcywh", "xyxy") * scale
-    return Instances(scores=scores, labels=labels, boxes=absolute, masks=binary)
+    return Detections(scores=scores, labels=labels, boxes=absolute, masks=binary)

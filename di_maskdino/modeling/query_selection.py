@@ -1,62 +1,153 @@
-"""Query selection with mask-enhanced box initialisation (two-stage; MaskDINO, DINO).
+"""The first selection with mask-enhanced box initialisation (paper Sec. 3.2.2, Eq. 1;
+the two-stage query selection of DINO / MaskDINO).
 
-Every encoder token gets a class score and a box (its proposal refined by the shared box
-head); the first selection S(T_i, k1) keeps the k1 best-scoring tokens as T_s1 (paper
-Eq. 1). Their class and mask predictions are supervised ("encoder" outputs), and with
-mask-enhanced initialisation their initial boxes are the tight boxes of those masks.
+Every encoder token of T_i gets a class score and a box (its proposal refined by the shared
+box head); the first selection T_s1 = S(T_i, k1) keeps the k1 best-scoring tokens. Their
+class and mask predictions are supervised (the "encoder" output), and with mask-enhanced
+initialisation their initial boxes are the tight boxes of those masks.
 
 Shape glossary: B batch, S encoder tokens, k selected tokens, C hidden dim.
 """
+
 from dataclasses import dataclass
+from typing import Sequence, Tuple
 
 import torch
 from torch import nn
+from torchvision.ops import box_convert, masks_to_boxes
 
-from .de_imbalance import select_top_k
-from .decoder import EncoderTokens
-from .geometry import encoder_proposals, masks_to_box_logits
-from .heads import PredictionHeads
+from .feature_tokens import FeatureTokens, pixel_centres
+from .boxes import inverse_sigmoid
 from .outputs import Predictions
+from .prediction_heads import PredictionHeads
 
-__all__ = ["QuerySelection", "SelectedTokens"]
+__all__ = [
+    "QuerySelection",
+    "SelectedTokens",
+    "TokenSet",
+    "select_top_k",
+    "encoder_proposals",
+    "masks_to_box_logits",
+]
+
+
+def select_top_k(scores: torch.Tensor, k: int, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """S(., k): indices (B, k) of the k largest `scores` (B, N) per image, best first, and
+    each (B, N, ...) tensor gathered at them. k larger than N keeps all N."""
+    k = min(k, scores.shape[1])
+    index = scores.topk(k, dim=1).indices
+    gathered = tuple(
+        t.gather(1, index.view(*index.shape, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])) for t in tensors
+    )
+    return (index,) + gathered
+
+
+@dataclass
+class TokenSet:
+    """A set of tokens with a box each: T_i, T_s1, T_s2 or the queries of a decoder layer.
+
+    tokens: (B, N, C); box_logits: (B, N, 4), inverse sigmoid of normalised cxcywh boxes.
+    """
+
+    tokens: torch.Tensor
+    box_logits: torch.Tensor
+
+    @property
+    def boxes(self) -> torch.Tensor:
+        return self.box_logits.sigmoid()
 
 
 @dataclass
 class SelectedTokens:
-    """content: (B, k, C) selected tokens (detached); box_logits: (B, k, 4) their initial
-    boxes (detached); predictions: the supervised two-stage outputs; all_tokens (B, S, C)
-    and all_box_logits (B, S, 4): every scored encoder token (T_i) and its box."""
+    """scored: every encoder token of T_i (projected and normed) with its box;
+    selected: T_s1, the k1 best tokens (detached) with their initial boxes (detached);
+    predictions: the supervised two-stage prediction of T_s1."""
 
-    content: torch.Tensor
-    box_logits: torch.Tensor
+    scored: TokenSet
+    selected: TokenSet
     predictions: Predictions
-    all_tokens: torch.Tensor
-    all_box_logits: torch.Tensor
+
+
+def encoder_proposals(tokens: torch.Tensor, shapes: Sequence[Tuple[int, int]]):
+    """Two-stage proposals, one per encoder token (Deformable-DETR / DINO).
+
+    Level l (in the order of `shapes`) proposes, at each pixel centre, a square box of side
+    0.05 * 2**l. Tokens whose proposal leaves (0.01, 0.99) in any coordinate are invalid:
+    their proposal logit is +inf and their token is zeroed.
+
+    Args:
+        tokens: (B, S, C) encoder tokens T_i.
+        shapes: L (H_l, W_l) pairs.
+
+    Returns:
+        tokens with invalid ones zeroed, (B, S, C); proposal box logits (1, S, 4).
+    """
+    proposals = []
+    for level, (height, width) in enumerate(shapes):
+        centres = pixel_centres(height, width, tokens.device)
+        size = centres.new_full((centres.shape[0], 2), 0.05 * 2.0**level)
+        proposals.append(torch.cat([centres, size], dim=-1))
+    proposals = torch.cat(proposals)[None]
+    valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
+    logits = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))
+    return tokens.masked_fill(~valid, 0.0), logits
+
+
+def masks_to_box_logits(mask_logits: torch.Tensor) -> torch.Tensor:
+    """Mask-enhanced box initialisation: the tight box of every predicted mask (logit > 0).
+
+    Args:
+        mask_logits: (B, N, H, W).
+
+    Returns:
+        (B, N, 4) box logits, normalised by the mask size; boxes span pixel indices
+        (x_max - x_min, as the release computes them).
+
+    NOTE: an empty mask gets the degenerate box (cx, cy, w, h) = (1, 1, 0, 0), whose logits
+    are (+11.5, +11.5, -11.5, -11.5) - the box the authors' release derives for it.
+    """
+    batch, queries, height, width = mask_logits.shape
+    binary = (mask_logits > 0).flatten(0, 1)
+    boxes = box_convert(masks_to_boxes(binary), "xyxy", "cxcywh")
+    boxes = boxes / torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+    empty = ~binary.flatten(1).any(1)
+    boxes[empty] = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=boxes.dtype, device=boxes.device)
+    return inverse_sigmoid(boxes.view(batch, queries, 4))
 
 
 class QuerySelection(nn.Module):
     """
     Args:
         dim: hidden dim C.
-        mask_enhanced_boxes: initialise the boxes from the predicted masks ("mask2box").
+        num_selected: k1, tokens kept by the first selection.
+        mask_enhanced_boxes: initialise the boxes from the predicted masks ("mask2box");
+            otherwise the selected tokens keep their predicted boxes.
     """
 
-    def __init__(self, dim: int, mask_enhanced_boxes: bool = True):
+    def __init__(self, dim: int, num_selected: int, mask_enhanced_boxes: bool = True):
         super().__init__()
+        if num_selected < 1:
+            raise ValueError(f"QuerySelection: the first selection must keep at least one token, got {num_selected}")
+        self.num_selected = num_selected
         self.mask_enhanced_boxes = mask_enhanced_boxes
         self.memory_proj = nn.Linear(dim, dim)
         self.memory_norm = nn.LayerNorm(dim)
 
-    def forward(self, memory: EncoderTokens, mask_features: torch.Tensor, heads: PredictionHeads, k: int) -> SelectedTokens:
+    def forward(self, memory: FeatureTokens, mask_features: torch.Tensor, heads: PredictionHeads) -> SelectedTokens:
         tokens, proposal_logits = encoder_proposals(memory.tokens, memory.shapes)
         tokens = self.memory_norm(self.memory_proj(tokens))
-        scores = heads.class_embed(tokens).max(-1).values
         box_logits = heads.box_embed(tokens) + proposal_logits
-        _, selected, selected_box_logits = select_top_k(scores, k, tokens, box_logits)
+        # Eq. 1: T_s1 = S(T_i, k1), scored by the best class logit of each token
+        scores = heads.class_embed(tokens).max(-1).values
+        _, selected, selected_box_logits = select_top_k(scores, self.num_selected, tokens, box_logits)
         logits, masks = heads(selected, mask_features)
         predictions = Predictions(logits, selected_box_logits.sigmoid(), masks)
         if self.mask_enhanced_boxes:
             initial_box_logits = masks_to_box_logits(masks.detach())
         else:
             initial_box_logits = selected_box_logits.detach()
-        return SelectedTokens(selected.detach(), initial_box_logits, predictions, tokens, box_logits)
+        return SelectedTokens(
+            scored=TokenSet(tokens, box_logits),
+            selected=TokenSet(selected.detach(), initial_box_logits),
+            predictions=predictions,
+        )

@@ -9,6 +9,8 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (install i
 
 from .conftest import QUICK, run_tool  # noqa: E402
 
+pytestmark = pytest.mark.slow  # every test runs a tool in a subprocess
+
 DECODER_LAYERS = 3  # configs/quick_start.yaml
 
 

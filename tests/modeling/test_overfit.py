@@ -10,7 +10,9 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from di_maskdino.data import SHAPE_CLASSES, render_scene
-from di_maskdino.modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder
+import pytest
+
+from di_maskdino.modeling import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec, build_model
 from di_maskdino.modeling.criterion import SetCriterion
 from di_maskdino.modeling.matcher import HungarianMatcher
 
@@ -20,20 +22,24 @@ SIZE = 96
 ITERATIONS = 300
 
 
-def build_model():
-    backbone = TinyBackbone(channels=(32, 64, 96, 128), deep=True)
-    shapes = backbone.output_shape()
+def overfit_model():
     dim = 64
-    encoder = MaskDINOEncoder(
-        {k: v.channels for k, v in shapes.items()}, {k: v.stride for k, v in shapes.items()},
-        hidden_dim=dim, mask_dim=dim, num_layers=2, num_heads=4, ffn_dim=2 * dim, num_groups=8,
+    architecture = Architecture(
+        num_classes=len(SHAPE_CLASSES),
+        hidden_dim=dim,
+        mask_dim=dim,
+        num_heads=4,
+        ffn_dim=2 * dim,
+        num_queries=10,
+        num_decoder_layers=3,
+        num_groups=8,
+        encoder=EncoderSpec(num_layers=2, ffn_dim=2 * dim),
+        de_imbalance=DeImbalanceSpec(selection_sizes=(20, 10), token_interaction_layers=1),
+        bato=BATOSpec(num_guiding_tokens=5),
+        denoising=DenoisingSpec(num_queries=20),
     )
-    head = DIMaskDINOHead(
-        num_classes=len(SHAPE_CLASSES), hidden_dim=dim, mask_dim=dim, num_heads=4, ffn_dim=2 * dim, num_queries=10,
-        selection_sizes=(20, 10), token_interaction_layers=1, num_decoder_layers=3, num_guiding_tokens=5,
-        dn_num_queries=20, num_groups=8,
-    )
-    return DIMaskDINO(backbone, encoder, head, pixel_mean=(20.0, 20.0, 20.0), pixel_std=(60.0, 60.0, 60.0))
+    backbone = TinyBackbone(channels=(32, 64, 96, 128), deep=True)
+    return build_model(architecture, backbone, pixel_mean=(20.0, 20.0, 20.0), pixel_std=(60.0, 60.0, 60.0))
 
 
 def scenes_and_targets(count):
@@ -90,11 +96,12 @@ def coco_ap(scenes, results):
     return ap
 
 
+@pytest.mark.slow
 def test_overfits_four_synthetic_images():
     torch.manual_seed(0)
     scenes, targets = scenes_and_targets(4)
     images = [torch.from_numpy(image).permute(2, 0, 1).float() for image, _, _ in scenes]
-    model = build_model()
+    model = overfit_model()
     model.eval()
     before = coco_ap(scenes, model.predict(images))
     assert before["bbox"] < 0.3 and before["segm"] < 0.3, before

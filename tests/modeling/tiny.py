@@ -1,23 +1,35 @@
 """A tiny DI-MaskDINO for fast CPU tests: a four-stage strided-conv backbone, width 32."""
+
+from dataclasses import replace
+
 import torch
 from torch import nn
 
-from di_maskdino.modeling import DIMaskDINO, DIMaskDINOHead, FeatureSpec, MaskDINOEncoder
+from di_maskdino.modeling import (
+    Architecture,
+    BATOSpec,
+    DeImbalanceSpec,
+    DenoisingSpec,
+    DIMaskDINO,
+    EncoderSpec,
+    FeatureSpec,
+    build_model,
+)
 
 NUM_CLASSES = 3
-HEAD_DEFAULTS = dict(
+TINY = Architecture(
     num_classes=NUM_CLASSES,
     hidden_dim=32,
     mask_dim=32,
     num_heads=4,
     ffn_dim=64,
     num_queries=12,
-    selection_sizes=(24, 12),
-    token_interaction_layers=2,
     num_decoder_layers=3,
-    num_guiding_tokens=4,
-    dn_num_queries=8,
     num_groups=8,
+    encoder=EncoderSpec(num_layers=1, ffn_dim=64),
+    de_imbalance=DeImbalanceSpec(selection_sizes=(24, 12), token_interaction_layers=2),
+    bato=BATOSpec(num_guiding_tokens=4),
+    denoising=DenoisingSpec(num_queries=8),
 )
 
 
@@ -53,23 +65,18 @@ class TinyBackbone(nn.Module):
         return features
 
 
-def tiny_model(seed: int = 0, encoder_overrides=None, **head_overrides) -> DIMaskDINO:
+def tiny_architecture(**overrides) -> Architecture:
+    """TINY with some fields replaced; `bato=dict(...)` / `de_imbalance=dict(...)` /
+    `denoising=dict(...)` / `encoder=dict(...)` replace fields of those parts."""
+    for part in ("bato", "de_imbalance", "denoising", "encoder"):
+        if isinstance(overrides.get(part), dict):
+            overrides[part] = replace(getattr(TINY, part), **overrides[part])
+    return replace(TINY, **overrides)
+
+
+def tiny_model(seed: int = 0, **overrides) -> DIMaskDINO:
     torch.manual_seed(seed)
-    backbone = TinyBackbone()
-    shapes = backbone.output_shape()
-    head_args = {**HEAD_DEFAULTS, **head_overrides}
-    encoder_args = dict(
-        hidden_dim=head_args["hidden_dim"],
-        mask_dim=head_args["mask_dim"],
-        num_levels=head_args.get("num_levels", 4),
-        num_layers=1,
-        num_heads=head_args["num_heads"],
-        ffn_dim=64,
-        num_groups=head_args["num_groups"],
-    )
-    encoder_args.update(encoder_overrides or {})
-    encoder = MaskDINOEncoder({k: v.channels for k, v in shapes.items()}, {k: v.stride for k, v in shapes.items()}, **encoder_args)
-    return DIMaskDINO(backbone, encoder, DIMaskDINOHead(**head_args))
+    return build_model(tiny_architecture(**overrides), TinyBackbone())
 
 
 def tiny_images(seed: int = 0):
@@ -94,3 +101,20 @@ def all_predictions(output):
     if output.denoising is not None:
         named += [(f"dn{i}", p) for i, p in enumerate(output.denoising.layers)]
     return named
+
+
+def encoded(model, images=None):
+    """(preprocessed batch, encoder output, T_i as the head reads it) of `images`."""
+    batch, _ = model.preprocess(images or tiny_images())
+    encoder_output = model.encoder(model.backbone(batch))
+    return batch, encoder_output, model.head.feature_tokens(encoder_output)
+
+
+def perturb(model, seed: int = 1, scale: float = 0.05):
+    """Adds noise to every parameter, so that zero-initialised heads (box deltas, attention
+    weights) take part in the computation."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return model

@@ -9,8 +9,13 @@ import sys
 import pytest
 import torch
 
-from di_maskdino.checkpoint import ConversionError, check_against_model, convert_release_state_dict, infer_architecture
-from di_maskdino.modeling import DIMaskDINO, DIMaskDINOHead, MaskDINOEncoder
+from di_maskdino.modeling import DIMaskDINO, build_encoder, build_head
+from di_maskdino.release_conversion import (
+    ConversionError,
+    check_against_model,
+    convert_release_state_dict,
+    infer_architecture,
+)
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -56,9 +61,9 @@ def release_state_dict(kind):
     return state
 
 
-def our_model(architecture, backbone=None):
-    encoder = MaskDINOEncoder(**architecture["encoder"])
-    return DIMaskDINO(backbone if backbone is not None else torch.nn.Identity(), encoder, DIMaskDINOHead(**architecture["head"]))
+def our_model(architecture, backbone_shapes, backbone=None):
+    encoder = build_encoder(architecture, backbone_shapes)
+    return DIMaskDINO(backbone if backbone is not None else torch.nn.Identity(), encoder, build_head(architecture))
 
 
 def detectron2_resnet50():
@@ -79,12 +84,12 @@ def test_every_released_parameter_lands_in_our_model(kind):
     converted = convert_release_state_dict(release)
     # one parameter per distinct release module, minus the dropped criterion buffer
     assert len(converted) == len({module_of(n) for n in release}) - 1
-    architecture = infer_architecture(converted)
+    architecture, backbone_shapes = infer_architecture(converted)
     if HAS_DETECTRON2:
-        model = our_model(architecture, detectron2_resnet50())
+        model = our_model(architecture, backbone_shapes, detectron2_resnet50())
         model.load_state_dict(converted, strict=True)
     else:
-        model = our_model(architecture)
+        model = our_model(architecture, backbone_shapes)
         check_against_model(converted, {k: v.shape for k, v in model.state_dict().items()}, skip_prefixes=("backbone.",))
         model.load_state_dict(converted, strict=False)
     ours = dict(model.state_dict())
@@ -105,19 +110,24 @@ def test_every_released_parameter_lands_in_our_model(kind):
         pairs += [
             ("head.de_imbalance.stages.0.layers.1.self_attn.attn.in_proj_weight", p + "oldm.layers.1.self_attn.in_proj_weight"),
             ("head.de_imbalance.stages.0.box_embed.layers.0.weight", p + "_oldm_bbox_embed.layers.0.weight"),
-            ("head.decoder.bato.cross_attn.attn.in_proj_weight", p + "query_guide_feature_update.multihead_attn.in_proj_weight"),
-            ("head.decoder.bato.mask_feature_conv.conv.weight", p + "decoder.mask_output_conv.weight"),
+            ("head.bato.cross_attn.attn.in_proj_weight", p + "query_guide_feature_update.multihead_attn.in_proj_weight"),
+            ("head.bato.mask_feature_conv.conv.weight", p + "decoder.mask_output_conv.weight"),
         ]
     for mine, theirs in pairs:
         assert torch.equal(ours[mine], release[theirs]), mine
 
 
 def test_architecture_is_read_from_the_weights():
-    di = infer_architecture(convert_release_state_dict(release_state_dict("dimaskdino")))["head"]
-    md = infer_architecture(convert_release_state_dict(release_state_dict("maskdino")))["head"]
-    assert (di["num_decoder_layers"], di["de_imbalance"], di["bato"], di["token_interaction_layers"]) == (6, True, True, 2)
-    assert (md["num_decoder_layers"], md["de_imbalance"], md["bato"]) == (9, False, False)
-    assert di["num_classes"] == md["num_classes"] == 80
+    di, di_maps = infer_architecture(convert_release_state_dict(release_state_dict("dimaskdino")))
+    md, md_maps = infer_architecture(convert_release_state_dict(release_state_dict("maskdino")))
+    assert (di.num_decoder_layers, di.de_imbalance.token_interaction_layers, di.bato is not None) == (6, 2, True)
+    assert di.de_imbalance.selection_sizes == (600, 300)
+    assert (md.num_decoder_layers, md.de_imbalance, md.bato) == (9, None, None)
+    assert di.num_classes == md.num_classes == 80
+    assert {k: (s.channels, s.stride) for k, s in di_maps.items()} == {
+        "res2": (256, 4), "res3": (512, 8), "res4": (1024, 16), "res5": (2048, 32)
+    }
+    assert di.encoder.in_features == md.encoder.in_features == ("res3", "res4", "res5")
 
 
 def test_differing_shared_copies_are_reported():
@@ -143,6 +153,7 @@ def test_missing_and_misshapen_parameters_are_reported():
         check_against_model(converted, expected)
 
 
+@pytest.mark.slow
 def test_conversion_tool(tmp_path):
     release = release_state_dict("dimaskdino")
     source = tmp_path / "release.pth"
@@ -172,6 +183,7 @@ RELEASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable,config", RELEASES)
 def test_outputs_equal_the_release(variable, config):
     """Runs the authors' code (from a local checkout named by the environment variable) and

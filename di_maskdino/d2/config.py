@@ -1,15 +1,59 @@
-"""detectron2 configuration of DI-MaskDINO: `add_di_maskdino_config(cfg)` declares every key.
+"""detectron2 configuration of DI-MaskDINO: `add_di_maskdino_config(cfg)` declares every key,
+`architecture_from_config(cfg)` reads the model's keys into the core's `Architecture`.
 
 All model keys live under MODEL.DI_MASKDINO; the paper's defaults are the values below.
-Each key is read by exactly one `from_config` (see tests/d2/test_config.py, which fails on a
-key nobody reads).
+Each key is read by exactly one `from_config` or builder (see tests/d2/test_config.py, which
+fails on a key nobody reads).
 """
+
 from typing import Sequence
 
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-__all__ = ["add_di_maskdino_config", "load_config"]
+from ..modeling.architecture import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec
+
+__all__ = ["add_di_maskdino_config", "load_config", "architecture_from_config"]
+
+
+def architecture_from_config(cfg: CN) -> Architecture:
+    """The network MODEL.DI_MASKDINO describes (its sizes, and which optional parts are on)."""
+    m = cfg.MODEL.DI_MASKDINO
+    return Architecture(
+        num_classes=m.NUM_CLASSES,
+        hidden_dim=m.HIDDEN_DIM,
+        mask_dim=m.MASK_DIM,
+        num_heads=m.NUM_HEADS,
+        ffn_dim=m.DIM_FEEDFORWARD,
+        dropout=m.DROPOUT,
+        num_levels=m.NUM_FEATURE_LEVELS,
+        num_points=m.DEC_N_POINTS,
+        num_queries=m.NUM_OBJECT_QUERIES,
+        num_decoder_layers=m.DEC_LAYERS,
+        mask_enhanced_boxes=m.MASK_ENHANCED_BOXES,
+        num_groups=m.ENCODER.NUM_GROUPS,
+        encoder=EncoderSpec(
+            in_features=tuple(m.ENCODER.IN_FEATURES),
+            num_layers=m.ENCODER.NUM_LAYERS,
+            ffn_dim=m.ENCODER.DIM_FEEDFORWARD,
+            num_points=m.ENCODER.N_POINTS,
+            common_stride=m.ENCODER.COMMON_STRIDE,
+        ),
+        de_imbalance=DeImbalanceSpec(
+            selection_sizes=tuple(m.DE_IMBALANCE.SELECTION_SIZES), token_interaction_layers=m.DE_IMBALANCE.TI_LAYERS
+        )
+        if m.DE_IMBALANCE.ENABLED
+        else None,
+        bato=BATOSpec(
+            guidance_source=m.BATO.GUIDANCE_SOURCE,
+            generate_guiding_tokens=m.BATO.GENERATE_GUIDING_TOKENS,
+            num_guiding_tokens=m.BATO.NUM_GUIDING_TOKENS,
+        )
+        if m.BATO.ENABLED
+        else None,
+        denoising=DenoisingSpec(num_queries=m.DN.NUM_QUERIES, noise_scale=m.DN.NOISE_SCALE) if m.DN.ENABLED else None,
+        random_position_token=m.TOLERANCE.RANDOM_POSITION_TOKEN,
+    )
 
 
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:

@@ -1,12 +1,14 @@
-"""Prediction heads shared by every stage of the model (deep supervision).
+"""The prediction heads shared by every stage of the model (paper Sec. 3.2.4, Eq. 10-11).
 
 One class head, one box head and one mask-embedding head serve the encoder (two-stage)
 output, the initial prediction, every decoder layer and the denoising queries; the
-token-interaction layers of the DI module share the class head.
+token-interaction layers of the De-Imbalance module share the class head, and BATO's
+guiding tokens are made with the class and mask-embedding heads.
 
 Shape glossary: B batch, N queries, C hidden dim, K classes, D mask dim, h x w mask-feature
 resolution (1/4 of the padded image).
 """
+
 from typing import Optional, Tuple
 
 import torch
@@ -18,8 +20,12 @@ __all__ = ["PredictionHeads"]
 
 
 class PredictionHeads(nn.Module):
-    """norm -> class logits (B, N, K); norm -> mask embedding . mask features (B, N, h, w);
-    box deltas (B, N, 4) in logit space from `box_embed`."""
+    """Class logits and masks of a set of queries, plus the box head they share.
+
+    forward: norm -> class logits (B, N, K); norm -> mask embedding . mask features
+    (B, N, h, w). `box_embed` gives box deltas (B, N, 4) in logit space; callers add them to
+    their reference boxes (see `boxes.refine_boxes`).
+    """
 
     def __init__(self, hidden_dim: int, num_classes: int, mask_dim: int):
         super().__init__()
@@ -30,10 +36,15 @@ class PredictionHeads(nn.Module):
         nn.init.zeros_(self.box_embed.layers[-1].weight)
         nn.init.zeros_(self.box_embed.layers[-1].bias)
 
+    @property
+    def num_classes(self) -> int:
+        return self.class_embed.out_features
+
     def forward(
         self, queries: torch.Tensor, mask_features: Optional[torch.Tensor] = None
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """queries (B, N, C), mask_features (B, D, h, w) or None -> logits (B, N, K), masks (B, N, h, w) or None."""
+        """queries (B, N, C), mask_features (B, D, h, w) or None -> logits (B, N, K), masks
+        (B, N, h, w) or None."""
         x = self.norm(queries)
         logits = self.class_embed(x)
         if mask_features is None:

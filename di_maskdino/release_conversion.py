@@ -11,6 +11,9 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 
+from .modeling.backbone import FeatureSpec
+from .modeling.architecture import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec
+
 __all__ = [
     "convert_release_state_dict",
     "check_against_model",
@@ -58,12 +61,12 @@ RELEASE_RULES: List[Tuple[str, str]] = [
     (_H + r"oldm\.layers\.(\d+)\.linear([12])\.(.+)", r"head.de_imbalance.stages.0.layers.\1.ffn.linear\2.\3"),
     (_H + r"oldm\.layers\.(\d+)\.norm2\.(.+)", r"head.de_imbalance.stages.0.layers.\1.ffn.norm.\2"),
     # BATO ("query_guide_feature_update" and the decoder's "mask_output_conv")
-    (_H + r"(?:decoder\.)?query_guide_feature_update\.multihead_attn\.(.+)", r"head.decoder.bato.cross_attn.attn.\1"),
-    (_H + r"(?:decoder\.)?query_guide_feature_update\.norm1\.(.+)", r"head.decoder.bato.cross_attn.norm.\1"),
-    (_H + r"(?:decoder\.)?query_guide_feature_update\.linear([12])\.(.+)", r"head.decoder.bato.ffn.linear\1.\2"),
-    (_H + r"(?:decoder\.)?query_guide_feature_update\.norm2\.(.+)", r"head.decoder.bato.ffn.norm.\1"),
-    (_H + r"decoder\.mask_output_conv\.weight", r"head.decoder.bato.mask_feature_conv.conv.weight"),
-    (_H + r"decoder\.mask_output_conv\.norm\.(.+)", r"head.decoder.bato.mask_feature_conv.norm.\1"),
+    (_H + r"(?:decoder\.)?query_guide_feature_update\.multihead_attn\.(.+)", r"head.bato.cross_attn.attn.\1"),
+    (_H + r"(?:decoder\.)?query_guide_feature_update\.norm1\.(.+)", r"head.bato.cross_attn.norm.\1"),
+    (_H + r"(?:decoder\.)?query_guide_feature_update\.linear([12])\.(.+)", r"head.bato.ffn.linear\1.\2"),
+    (_H + r"(?:decoder\.)?query_guide_feature_update\.norm2\.(.+)", r"head.bato.ffn.norm.\1"),
+    (_H + r"decoder\.mask_output_conv\.weight", r"head.bato.mask_feature_conv.conv.weight"),
+    (_H + r"decoder\.mask_output_conv\.norm\.(.+)", r"head.bato.mask_feature_conv.norm.\1"),
     # decoder
     (_H + r"decoder\.ref_point_head\.(.+)", r"head.decoder.ref_point_head.\1"),
     (_H + r"decoder\.layers\.(\d+)\.self_attn\.(.+)", r"head.decoder.layers.\1.self_attn.attn.\2"),
@@ -149,45 +152,45 @@ def _count(names: Iterable[str], pattern: str) -> int:
     return len({m.group(1) for m in map(regex.match, names) if m})
 
 
-def infer_architecture(converted: Dict[str, torch.Tensor]) -> Dict[str, dict]:
+def infer_architecture(converted: Dict[str, torch.Tensor]) -> Tuple[Architecture, Dict[str, FeatureSpec]]:
     """Reads the architecture of a converted (R50-style) checkpoint from its parameters.
 
-    Returns {"encoder": kwargs of MaskDINOEncoder (with in_channels / in_strides for
-    res2..res5), "head": kwargs of DIMaskDINOHead}. Sizes that leave no trace in the
-    weights (number of heads and points, selection sizes) take the paper's values.
+    Returns the `Architecture` and the shapes of the backbone maps it expects (res2 ..
+    res(2 + number of transformer inputs), as a backbone's `output_shape()`). Sizes that
+    leave no trace in the weights (number of heads and points, selection sizes, guidance
+    source) take the paper's values.
     """
     names = list(converted)
     num_classes, hidden_dim = converted["head.heads.class_embed.weight"].shape
     projections = sorted(int(n.split(".")[2]) for n in names if re.match(r"encoder\.input_proj\.\d+\.0\.weight$", n))
     kernels = [converted[f"encoder.input_proj.{i}.0.weight"].shape[-1] for i in projections]
     num_inputs = kernels.count(1)
-    transformer_in = [f"res{3 + i}" for i in range(num_inputs)]
-    in_channels = {f: converted[f"encoder.input_proj.{i}.0.weight"].shape[1] for i, f in enumerate(transformer_in)}
-    in_channels["res2"] = converted["encoder.lateral_convs.0.conv.weight"].shape[1]
-    encoder = dict(
-        in_channels=in_channels,
-        in_strides={f"res{i}": 2**i for i in range(2, 3 + num_inputs)},
-        transformer_in_features=transformer_in,
-        hidden_dim=hidden_dim,
-        mask_dim=converted["encoder.mask_features.weight"].shape[0],
-        num_levels=converted["encoder.level_embed"].shape[0],
-        num_layers=_count(names, r"encoder\.layers\.(\d+)\."),
-        ffn_dim=converted["encoder.layers.0.ffn.linear1.weight"].shape[0],
-    )
-    de_imbalance = any(n.startswith("head.de_imbalance.") for n in names)
-    head = dict(
+    transformer_in = tuple(f"res{3 + i}" for i in range(num_inputs))
+    channels = {f: converted[f"encoder.input_proj.{i}.0.weight"].shape[1] for i, f in enumerate(transformer_in)}
+    channels["res2"] = converted["encoder.lateral_convs.0.conv.weight"].shape[1]
+    de_imbalance = None
+    if any(n.startswith("head.de_imbalance.") for n in names):
+        stages = _count(names, r"head\.de_imbalance\.stages\.(\d+)\.")
+        sizes = tuple(300 * (stages + 1 - i) for i in range(stages + 1)) if stages > 1 else (600, 300)
+        de_imbalance = DeImbalanceSpec(
+            selection_sizes=sizes,
+            token_interaction_layers=_count(names, r"head\.de_imbalance\.stages\.0\.layers\.(\d+)\."),
+        )
+    arch = Architecture(
         num_classes=num_classes,
         hidden_dim=hidden_dim,
-        mask_dim=encoder["mask_dim"],
+        mask_dim=converted["encoder.mask_features.weight"].shape[0],
         ffn_dim=converted["head.decoder.layers.0.ffn.linear1.weight"].shape[0],
-        num_levels=encoder["num_levels"],
+        num_levels=converted["encoder.level_embed"].shape[0],
         num_decoder_layers=_count(names, r"head\.decoder\.layers\.(\d+)\."),
+        encoder=EncoderSpec(
+            in_features=transformer_in,
+            num_layers=_count(names, r"encoder\.layers\.(\d+)\."),
+            ffn_dim=converted["encoder.layers.0.ffn.linear1.weight"].shape[0],
+        ),
         de_imbalance=de_imbalance,
-        bato=any(n.startswith("head.decoder.bato.") for n in names),
-        denoising="head.denoising.label_embed.weight" in converted,
+        bato=BATOSpec() if any(n.startswith("head.bato.") for n in names) else None,
+        denoising=DenoisingSpec() if "head.denoising.label_embed.weight" in converted else None,
     )
-    if de_imbalance:
-        head["token_interaction_layers"] = _count(names, r"head\.de_imbalance\.stages\.0\.layers\.(\d+)\.")
-        stages = _count(names, r"head\.de_imbalance\.stages\.(\d+)\.")
-        head["selection_sizes"] = tuple(300 * (stages + 1 - i) for i in range(stages + 1)) if stages > 1 else (600, 300)
-    return {"encoder": encoder, "head": head}
+    backbone_shapes = {f"res{i}": FeatureSpec(channels[f"res{i}"], 2**i) for i in range(2, 3 + num_inputs)}
+    return arch, backbone_shapes

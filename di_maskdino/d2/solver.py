@@ -1,0 +1,50 @@
+"""The optimizer of the paper's recipe: AdamW with a backbone learning-rate multiplier and
+gradient clipping of the whole model's norm."""
+
+import torch
+from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+
+__all__ = ["build_optimizer", "full_model_gradient_clipping"]
+
+OPTIMIZERS = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}
+
+
+def full_model_gradient_clipping(optimizer_class, max_norm: float, norm_type: float):
+    """An optimizer class whose step first clips the gradient norm of all parameters
+    together (SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"; detectron2 clips per parameter)."""
+
+    class FullModelClipping(optimizer_class):
+        def step(self, closure=None):
+            parameters = [p for group in self.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(parameters, max_norm, norm_type)
+            return super().step(closure=closure)
+
+    FullModelClipping.__name__ = f"{optimizer_class.__name__}FullModelClipping"
+    return FullModelClipping
+
+
+def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """SOLVER.OPTIMIZER (ADAMW or SGD) over detectron2's parameter groups, the backbone's
+    learning rate scaled by SOLVER.BACKBONE_MULTIPLIER, with SOLVER.CLIP_GRADIENTS."""
+    solver = cfg.SOLVER
+    if solver.OPTIMIZER not in OPTIMIZERS:
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {sorted(OPTIMIZERS)}, got {solver.OPTIMIZER!r}")
+    multiplier = solver.BACKBONE_MULTIPLIER
+    params = get_default_optimizer_params(
+        model,
+        base_lr=solver.BASE_LR,
+        weight_decay=solver.WEIGHT_DECAY,
+        weight_decay_norm=solver.WEIGHT_DECAY_NORM,
+        lr_factor_func=lambda name: multiplier if name.startswith("backbone.") else 1.0,
+    )
+    optimizer_class = OPTIMIZERS[solver.OPTIMIZER]
+    clip = solver.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        optimizer_class = full_model_gradient_clipping(optimizer_class, clip.CLIP_VALUE, clip.NORM_TYPE)
+    kwargs = {"lr": solver.BASE_LR}
+    if solver.OPTIMIZER == "SGD":
+        kwargs["momentum"] = solver.MOMENTUM
+    optimizer = optimizer_class(params, **kwargs)
+    if clip.ENABLED and clip.CLIP_TYPE != "full_model":
+        optimizer = maybe_add_gradient_clipping(cfg, optimizer)
+    return optimizer

@@ -1,0 +1,87 @@
+"""Feature tokens: multi-level feature maps flattened into one token sequence, with the
+bookkeeping of their levels (paper Sec. 3.2.1: the encoder's output, T_i).
+
+Shape glossary: B batch, C channels, L levels, S tokens (sum over levels of H_l * W_l).
+"""
+
+from dataclasses import dataclass, replace
+from typing import List, Sequence, Tuple
+
+import torch
+
+from ..layers import feature_map_position_embedding
+
+__all__ = ["FeatureTokens", "pixel_centres", "level_start_index_of"]
+
+
+def pixel_centres(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(H * W, 2) normalised (x, y) centres of an H x W map's pixels, row by row."""
+    y = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) / height
+    x = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
+    grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
+    return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
+
+
+def level_start_index_of(spatial_shapes: torch.Tensor) -> torch.Tensor:
+    """(L, 2) level sizes -> (L,) index of every level's first token."""
+    sizes = spatial_shapes.prod(1)
+    return torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+
+
+@dataclass
+class FeatureTokens:
+    """Tokens of L feature levels, flattened level by level (row-major within a level).
+
+    tokens: (B, S, C); pos: (B, S, C) sine positions of the tokens' pixels;
+    spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,) int64;
+    shapes: the same (H_l, W_l) as Python ints.
+    """
+
+    tokens: torch.Tensor
+    pos: torch.Tensor
+    spatial_shapes: torch.Tensor
+    level_start_index: torch.Tensor
+    shapes: List[Tuple[int, int]]
+
+    @classmethod
+    def from_maps(cls, maps: Sequence[torch.Tensor]) -> "FeatureTokens":
+        """Flattens L maps (B, C, H_l, W_l), in the given order, with their sine positions."""
+        batch, channels = maps[0].shape[:2]
+        shapes = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
+        tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
+        pos = torch.cat(
+            [
+                feature_map_position_embedding(batch, h, w, channels, tokens.device).flatten(2).transpose(1, 2)
+                for h, w in shapes
+            ],
+            dim=1,
+        )
+        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=tokens.device)
+        return cls(tokens, pos, spatial_shapes, level_start_index_of(spatial_shapes), shapes)
+
+    @property
+    def sizes(self) -> List[int]:
+        """Tokens per level."""
+        return [h * w for h, w in self.shapes]
+
+    def with_tokens(self, tokens: torch.Tensor) -> "FeatureTokens":
+        """The same levels and positions holding other tokens (e.g. T_bal instead of T_i)."""
+        return replace(self, tokens=tokens)
+
+    def level_maps(self, tokens: torch.Tensor = None) -> List[torch.Tensor]:
+        """`tokens` (default: self.tokens) (B, S, C) back to L maps (B, C, H_l, W_l)."""
+        tokens = self.tokens if tokens is None else tokens
+        batch = tokens.shape[0]
+        return [
+            t.transpose(1, 2).reshape(batch, -1, h, w) for t, (h, w) in zip(tokens.split(self.sizes, dim=1), self.shapes)
+        ]
+
+    def finest_level(self) -> int:
+        """Index of the level with the most tokens."""
+        return max(range(len(self.shapes)), key=lambda i: self.sizes[i])
+
+    def reference_points(self) -> torch.Tensor:
+        """(1, S, L, 2): every token's pixel centre (x, y), normalised, repeated for every
+        level (the reference points of deformable self-attention over all levels)."""
+        points = torch.cat([pixel_centres(h, w, self.tokens.device) for h, w in self.shapes])
+        return points[None, :, None, :].expand(1, -1, len(self.shapes), 2)

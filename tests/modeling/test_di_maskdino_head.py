@@ -1,0 +1,170 @@
+"""The head composed from its parts: each optional part (De-Imbalance, BATO, denoising) and
+each setting changes the parameters or the computation as described."""
+
+import pytest
+import torch
+
+from di_maskdino.modeling import (
+    GUIDANCE_SOURCES,
+    Architecture,
+    BATOSpec,
+    DeImbalanceSpec,
+    build_head,
+    build_model,
+)
+
+from .tiny import TINY, TinyBackbone, tiny_images, tiny_model, tiny_targets
+
+
+def run(model, train=False, targets=None):
+    model.train(train)
+    batch, _ = model.preprocess(tiny_images())
+    return model(batch, targets=targets)
+
+
+def parameter_names(model):
+    return {n for n, _ in model.named_parameters()}
+
+
+def final_logits(model, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return run(model).final.logits
+
+
+def same_weights(reference, **overrides):
+    """A model with `overrides`, holding `reference`'s weights where names agree."""
+    model = tiny_model(**overrides)
+    model.load_state_dict(reference.state_dict(), strict=False)
+    return model
+
+
+def test_without_de_imbalance_the_first_selection_gives_the_queries():
+    on, off = tiny_model(), tiny_model(de_imbalance=None)
+    assert any(n.startswith("head.de_imbalance.") for n in parameter_names(on))
+    assert off.head.de_imbalance is None and not any(n.startswith("head.de_imbalance.") for n in parameter_names(off))
+    output = run(off)
+    assert output.token_interaction == [] and output.encoder.logits.shape[1] == TINY.num_queries
+
+
+def test_without_bato_every_layer_attends_to_t_i():
+    on = tiny_model()
+    off = same_weights(on, bato=None)
+    assert parameter_names(on) - parameter_names(off) == {n for n in parameter_names(on) if n.startswith("head.bato.")}
+    assert not torch.allclose(final_logits(on), final_logits(off))
+    # the layers before BATO (layer 0 and the initial prediction) are unchanged
+    torch.testing.assert_close(run(on).layers[1].logits, run(off).layers[1].logits)
+
+
+def test_every_guidance_source_gives_a_different_computation():
+    reference = tiny_model()
+    logits = {s: final_logits(same_weights(reference, bato=dict(guidance_source=s))) for s in GUIDANCE_SOURCES}
+    for i, a in enumerate(GUIDANCE_SOURCES):
+        for b in GUIDANCE_SOURCES[i + 1 :]:
+            assert not torch.allclose(logits[a], logits[b]), (a, b)
+    assert parameter_names(same_weights(reference, bato=dict(guidance_source="T_i"))) == parameter_names(reference)
+
+
+@pytest.mark.parametrize("bato", [dict(generate_guiding_tokens=False), dict(num_guiding_tokens=1)])
+def test_guiding_token_settings_change_the_computation(bato):
+    reference = tiny_model()
+    assert not torch.allclose(final_logits(reference), final_logits(same_weights(reference, bato=bato)))
+
+
+@pytest.mark.parametrize("sizes,stages", [((12,), 1), ((24, 12), 1), ((36, 24, 12), 2)])
+def test_number_and_sizes_of_selections(sizes, stages):
+    model = tiny_model(de_imbalance=dict(selection_sizes=sizes))
+    assert len(model.head.de_imbalance.stages) == stages
+    output = run(model)
+    assert output.encoder.logits.shape[1] == sizes[0]
+    assert [s[0].logits.shape[1] for s in output.token_interaction] == list(sizes[:-1] or sizes)
+    assert output.final.logits.shape[1] == 12
+
+
+@pytest.mark.parametrize("layers", [1, 2, 4])
+def test_decoder_and_token_interaction_depth(layers):
+    model = tiny_model(num_decoder_layers=layers + 1, de_imbalance=dict(token_interaction_layers=layers))
+    assert len(model.head.decoder.layers) == layers + 1 and len(model.head.de_imbalance.stages[0].layers) == layers
+    output = run(model)
+    assert len(output.layers) == layers + 2 and len(output.token_interaction[0]) == layers
+
+
+def test_random_position_token_replaces_the_initial_boxes():
+    reference = tiny_model()
+    torch.manual_seed(0)
+    standard = run(reference).layers[0].boxes
+    torch.manual_seed(0)
+    randomised = run(same_weights(reference, random_position_token=True)).layers[0].boxes
+    assert not torch.allclose(standard, randomised)
+    assert parameter_names(same_weights(reference, random_position_token=True)) == parameter_names(reference)
+
+
+def test_initial_boxes_are_the_boxes_of_the_selected_tokens():
+    output = run(tiny_model(de_imbalance=None, mask_enhanced_boxes=False))
+    torch.testing.assert_close(output.layers[0].boxes, output.encoder.boxes, rtol=0, atol=1e-6)
+
+
+def test_denoising_part_and_settings():
+    reference = tiny_model()
+    off = tiny_model(denoising=None)
+    assert "head.denoising.label_embed.weight" in parameter_names(reference)
+    assert "head.denoising.label_embed.weight" not in parameter_names(off)
+    assert run(off, train=True, targets=tiny_targets()).denoising is None
+    small = run(tiny_model(denoising=dict(num_queries=4)), train=True, targets=tiny_targets()).denoising.queries
+    assert (small.num_groups, small.group_size) == (2, 2)
+    empty = [dict(labels=torch.zeros(0, dtype=torch.long), boxes=torch.zeros(0, 4))] * 2
+    assert run(reference, train=True, targets=empty).denoising.queries is None  # charged as zeros
+
+
+@pytest.mark.parametrize(
+    "overrides,changed",
+    [
+        (dict(ffn_dim=48), "head.decoder.layers.0.ffn.linear1.weight"),
+        (dict(hidden_dim=16, mask_dim=16, num_groups=4), "head.heads.class_embed.weight"),
+        (dict(num_heads=2), "head.decoder.layers.0.cross_attn.attn.attention_weights.weight"),
+        (dict(num_points=2), "head.decoder.layers.0.cross_attn.attn.sampling_offsets.weight"),
+        (dict(num_levels=3), "head.decoder.layers.0.cross_attn.attn.sampling_offsets.weight"),
+    ],
+)
+def test_size_settings_shape_the_parameters(overrides, changed):
+    reference = dict(tiny_model().named_parameters())[changed].shape
+    model = tiny_model(**overrides)
+    assert dict(model.named_parameters())[changed].shape != reference
+    assert torch.isfinite(run(model).final.logits).all()
+
+
+def test_dropout_setting_is_used():
+    model = tiny_model(dropout=0.5)
+    batch, _ = model.preprocess(tiny_images())
+    model.train()
+    torch.manual_seed(0)
+    first = model(batch).layers[1].logits
+    torch.manual_seed(1)
+    assert not torch.allclose(first, model(batch).layers[1].logits)
+    model.eval()
+    torch.testing.assert_close(model(batch).layers[1].logits, model(batch).layers[1].logits)
+
+
+def test_parts_that_cannot_work_together_are_reported():
+    head = build_head(TINY)
+    with pytest.raises(ValueError, match="T_s2 needs the De-Imbalance module"):
+        build_head(Architecture(**{**TINY.__dict__, "de_imbalance": None, "bato": BATOSpec(guidance_source="T_s2")}))
+    with pytest.raises(ValueError, match="MASK_DIM"):
+        build_head(Architecture(**{**TINY.__dict__, "mask_dim": 16}))
+    with pytest.raises(ValueError, match="more than 1 layers"):
+        build_head(Architecture(**{**TINY.__dict__, "num_decoder_layers": 1}))
+    with pytest.raises(ValueError, match="levels but the decoder expects"):
+        model = build_model(Architecture(**{**TINY.__dict__, "num_levels": 3}), TinyBackbone())
+        model.head = head  # a 4-level head on a 3-level encoder
+        run(model)
+
+
+def test_architecture_checks_its_values():
+    with pytest.raises(ValueError, match="last selection size must equal num_queries"):
+        Architecture(num_queries=300, de_imbalance=DeImbalanceSpec(selection_sizes=(600, 200)))
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        Architecture(hidden_dim=100, num_heads=8, num_groups=4)
+    with pytest.raises(ValueError, match="num_classes"):
+        Architecture(num_classes=0)
+    with pytest.raises(ValueError, match="must not grow"):
+        Architecture(num_queries=300, de_imbalance=DeImbalanceSpec(selection_sizes=(200, 300)))
