@@ -8,6 +8,7 @@ the quick start and the tests.
 Layout: OUTPUT/{train,val}/*.png and OUTPUT/{train,val}.json. Masks are stored as RLE for
 even and as polygons for odd annotation ids, so that both formats are exercised.
 """
+
 import argparse
 import json
 import os
@@ -31,7 +32,11 @@ def polygons_of(mask: np.ndarray):
 def write_split(output: str, split: str, count: int, size: int, max_objects: int, rng: np.random.Generator) -> None:
     folder = os.path.join(output, split)
     os.makedirs(folder, exist_ok=True)
-    coco = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SHAPE_CLASSES)]}
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SHAPE_CLASSES)],
+    }
     for image_id in range(1, count + 1):
         image, masks, labels = render_scene(rng, size, size, int(rng.integers(1, max_objects + 1)))
         file_name = f"{image_id:06d}.png"
@@ -47,8 +52,15 @@ def write_split(output: str, split: str, count: int, size: int, max_objects: int
             else:
                 segmentation = polygons_of(mask)
             coco["annotations"].append(
-                {"id": annotation_id, "image_id": image_id, "category_id": label + 1, "segmentation": segmentation,
-                 "area": float(mask.sum()), "bbox": box, "iscrowd": 0}
+                {
+                    "id": annotation_id,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "segmentation": segmentation,
+                    "area": float(mask.sum()),
+                    "bbox": box,
+                    "iscrowd": 0,
+                }
             )
     with open(os.path.join(output, f"{split}.json"), "w") as handle:
         json.dump(coco, handle)

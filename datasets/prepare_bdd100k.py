@@ -16,6 +16,7 @@ Crowd and ignored instances are kept with iscrowd = 1 (evaluation ignores them, 
 drops them). Labels of other categories are not among the 8 classes: they are skipped and
 counted in the report.
 """
+
 import argparse
 import json
 import os
@@ -34,9 +35,13 @@ def _annotation(mask: np.ndarray, category_id: int, iscrowd: bool, annotation_id
     encoded = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
     x, y, w, h = mask_util.toBbox(encoded).tolist()
     return {
-        "id": annotation_id, "image_id": image_id, "category_id": category_id, "iscrowd": int(iscrowd),
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "iscrowd": int(iscrowd),
         "segmentation": {"size": encoded["size"], "counts": encoded["counts"].decode()},
-        "area": float(mask_util.area(encoded)), "bbox": [x, y, w, h],
+        "area": float(mask_util.area(encoded)),
+        "bbox": [x, y, w, h],
     }
 
 
@@ -70,10 +75,13 @@ def convert_split(root: str, split: str, source: str) -> dict:
     if source == "bitmasks":
         mask_dir = os.path.join(root, "labels", "ins_seg", "bitmasks", split)
         if not os.path.isdir(mask_dir):
-            raise SystemExit(f"{mask_dir} does not exist: download the BDD100K 10K instance segmentation bitmasks there")
+            raise SystemExit(
+                f"{mask_dir} does not exist: download the BDD100K 10K instance segmentation bitmasks there"
+            )
         for image_id, name in enumerate(sorted(f for f in os.listdir(mask_dir) if f.endswith(".png")), start=1):
             height = width = None
-            for mask, category, crowd, (height, width) in instances_from_bitmask(os.path.join(mask_dir, name)):
+            masks = instances_from_bitmask(os.path.join(mask_dir, name))
+            for mask, category, crowd, (height, width) in masks:  # noqa: B007 - the size is read after the loop
                 coco["annotations"].append(_annotation(mask, category, crowd, len(coco["annotations"]) + 1, image_id))
             if height is None:
                 with Image.open(os.path.join(mask_dir, name)) as image:
@@ -82,7 +90,9 @@ def convert_split(root: str, split: str, source: str) -> dict:
     else:
         rle_file = os.path.join(root, "labels", "ins_seg", "rles", f"ins_seg_{split}.json")
         if not os.path.isfile(rle_file):
-            raise SystemExit(f"{rle_file} does not exist: download the BDD100K 10K instance segmentation RLE labels there")
+            raise SystemExit(
+                f"{rle_file} does not exist: download the BDD100K 10K instance segmentation RLE labels there"
+            )
         for image_id, frame in enumerate(sorted(frames_from_rles(rle_file), key=lambda f: f["name"]), start=1):
             height = width = None
             for label in frame.get("labels") or []:
@@ -93,7 +103,12 @@ def convert_split(root: str, split: str, source: str) -> dict:
                 mask = mask_util.decode(rle).astype(bool)
                 height, width = mask.shape
                 attributes = label.get("attributes") or {}
-                crowd = bool(attributes.get("crowd") or attributes.get("ignore") or attributes.get("ignored") or label.get("ignored"))
+                crowd = bool(
+                    attributes.get("crowd")
+                    or attributes.get("ignore")
+                    or attributes.get("ignored")
+                    or label.get("ignored")
+                )
                 category = CLASSES.index(label["category"]) + 1
                 coco["annotations"].append(_annotation(mask, category, crowd, len(coco["annotations"]) + 1, image_id))
             if height is None:
@@ -106,7 +121,9 @@ def convert_split(root: str, split: str, source: str) -> dict:
     with open(out, "w") as handle:
         json.dump(coco, handle)
     crowd = sum(a["iscrowd"] for a in coco["annotations"])
-    report = f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} instances ({crowd} crowd/ignored) -> {out}"
+    report = (
+        f"{split}: {len(coco['images'])} images, {len(coco['annotations'])} instances ({crowd} crowd/ignored) -> {out}"
+    )
     if skipped:
         report += f"; skipped labels of other categories: {dict(skipped)}"
     print(report)

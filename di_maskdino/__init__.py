@@ -2,4 +2,5 @@
 
 The model core (``di_maskdino.ops``, ``di_maskdino.layers``) needs only PyTorch.
 """
+
 __version__ = "0.1.0"

@@ -6,13 +6,14 @@ heads, the decoder norm, the token-interaction box head, BATO); each such group 
 single parameter here, after checking that the copies are identical. A few entries are
 known to carry no weights of the network (`criterion.empty_weight`) and are dropped.
 """
+
 import re
 from typing import Dict, Iterable, List, Tuple
 
 import torch
 
-from .modeling.backbone import FeatureSpec
 from .modeling.architecture import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec
+from .modeling.backbone import FeatureSpec
 
 __all__ = [
     "convert_release_state_dict",
@@ -54,7 +55,10 @@ RELEASE_RULES: List[Tuple[str, str]] = [
     (_H + r"label_enc\.(.+)", r"head.denoising.label_embed.\1"),
     # De-Imbalance module ("oldm" in the release): one stage
     (_H + r"(?:oldm_norm|oldm\.norm)\.(.+)", r"head.de_imbalance.stages.0.norm.\1"),
-    (_H + r"(?:_oldm_bbox_embed|oldm_bbox_embed\.\d+|oldm\.bbox_embed\.\d+)\.(.+)", r"head.de_imbalance.stages.0.box_embed.\1"),
+    (
+        _H + r"(?:_oldm_bbox_embed|oldm_bbox_embed\.\d+|oldm\.bbox_embed\.\d+)\.(.+)",
+        r"head.de_imbalance.stages.0.box_embed.\1",
+    ),
     (_H + r"oldm\.ref_point_head\.(.+)", r"head.de_imbalance.stages.0.ref_point_head.\1"),
     (_H + r"oldm\.layers\.(\d+)\.self_attn\.(.+)", r"head.de_imbalance.stages.0.layers.\1.self_attn.attn.\2"),
     (_H + r"oldm\.layers\.(\d+)\.norm1\.(.+)", r"head.de_imbalance.stages.0.layers.\1.self_attn.norm.\2"),
@@ -127,7 +131,9 @@ def convert_release_state_dict(state_dict: Dict[str, torch.Tensor]) -> Dict[str,
     return converted
 
 
-def check_against_model(converted: Dict[str, torch.Tensor], expected: Dict[str, Iterable[int]], skip_prefixes=()) -> None:
+def check_against_model(
+    converted: Dict[str, torch.Tensor], expected: Dict[str, Iterable[int]], skip_prefixes=()
+) -> None:
     """Raises ConversionError unless `converted` has exactly the names and shapes of
     `expected` (name -> shape), ignoring names that start with one of `skip_prefixes`."""
 

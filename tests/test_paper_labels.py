@@ -52,7 +52,9 @@ def test_the_named_modules_cite_their_equations_and_section(paper, modules):
         assert any(number in equations(t) for t in texts), f"Eq. {number} is cited in none of {modules}"
     section = re.search(r"Sec\. (3\.2(?:\.\d)?)", paper)
     if section:
-        assert any(f"Sec. {section.group(1)}" in t for t in texts), f"Sec. {section.group(1)} is cited in none of {modules}"
+        assert any(f"Sec. {section.group(1)}" in t for t in texts), (
+            f"Sec. {section.group(1)} is cited in none of {modules}"
+        )
 
 
 def test_no_module_cites_a_section_the_paper_does_not_have():

@@ -1,4 +1,5 @@
 """datasets/prepare_bdd100k.py on a small BDD100K-format sample, against hand-checked annotations."""
+
 import json
 import os
 import subprocess
@@ -37,11 +38,19 @@ def make_sample(root):
             mask = np.zeros((20, 30), dtype=np.uint8)
             mask[r0:r1, c0:c1] = 1
             rle = mask_util.encode(np.asfortranarray(mask))
-            labels.append({"id": str(instance), "category": NAMES[category], "attributes": {"crowd": bool(attributes & 2), "occluded": bool(attributes & 4)},
-                           "rle": {"size": rle["size"], "counts": rle["counts"].decode()}})
+            labels.append(
+                {
+                    "id": str(instance),
+                    "category": NAMES[category],
+                    "attributes": {"crowd": bool(attributes & 2), "occluded": bool(attributes & 4)},
+                    "rle": {"size": rle["size"], "counts": rle["counts"].decode()},
+                }
+            )
         labels.append({"id": "9", "category": "traffic light", "rle": labels[0]["rle"]})
         Image.fromarray(bitmask, "RGBA").save(root / "labels" / "ins_seg" / "bitmasks" / split / "a.png")
-        Image.fromarray(np.zeros((20, 30, 4), dtype=np.uint8), "RGBA").save(root / "labels" / "ins_seg" / "bitmasks" / split / "b.png")
+        Image.fromarray(np.zeros((20, 30, 4), dtype=np.uint8), "RGBA").save(
+            root / "labels" / "ins_seg" / "bitmasks" / split / "b.png"
+        )
         for name in ("a.jpg", "b.jpg"):
             Image.fromarray(np.zeros((20, 30, 3), dtype=np.uint8)).save(root / "images" / "10k" / split / name)
         frames = [{"name": "a.jpg", "labels": labels}, {"name": "b.jpg", "labels": []}]
@@ -52,11 +61,31 @@ def make_sample(root):
 def test_conversion_matches_hand_checked_annotations(tmp_path, source):
     make_sample(tmp_path)
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "datasets", "prepare_bdd100k.py"), "--root", str(tmp_path), "--source", source, "--splits", "val"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            os.path.join(ROOT, "datasets", "prepare_bdd100k.py"),
+            "--root",
+            str(tmp_path),
+            "--source",
+            source,
+            "--splits",
+            "val",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     coco = json.loads((tmp_path / "coco_annotations" / "ins_seg_val.json").read_text())
-    assert [c["name"] for c in coco["categories"]] == ["pedestrian", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle"]
+    assert [c["name"] for c in coco["categories"]] == [
+        "pedestrian",
+        "rider",
+        "car",
+        "truck",
+        "bus",
+        "train",
+        "motorcycle",
+        "bicycle",
+    ]
     assert [(i["file_name"], i["height"], i["width"]) for i in coco["images"]] == [("a.jpg", 20, 30), ("b.jpg", 20, 30)]
     found = sorted((a["category_id"], a["bbox"], a["area"], a["iscrowd"]) for a in coco["annotations"])
     assert found == sorted(EXPECTED)
@@ -70,7 +99,15 @@ def test_conversion_matches_hand_checked_annotations(tmp_path, source):
 
 def test_missing_labels_are_reported(tmp_path):
     result = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "datasets", "prepare_bdd100k.py"), "--root", str(tmp_path), "--splits", "val"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            os.path.join(ROOT, "datasets", "prepare_bdd100k.py"),
+            "--root",
+            str(tmp_path),
+            "--splits",
+            "val",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode != 0 and "bitmasks/val does not exist" in result.stderr

@@ -1,5 +1,6 @@
 """Conversion of the released checkpoints, checked on the manifests of the released models
 (names and shapes, tests/data/, copied from shared/reference)."""
+
 import importlib.util
 import os
 import re
@@ -90,7 +91,9 @@ def test_every_released_parameter_lands_in_our_model(kind):
         model.load_state_dict(converted, strict=True)
     else:
         model = our_model(architecture, backbone_shapes)
-        check_against_model(converted, {k: v.shape for k, v in model.state_dict().items()}, skip_prefixes=("backbone.",))
+        check_against_model(
+            converted, {k: v.shape for k, v in model.state_dict().items()}, skip_prefixes=("backbone.",)
+        )
         model.load_state_dict(converted, strict=False)
     ours = dict(model.state_dict())
     p = "sem_seg_head.predictor."
@@ -98,19 +101,31 @@ def test_every_released_parameter_lands_in_our_model(kind):
         ("head.heads.class_embed.weight", p + "class_embed.weight"),
         ("head.heads.box_embed.layers.2.bias", p + "_bbox_embed.layers.2.bias"),
         ("head.heads.norm.weight", p + "decoder_norm.weight"),
-        ("head.decoder.layers.3.cross_attn.attn.sampling_offsets.weight", p + "decoder.layers.3.cross_attn.sampling_offsets.weight"),
+        (
+            "head.decoder.layers.3.cross_attn.attn.sampling_offsets.weight",
+            p + "decoder.layers.3.cross_attn.sampling_offsets.weight",
+        ),
         ("head.decoder.layers.1.self_attn.norm.bias", p + "decoder.layers.1.norm2.bias"),
         ("head.decoder.layers.1.cross_attn.norm.bias", p + "decoder.layers.1.norm1.bias"),
-        ("encoder.layers.5.ffn.linear2.weight", "sem_seg_head.pixel_decoder.transformer.encoder.layers.5.linear2.weight"),
+        (
+            "encoder.layers.5.ffn.linear2.weight",
+            "sem_seg_head.pixel_decoder.transformer.encoder.layers.5.linear2.weight",
+        ),
         ("encoder.input_proj.3.0.weight", "sem_seg_head.pixel_decoder.input_proj.3.0.weight"),
         ("encoder.lateral_convs.0.norm.weight", "sem_seg_head.pixel_decoder.adapter_1.norm.weight"),
         ("head.query_selection.memory_proj.weight", p + "enc_output.weight"),
     ]
     if kind == "dimaskdino":
         pairs += [
-            ("head.de_imbalance.stages.0.layers.1.self_attn.attn.in_proj_weight", p + "oldm.layers.1.self_attn.in_proj_weight"),
+            (
+                "head.de_imbalance.stages.0.layers.1.self_attn.attn.in_proj_weight",
+                p + "oldm.layers.1.self_attn.in_proj_weight",
+            ),
             ("head.de_imbalance.stages.0.box_embed.layers.0.weight", p + "_oldm_bbox_embed.layers.0.weight"),
-            ("head.bato.cross_attn.attn.in_proj_weight", p + "query_guide_feature_update.multihead_attn.in_proj_weight"),
+            (
+                "head.bato.cross_attn.attn.in_proj_weight",
+                p + "query_guide_feature_update.multihead_attn.in_proj_weight",
+            ),
             ("head.bato.mask_feature_conv.conv.weight", p + "decoder.mask_output_conv.weight"),
         ]
     for mine, theirs in pairs:
@@ -125,14 +140,19 @@ def test_architecture_is_read_from_the_weights():
     assert (md.num_decoder_layers, md.de_imbalance, md.bato) == (9, None, None)
     assert di.num_classes == md.num_classes == 80
     assert {k: (s.channels, s.stride) for k, s in di_maps.items()} == {
-        "res2": (256, 4), "res3": (512, 8), "res4": (1024, 16), "res5": (2048, 32)
+        "res2": (256, 4),
+        "res3": (512, 8),
+        "res4": (1024, 16),
+        "res5": (2048, 32),
     }
     assert di.encoder.in_features == md.encoder.in_features == ("res3", "res4", "res5")
 
 
 def test_differing_shared_copies_are_reported():
     release = release_state_dict("dimaskdino")
-    release["sem_seg_head.predictor.decoder.class_embed.bias"] = release["sem_seg_head.predictor.decoder.class_embed.bias"] + 1
+    release["sem_seg_head.predictor.decoder.class_embed.bias"] = (
+        release["sem_seg_head.predictor.decoder.class_embed.bias"] + 1
+    )
     with pytest.raises(ConversionError, match="decoder.class_embed.bias differs"):
         convert_release_state_dict(release)
 
@@ -149,7 +169,9 @@ def test_missing_and_misshapen_parameters_are_reported():
     expected = {k: v.shape for k, v in converted.items()}
     del converted["head.heads.norm.bias"]
     converted["head.heads.norm.weight"] = torch.zeros(3)
-    with pytest.raises(ConversionError, match=r"missing from the checkpoint: head.heads.norm.bias[\s\S]*shape mismatch"):
+    with pytest.raises(
+        ConversionError, match=r"missing from the checkpoint: head.heads.norm.bias[\s\S]*shape mismatch"
+    ):
         check_against_model(converted, expected)
 
 
@@ -160,8 +182,16 @@ def test_conversion_tool(tmp_path):
     torch.save({"model": release, "iteration": 7, "scheduler": {"last_epoch": 7}}, source)
     target = tmp_path / "converted.pth"
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "convert_official_checkpoint.py"), "--input", str(source), "--output", str(target)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "convert_official_checkpoint.py"),
+            "--input",
+            str(source),
+            "--output",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stderr
     assert "DI-MaskDINO: 717 released entries -> 594 parameters" in run.stdout
@@ -171,8 +201,16 @@ def test_conversion_tool(tmp_path):
     del release["sem_seg_head.predictor.decoder.layers.0.norm3.bias"]
     torch.save({"model": release}, source)
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "convert_official_checkpoint.py"), "--input", str(source), "--output", str(target)],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "convert_official_checkpoint.py"),
+            "--input",
+            str(source),
+            "--output",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 1 and "missing from the checkpoint: head.decoder.layers.0.ffn.norm.bias" in run.stderr
 
@@ -194,8 +232,16 @@ def test_outputs_equal_the_release(variable, config):
     if not HAS_DETECTRON2:
         pytest.skip("the release needs detectron2, which is not installed")
     run = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "compare_with_release.py"), "--release-source", source, "--config", config],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "compare_with_release.py"),
+            "--release-source",
+            source,
+            "--config",
+            config,
+        ],
+        capture_output=True,
+        text=True,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "all predictions agree" in run.stdout

@@ -9,6 +9,7 @@ token-interaction outputs, all in one evaluation pass.
 Writes OUTPUT/imbalance.json, OUTPUT/imbalance.md (a table) and OUTPUT/imbalance.png (box vs
 mask AP per layer). --dataset picks a dataset other than the config's first test set.
 """
+
 import argparse
 import json
 import os

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Size and speed of a DI-MaskDINO configuration (the paper's Params / FLOPs / FPS columns).
 
-    python tools/benchmark_model.py --config-file configs/coco/dimaskdino_r50_12ep.yaml --input-size 800x1333 --device cuda
+    python tools/benchmark_model.py --config-file configs/coco/dimaskdino_r50_12ep.yaml \\
+        --input-size 800x1333 --device cuda
 
 Reports parameters (total and per part), FLOPs (fvcore's counter with handles for the
 deformable attention op and scaled-dot-product attention; one fused multiply-add = one
@@ -12,6 +13,7 @@ with FPS = 1 / model time, and peak memory (CUDA: max allocated; CPU: growth of 
 process's resident-set high-water mark during the first run). Random input, random
 weights unless MODEL.WEIGHTS is given.
 """
+
 import argparse
 import os
 import resource
@@ -87,7 +89,9 @@ def main() -> int:
     height, width = (int(v) for v in args.input_size.split("x"))
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
 
-    parts = {name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("backbone", "encoder", "head")}
+    parts = {
+        name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("backbone", "encoder", "head")
+    }
     total = sum(p.numel() for p in model.parameters())
     print(f"config {args.config_file}, input {height}x{width}, device {device}, {torch.get_num_threads()} CPU threads")
     print(f"parameters: {total / 1e6:.2f} M (" + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in parts.items()) + ")")
@@ -109,11 +113,16 @@ def main() -> int:
             flops, by_operator, unsupported = count_flops(model, batch)
             top = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1])[:6])
             print(f"FLOPs: {flops / 1e9:.1f} G  ({top}; G)")
-            print(f"  not counted (elementwise and indexing ops): {sum(unsupported.values())} calls of {len(unsupported)} kinds")
+            calls, kinds = sum(unsupported.values()), len(unsupported)
+            print(f"  not counted (elementwise and indexing ops): {calls} calls of {kinds} kinds")
         model_time = timed(lambda: model.run(batch), device, args.warmup, args.repeats)
-        end_to_end = timed(lambda: model([{"image": image, "height": height, "width": width}]), device, args.warmup, args.repeats)
-    print(f"model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS); end to end with post-processing: {end_to_end * 1e3:.1f} ms")
-    print(f"peak memory of one forward: {peak:.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'CPU resident set growth'})")
+        end_to_end = timed(
+            lambda: model([{"image": image, "height": height, "width": width}]), device, args.warmup, args.repeats
+        )
+    print(f"model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS)")
+    print(f"end to end with post-processing: {end_to_end * 1e3:.1f} ms")
+    measured = "CUDA allocated" if device.type == "cuda" else "CPU resident set growth"
+    print(f"peak memory of one forward: {peak:.0f} MiB ({measured})")
     return 0
 
 

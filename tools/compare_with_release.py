@@ -14,6 +14,7 @@ Without --weights, the release model is randomly initialised and all its paramet
 perturbed (so that no head starts at zero); the converted state dict is loaded into ours.
 Exit status 0 when all compared tensors agree within --atol / --rtol.
 """
+
 import argparse
 import contextlib
 import io
@@ -22,7 +23,6 @@ import sys
 import types
 
 import numpy as np
-
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -32,7 +32,7 @@ def import_release(source: str):
     """Imports the release package found in `source` and returns (package, add_config)."""
     sys.modules.setdefault("MultiScaleDeformableAttention", types.ModuleType("MultiScaleDeformableAttention"))
     # the release moves tensors to the GPU unconditionally; on the CPU that must be a no-op
-    setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     sys.path.insert(0, source)
     for name, config_function in (("dimaskdino", "add_dimaskdino_config"), ("maskdino", "add_maskdino_config")):
         if os.path.isdir(os.path.join(source, name)):
@@ -145,7 +145,7 @@ class Comparison:
         print(f"  {name:<40} max |diff| {worst:.2e}  {'ok' if ok else 'MISMATCH'}")
 
 
-def main() -> int:
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--release-source", required=True, help="checkout of the DI-MaskDINO or MaskDINO release")
     parser.add_argument("--config", required=True, help="release config, relative to the checkout or absolute")
@@ -154,13 +154,16 @@ def main() -> int:
     parser.add_argument("--atol", type=float, default=2e-4)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def build_pair(args):
+    """The release's model and ours on the same (converted) weights, both in eval mode."""
+    from detectron2.modeling import build_model
 
     from di_maskdino.release_conversion import convert_release_state_dict
 
     _, add_config = import_release(os.path.abspath(args.release_source))
-    from detectron2.modeling import build_model
-
     config_file = args.config if os.path.isabs(args.config) else os.path.join(args.release_source, args.config)
     cfg = release_config(add_config, config_file)
     torch.manual_seed(args.seed)
@@ -181,43 +184,55 @@ def main() -> int:
     ours = our_model_for(cfg, release.backbone).eval()
     converted = convert_release_state_dict(release.state_dict())
     ours.load_state_dict(converted, strict=True)
-    print(f"release: {type(release).__name__} from {args.release_source}; {len(release.state_dict())} release entries -> "
-          f"{len(converted)} parameters, loaded strictly")
+    print(
+        f"release: {type(release).__name__} from {args.release_source}; {len(release.state_dict())} release "
+        f"entries -> {len(converted)} parameters, loaded strictly"
+    )
+    return release, ours
 
+
+def compare_head_outputs(compare, release, ours, batch):
+    """Every supervised output of the head, on identical preprocessed inputs."""
+    their_out, _ = release.sem_seg_head(release.backbone(batch))
+    our_out = ours(batch, all_layer_masks=False)
+    compare("final logits", our_out.final.logits, their_out["pred_logits"])
+    compare("final boxes", our_out.final.boxes, their_out["pred_boxes"])
+    compare("final masks", our_out.final.masks, their_out["pred_masks"])
+    for index, aux in enumerate(their_out["aux_outputs"]):
+        compare(f"layer {index} logits", our_out.layers[index].logits, aux["pred_logits"])
+        compare(f"layer {index} boxes", our_out.layers[index].boxes, aux["pred_boxes"])
+    compare("encoder logits", our_out.encoder.logits, their_out["interm_outputs"]["pred_logits"])
+    compare("encoder boxes", our_out.encoder.boxes, their_out["interm_outputs"]["pred_boxes"])
+    compare("encoder masks", our_out.encoder.masks, their_out["interm_outputs"]["pred_masks"])
+    for index, ti in enumerate(their_out.get("oldm_outputs", [])):
+        ours_ti = our_out.token_interaction[0][index]
+        compare(f"token interaction {index} logits", ours_ti.logits, ti["pred_logits"])
+        compare(f"token interaction {index} boxes", ours_ti.boxes, ti["pred_boxes"])
+
+
+def compare_instances(compare, release, ours, images):
+    """End to end: instances at the original image sizes."""
+    their_results = release([{"image": image, "height": image.shape[1], "width": image.shape[2]} for image in images])
+    for index, (mine, theirs) in enumerate(zip(ours.predict(images), their_results)):
+        theirs = theirs["instances"]
+        order_mine = canonical_order(mine.scores, mine.labels, mine.boxes)
+        order_theirs = canonical_order(theirs.scores, theirs.pred_classes, theirs.pred_boxes.tensor)
+        compare(f"image {index} scores", mine.scores[order_mine], theirs.scores[order_theirs])
+        compare(f"image {index} classes", mine.labels[order_mine], theirs.pred_classes[order_theirs])
+        compare(f"image {index} boxes", mine.boxes[order_mine], theirs.pred_boxes.tensor[order_theirs])
+        compare.binary(f"image {index} masks", mine.masks[order_mine], theirs.pred_masks[order_theirs])
+
+
+def main() -> int:
+    args = parse_args()
+    release, ours = build_pair(args)
     generator = torch.Generator().manual_seed(args.seed + 1)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",")]
     images = [torch.rand(3, h, w, generator=generator) * 255 for h, w in sizes]
     compare = Comparison(args.atol, args.rtol)
     with torch.no_grad():
-        # every supervised output of the head, on identical preprocessed inputs
-        batch, _ = ours.preprocess(images)
-        their_out, _ = release.sem_seg_head(release.backbone(batch))
-        our_out = ours(batch, all_layer_masks=False)
-        compare("final logits", our_out.final.logits, their_out["pred_logits"])
-        compare("final boxes", our_out.final.boxes, their_out["pred_boxes"])
-        compare("final masks", our_out.final.masks, their_out["pred_masks"])
-        for index, aux in enumerate(their_out["aux_outputs"]):
-            compare(f"layer {index} logits", our_out.layers[index].logits, aux["pred_logits"])
-            compare(f"layer {index} boxes", our_out.layers[index].boxes, aux["pred_boxes"])
-        compare("encoder logits", our_out.encoder.logits, their_out["interm_outputs"]["pred_logits"])
-        compare("encoder boxes", our_out.encoder.boxes, their_out["interm_outputs"]["pred_boxes"])
-        compare("encoder masks", our_out.encoder.masks, their_out["interm_outputs"]["pred_masks"])
-        for index, ti in enumerate(their_out.get("oldm_outputs", [])):
-            ours_ti = our_out.token_interaction[0][index]
-            compare(f"token interaction {index} logits", ours_ti.logits, ti["pred_logits"])
-            compare(f"token interaction {index} boxes", ours_ti.boxes, ti["pred_boxes"])
-
-        # end to end: instances at the original image sizes
-        their_results = release([{"image": image, "height": image.shape[1], "width": image.shape[2]} for image in images])
-        our_results = ours.predict(images)
-        for index, (mine, theirs) in enumerate(zip(our_results, their_results)):
-            theirs = theirs["instances"]
-            order_mine = canonical_order(mine.scores, mine.labels, mine.boxes)
-            order_theirs = canonical_order(theirs.scores, theirs.pred_classes, theirs.pred_boxes.tensor)
-            compare(f"image {index} scores", mine.scores[order_mine], theirs.scores[order_theirs])
-            compare(f"image {index} classes", mine.labels[order_mine], theirs.pred_classes[order_theirs])
-            compare(f"image {index} boxes", mine.boxes[order_mine], theirs.pred_boxes.tensor[order_theirs])
-            compare.binary(f"image {index} masks", mine.masks[order_mine], theirs.pred_masks[order_theirs])
+        compare_head_outputs(compare, release, ours, ours.preprocess(images)[0])
+        compare_instances(compare, release, ours, images)
     if compare.failures:
         print(f"{len(compare.failures)} comparisons failed: {', '.join(compare.failures)}")
         return 1

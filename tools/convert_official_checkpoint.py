@@ -2,7 +2,7 @@
 """Converts a released MaskDINO or DI-MaskDINO checkpoint (detectron2 format) to this
 project's parameter names.
 
-    python tools/convert_official_checkpoint.py --input dimaskdino_r50_50ep.pth --output dimaskdino_r50_50ep_converted.pth
+    python tools/convert_official_checkpoint.py --input dimaskdino_r50_50ep.pth --output converted.pth
 
 Every released entry must map to one of our parameters (shared copies must agree), and the
 result must fill every parameter of the model the checkpoint describes, with the right
@@ -10,6 +10,7 @@ shapes; otherwise the tool stops and lists what does not fit. The backbone entri
 detectron2's names and are checked against detectron2's ResNet when detectron2 is
 installed. Optimizer, scheduler and iteration entries are dropped.
 """
+
 import argparse
 import importlib.util
 import os

@@ -8,6 +8,7 @@
 OUTPUT/<name>.jpg; --json writes all instances (score, class, box xyxy, RLE mask).
 Unreadable images are reported by name and skipped; the exit status is then 1.
 """
+
 import argparse
 import glob
 import json
@@ -38,7 +39,9 @@ def expand_inputs(patterns):
     paths = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            paths += sorted(os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS))
+            paths += sorted(
+                os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
         elif os.path.isfile(pattern):
             paths.append(pattern)
         else:
@@ -94,12 +97,20 @@ def main() -> int:
         name = os.path.splitext(os.path.basename(path))[0]
         Image.fromarray(drawing.get_image()).save(os.path.join(args.output, f"{name}.jpg"))
         for score, label, box, mask in zip(
-            instances.scores.tolist(), instances.pred_classes.tolist(), instances.pred_boxes.tensor.tolist(), instances.pred_masks.numpy()
+            instances.scores.tolist(),
+            instances.pred_classes.tolist(),
+            instances.pred_boxes.tensor.tolist(),
+            instances.pred_masks.numpy(),
         ):
             rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
             records.append(
-                {"file_name": path, "score": score, "category_id": label, "bbox_xyxy": box,
-                 "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}
+                {
+                    "file_name": path,
+                    "score": score,
+                    "category_id": label,
+                    "bbox_xyxy": box,
+                    "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+                }
             )
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -13,6 +13,7 @@ Each run trains in OUTPUT/<config name> (rerunning resumes it); arguments after 
 config overrides given to every run. Writes OUTPUT/results.md and OUTPUT/results.csv; with
 --baseline, the table adds the change of each AP relative to that run, in percent.
 """
+
 import argparse
 import csv
 import glob
@@ -35,7 +36,9 @@ def final_metrics(output_dir: str):
         raise SystemExit(f"{output_dir}: no metrics_<dataset>.json - did the run finish with an evaluation?")
     with open(files[0]) as handle:
         metrics = json.load(handle)
-    return os.path.basename(files[0])[len("metrics_") : -len(".json")], {task: metrics[task]["AP"] for task in ("bbox", "segm")}
+    return os.path.basename(files[0])[len("metrics_") : -len(".json")], {
+        task: metrics[task]["AP"] for task in ("bbox", "segm")
+    }
 
 
 def relative(value: float, reference: float) -> str:
@@ -62,8 +65,18 @@ def main() -> int:
     for config, name in zip(args.configs, names):
         output_dir = os.path.join(args.output, name)
         if not args.collect_only:
-            command = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", config,
-                       "--num-gpus", str(args.num_gpus), "--resume", *overrides, "OUTPUT_DIR", output_dir]
+            command = [
+                sys.executable,
+                os.path.join(ROOT, "tools", "train_net.py"),
+                "--config-file",
+                config,
+                "--num-gpus",
+                str(args.num_gpus),
+                "--resume",
+                *overrides,
+                "OUTPUT_DIR",
+                output_dir,
+            ]
             print(f"== {name}: {' '.join(command[1:])}", flush=True)
             if subprocess.run(command).returncode != 0:
                 raise SystemExit(f"run {name} failed; its log is in {output_dir}/log.txt")
@@ -84,7 +97,9 @@ def main() -> int:
         writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        lines.append("| " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |")
+        lines.append(
+            "| " + " | ".join(f"{row[c]:.1f}" if isinstance(row[c], float) else str(row[c]) for c in columns) + " |"
+        )
     table = "\n".join(lines) + "\n"
     with open(os.path.join(args.output, "results.md"), "w") as handle:
         handle.write(table)

@@ -67,6 +67,15 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
 
 
 def add_di_maskdino_config(cfg: CN) -> None:
+    """Declares every DI-MaskDINO key (with the paper's values) on detectron2's defaults."""
+    _add_model_keys(cfg)
+    _add_part_keys(cfg.MODEL.DI_MASKDINO)
+    _add_objective_keys(cfg.MODEL.DI_MASKDINO)
+    _add_backbone_keys(cfg)
+    _add_input_and_solver_keys(cfg)
+
+
+def _add_model_keys(cfg: CN) -> None:
     cfg.MODEL.META_ARCHITECTURE = "DIMaskDINOArch"
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]
     cfg.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]
@@ -92,6 +101,8 @@ def add_di_maskdino_config(cfg: CN) -> None:
     m.MASK_ENHANCED_BOXES = True  # "mask2box" initial boxes
     m.SIZE_DIVISIBILITY = 32
 
+
+def _add_part_keys(m: CN) -> None:
     m.ENCODER = CN()
     m.ENCODER.IN_FEATURES = ["res3", "res4", "res5"]  # maps entering the deformable encoder
     m.ENCODER.NUM_LAYERS = 6
@@ -116,6 +127,8 @@ def add_di_maskdino_config(cfg: CN) -> None:
     m.DN.NUM_QUERIES = 100
     m.DN.NOISE_SCALE = 0.4
 
+
+def _add_objective_keys(m: CN) -> None:
     # imbalance tolerance tests (Tab. 3)
     m.TOLERANCE = CN()
     m.TOLERANCE.DETECTION_LOSS_FACTOR = 1.0  # 0.1: the loss-weight constraint
@@ -140,6 +153,8 @@ def add_di_maskdino_config(cfg: CN) -> None:
     m.MATCHER.MASK_WEIGHT = 5.0
     m.MATCHER.DICE_WEIGHT = 5.0
 
+
+def _add_backbone_keys(cfg: CN) -> None:
     # timm backbones (MODEL.BACKBONE.NAME = "build_timm_backbone")
     cfg.MODEL.TIMM = CN()
     cfg.MODEL.TIMM.NAME = "swin_large_patch4_window12_384"
@@ -149,6 +164,8 @@ def add_di_maskdino_config(cfg: CN) -> None:
     cfg.MODEL.TIMM.IMG_SIZE = 0  # input size a model is built for (Swin, ViT); 0 = the model's default
     cfg.MODEL.TIMM.STRICT_IMG_SIZE = True  # False lets Swin/ViT take any input size (detection)
 
+
+def _add_input_and_solver_keys(cfg: CN) -> None:
     # data: "lsj" (large-scale jitter, the paper's COCO setting) or "resize" (shortest edge)
     cfg.INPUT.DATASET_MAPPER_NAME = "lsj"
     cfg.INPUT.IMAGE_SIZE = 1024

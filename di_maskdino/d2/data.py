@@ -8,6 +8,7 @@ into detectron2 `Instances` with bitmask masks and boxes recomputed from the mas
 `read_image_rgb` accepts what real datasets contain: grayscale, palette, RGBA, CMYK and
 16-bit images, EXIF orientation. Unreadable files raise an error naming the file.
 """
+
 import copy
 import logging
 
@@ -60,7 +61,9 @@ def build_augmentation(cfg, is_train: bool):
         size = cfg.INPUT.IMAGE_SIZE
         return [
             T.RandomFlip(horizontal=True),
-            T.ResizeScale(min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size, target_width=size),
+            T.ResizeScale(
+                min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size, target_width=size
+            ),
             # NOTE: detectron2 pads segmentations with 255 (the semantic "ignore" label),
             # which would turn the padding into foreground of RLE / bitmask instance masks.
             T.FixedSizeCrop(crop_size=(size, size), seg_pad_value=0),
@@ -87,7 +90,11 @@ class DIMaskDINODatasetMapper:
     def from_config(cls, cfg, is_train: bool = True):
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
             raise ValueError(f"INPUT.FORMAT must be RGB or BGR, got {cfg.INPUT.FORMAT!r}")
-        return {"is_train": is_train, "augmentations": build_augmentation(cfg, is_train), "image_format": cfg.INPUT.FORMAT}
+        return {
+            "is_train": is_train,
+            "augmentations": build_augmentation(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+        }
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)

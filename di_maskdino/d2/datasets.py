@@ -7,6 +7,7 @@
   "bdd100k_ins_seg_train" / "_val"      written by datasets/prepare_bdd100k.py
   COCO ("coco_2017_train", ...) is registered by detectron2 itself.
 """
+
 import json
 import os
 
@@ -40,7 +41,9 @@ def _load_checked(json_file: str, image_root: str, name: str, how_to_create: str
     return load_coco_json(json_file, image_root, name)
 
 
-def register_coco_instances_checked(name: str, json_file: str, image_root: str, how_to_create: str = "", **metadata) -> None:
+def register_coco_instances_checked(
+    name: str, json_file: str, image_root: str, how_to_create: str = "", **metadata
+) -> None:
     """Registers a COCO-format instance-segmentation dataset under `name` (detectron2's
     `register_coco_instances`, with the checks above run when it is first loaded)."""
     if name in DatasetCatalog.list():

@@ -3,6 +3,7 @@ box and mask AP of the initial prediction (layer 0) and of each decoder layer, a
 the token-interaction outputs of the DI module. Their gap, layer by layer, is the
 detection/segmentation imbalance the paper studies.
 """
+
 from collections import OrderedDict
 from typing import Dict, List, Tuple
 

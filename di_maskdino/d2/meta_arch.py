@@ -3,6 +3,7 @@
 (`di_maskdino.modeling.DIMaskDINO`, whose parameter names it keeps) plus the objective
 (`SetCriterion`) and the translation from and to detectron2's structures.
 """
+
 from typing import Dict, List
 
 import torch
@@ -94,7 +95,9 @@ class DIMaskDINOArch(DIMaskDINO):
             instances = item["instances"].to(self.device)
             masks = instances.gt_masks.tensor if hasattr(instances, "gt_masks") else None
             if masks is None:
-                raise ValueError("DIMaskDINO trains on instance masks: the dataset mapper must keep them (use_instance_mask)")
+                raise ValueError(
+                    "DIMaskDINO trains on instance masks: the dataset mapper must keep them (use_instance_mask)"
+                )
             padded = masks.new_zeros((masks.shape[0], height, width))
             padded[:, : masks.shape[1], : masks.shape[2]] = masks
             boxes = box_convert(instances.gt_boxes.tensor, "xyxy", "cxcywh") / scale

@@ -5,6 +5,7 @@ so a model must learn shape, not colour. Objects may overlap: later ones occlude
 ones and the masks are cut accordingly; objects left with too few visible pixels are
 dropped from the annotations.
 """
+
 from typing import List, Tuple
 
 import numpy as np

@@ -174,9 +174,7 @@ class ConvNormAct(nn.Module):
         act_layer: Optional[Type[nn.Module]] = None,
     ):
         super().__init__()
-        self.conv = nn.Conv2d(
-            in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm_layer is None
-        )
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=norm_layer is None)
         self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
         self.activation = act_layer() if act_layer is not None else nn.Identity()
         c2_xavier_fill(self.conv)

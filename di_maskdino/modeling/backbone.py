@@ -6,6 +6,7 @@ with `channels` and `stride` - detectron2's `Backbone` does exactly this, so its
 plugs in directly. `TimmBackbone` adapts any timm model with `features_only` support
 (ResNets, Swin, ConvNeXt, ...).
 """
+
 from dataclasses import dataclass
 from typing import Dict, Sequence
 
@@ -31,7 +32,9 @@ class TimmBackbone(nn.Module):
         **kwargs: passed to `timm.create_model` (e.g. img_size for Swin, drop_path_rate).
     """
 
-    def __init__(self, model_name: str, out_strides: Sequence[int] = (4, 8, 16, 32), pretrained: bool = False, **kwargs):
+    def __init__(
+        self, model_name: str, out_strides: Sequence[int] = (4, 8, 16, 32), pretrained: bool = False, **kwargs
+    ):
         super().__init__()
         import timm
 
@@ -39,10 +42,14 @@ class TimmBackbone(nn.Module):
         reductions = probe.feature_info.reduction()
         missing = [s for s in out_strides if s not in reductions]
         if missing:
-            raise ValueError(f"TimmBackbone: {model_name} has no feature map at stride(s) {missing}; it offers {reductions}")
+            raise ValueError(
+                f"TimmBackbone: {model_name} has no feature map at stride(s) {missing}; it offers {reductions}"
+            )
         out_indices = [reductions.index(s) for s in out_strides]
         del probe
-        self.body = timm.create_model(model_name, features_only=True, out_indices=out_indices, pretrained=pretrained, **kwargs)
+        self.body = timm.create_model(
+            model_name, features_only=True, out_indices=out_indices, pretrained=pretrained, **kwargs
+        )
         channels = self.body.feature_info.channels()
         self._names = [f"res{int(s).bit_length() - 1}" for s in out_strides]
         self._shapes = {name: FeatureSpec(c, s) for name, c, s in zip(self._names, channels, out_strides)}

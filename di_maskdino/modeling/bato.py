@@ -27,8 +27,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import FFN, BoxPositionalQuery, ConvNormAct, CrossAttentionBlock, NormLayer, group_norm
-from ..layers import xavier_init_matrices
+from ..layers import (
+    FFN,
+    BoxPositionalQuery,
+    ConvNormAct,
+    CrossAttentionBlock,
+    NormLayer,
+    group_norm,
+    xavier_init_matrices,
+)
 from .feature_tokens import FeatureTokens
 from .prediction_heads import PredictionHeads
 from .query_selection import TokenSet, select_top_k
@@ -104,7 +111,9 @@ class TokenSetGuidance(GuidanceSource):
 
     def candidates(self, token_sets, queries, query_pos, positional_query):
         if self.name not in token_sets:
-            raise ValueError(f"BATO guidance from {self.name} needs a model that makes {self.name} (T_s2: the DI module)")
+            raise ValueError(
+                f"BATO guidance from {self.name} needs a model that makes {self.name} (T_s2: the DI module)"
+            )
         chosen = token_sets[self.name]
         return chosen.tokens, positional_query(chosen.boxes)
 
@@ -169,7 +178,7 @@ class BalanceAwareTokensOptimization(nn.Module):
         guidance: Optional[GuidanceSource] = None,
         generator: Optional[nn.Module] = None,
         num_guiding_tokens: int = 50,
-        norm_layer: NormLayer = group_norm(32),
+        norm_layer: Optional[NormLayer] = None,
         act_layer: Type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
@@ -180,6 +189,7 @@ class BalanceAwareTokensOptimization(nn.Module):
         self.num_guiding_tokens = num_guiding_tokens
         self.cross_attn = CrossAttentionBlock(dim, num_heads, dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
+        norm_layer = norm_layer if norm_layer is not None else group_norm(32)
         self.mask_feature_conv = ConvNormAct(dim, dim, 3, norm_layer=norm_layer, act_layer=act_layer)
         xavier_init_matrices(self.cross_attn, self.ffn)
 

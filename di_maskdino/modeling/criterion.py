@@ -17,6 +17,7 @@ each summed and divided by the number of target objects (averaged over workers, 
 "loss_ce_ti{s}_{i}" (DI stage s, token-interaction layer i), "loss_ce_dn" / "loss_ce_dn_{i}"
 (denoising).
 """
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -98,13 +99,16 @@ class SetCriterion(nn.Module):
         labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(logits.device)
         onehot[batch, source, labels] = 1.0
         losses = {
-            "loss_ce": sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum") / num_objects
+            "loss_ce": sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
+            / num_objects
         }
         boxes = prediction.boxes[batch, source].float()
         target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(boxes)
         losses["loss_bbox"] = F.l1_loss(boxes, target_boxes, reduction="sum") / num_objects
         losses["loss_giou"] = (
-            generalized_box_iou_loss(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), reduction="sum")
+            generalized_box_iou_loss(
+                box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), reduction="sum"
+            )
             / num_objects
         )
         if prediction.masks is not None:

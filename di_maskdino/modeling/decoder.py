@@ -21,8 +21,14 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ..layers import FFN, BoxPositionalQuery, DeformableAttentionBlock, MSDeformAttn, SelfAttentionBlock
-from ..layers import xavier_init_matrices
+from ..layers import (
+    FFN,
+    BoxPositionalQuery,
+    DeformableAttentionBlock,
+    MSDeformAttn,
+    SelfAttentionBlock,
+    xavier_init_matrices,
+)
 from .bato import BalanceAwareTokensOptimization
 from .boxes import refine_boxes
 from .feature_tokens import FeatureTokens

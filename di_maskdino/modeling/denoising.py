@@ -7,6 +7,7 @@ The self-attention mask keeps the groups from seeing each other and the matching
 from seeing any denoising query. The denoising queries never enter the DI selections or
 BATO's choice of guiding tokens: they are added after the second selection.
 """
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 

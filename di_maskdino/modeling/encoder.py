@@ -17,14 +17,22 @@ image (valid ratios are 1), which keeps every level's reference grid the same.
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Type
+from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..layers import FFN, ConvNormAct, DeformableAttentionBlock, MSDeformAttn, NormLayer, c2_xavier_fill, group_norm
-from ..layers import xavier_init_matrices
+from ..layers import (
+    FFN,
+    ConvNormAct,
+    DeformableAttentionBlock,
+    MSDeformAttn,
+    NormLayer,
+    c2_xavier_fill,
+    group_norm,
+    xavier_init_matrices,
+)
 from .feature_tokens import FeatureTokens
 
 __all__ = ["MaskDINOEncoder", "EncoderOutput", "EncoderLayer"]
@@ -83,7 +91,7 @@ class MaskDINOEncoder(nn.Module):
         ffn_dim: int = 2048,
         dropout: float = 0.0,
         common_stride: int = 4,
-        norm_layer: NormLayer = group_norm(32),
+        norm_layer: Optional[NormLayer] = None,
         act_layer: Type[nn.Module] = nn.ReLU,
     ):
         super().__init__()
@@ -100,23 +108,11 @@ class MaskDINOEncoder(nn.Module):
         self.transformer_in_features = sorted(transformer_in_features, key=lambda f: in_strides[f])
         self.hidden_dim = hidden_dim
         self.num_levels = num_levels
-
-        projections = [
-            nn.Sequential(nn.Conv2d(in_channels[f], hidden_dim, kernel_size=1), norm_layer(hidden_dim))
-            for f in self.transformer_in_features
-        ]
+        norm_layer = norm_layer if norm_layer is not None else group_norm(32)
         # NOTE: the first extra level starts from the widest transformer input (res5 for a
         # ResNet), each further one from the previous extra level.
         self.extra_level_source = max(self.transformer_in_features, key=lambda f: in_channels[f])
-        channels = in_channels[self.extra_level_source]
-        for _ in range(num_levels - len(self.transformer_in_features)):
-            projections.append(
-                nn.Sequential(
-                    nn.Conv2d(channels, hidden_dim, kernel_size=3, stride=2, padding=1), norm_layer(hidden_dim)
-                )
-            )
-            channels = hidden_dim
-        self.input_proj = nn.ModuleList(projections)
+        self.input_proj = self._input_projections(in_channels, norm_layer)
         self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
         self.layers = nn.ModuleList(
             EncoderLayer(hidden_dim, num_levels, num_heads, num_points, ffn_dim, dropout) for _ in range(num_layers)
@@ -136,6 +132,22 @@ class MaskDINOEncoder(nn.Module):
         )
         self.mask_features = nn.Conv2d(hidden_dim, mask_dim, kernel_size=1)
         self.reset_parameters()
+
+    def _input_projections(self, in_channels: Dict[str, int], norm_layer: NormLayer) -> nn.ModuleList:
+        """1x1 conv + norm of every transformer input, then 3x3 stride-2 conv + norm for each
+        extra level."""
+        dim = self.hidden_dim
+        projections = [
+            nn.Sequential(nn.Conv2d(in_channels[f], dim, kernel_size=1), norm_layer(dim))
+            for f in self.transformer_in_features
+        ]
+        channels = in_channels[self.extra_level_source]
+        for _ in range(self.num_levels - len(self.transformer_in_features)):
+            projections.append(
+                nn.Sequential(nn.Conv2d(channels, dim, kernel_size=3, stride=2, padding=1), norm_layer(dim))
+            )
+            channels = dim
+        return nn.ModuleList(projections)
 
     def reset_parameters(self) -> None:
         xavier_init_matrices(self.layers)
@@ -167,9 +179,7 @@ class MaskDINOEncoder(nn.Module):
     def encode(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """Deformable self-attention over the levels: T_i as L maps (B, C, H_l, W_l)."""
         levels = FeatureTokens.from_maps(self.input_levels(features))
-        level_pos = torch.cat(
-            [self.level_embed[level].expand(size, -1) for level, size in enumerate(levels.sizes)]
-        )
+        level_pos = torch.cat([self.level_embed[level].expand(size, -1) for level, size in enumerate(levels.sizes)])
         pos = levels.pos + level_pos
         reference = levels.reference_points().expand(levels.tokens.shape[0], -1, -1, -1)
         tokens = levels.tokens

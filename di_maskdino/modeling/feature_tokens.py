@@ -73,7 +73,8 @@ class FeatureTokens:
         tokens = self.tokens if tokens is None else tokens
         batch = tokens.shape[0]
         return [
-            t.transpose(1, 2).reshape(batch, -1, h, w) for t, (h, w) in zip(tokens.split(self.sizes, dim=1), self.shapes)
+            t.transpose(1, 2).reshape(batch, -1, h, w)
+            for t, (h, w) in zip(tokens.split(self.sizes, dim=1), self.shapes)
         ]
 
     def finest_level(self) -> int:

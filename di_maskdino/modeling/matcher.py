@@ -10,6 +10,7 @@ module) are matched on the class and box terms only. The assignment is scipy's
 
 Shape glossary: N predictions, M targets of one image, K classes, P points.
 """
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -26,7 +27,9 @@ __all__ = ["HungarianMatcher", "focal_class_cost", "sigmoid_bce_cost", "dice_cos
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
 
-def focal_class_cost(logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+def focal_class_cost(
+    logits: torch.Tensor, labels: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0
+) -> torch.Tensor:
     """(N, K) logits, (M,) labels -> (N, M): focal loss of predicting the target class
     minus that of not predicting it. Log-probabilities come from logsigmoid, so no epsilon
     is needed (it would round to 0 in half precision)."""
@@ -98,7 +101,9 @@ class HungarianMatcher(nn.Module):
         return cost
 
     @torch.no_grad()
-    def forward(self, prediction: Predictions, targets: List[Dict[str, torch.Tensor]], name: Optional[str] = None) -> Indices:
+    def forward(
+        self, prediction: Predictions, targets: List[Dict[str, torch.Tensor]], name: Optional[str] = None
+    ) -> Indices:
         """
         Args:
             prediction: one output of the model (B images).

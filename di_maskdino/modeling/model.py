@@ -4,13 +4,14 @@ backbone, encoder, head, and inference.
 Shape glossary: B batch, 3 x H x W images (RGB, 0-255 unless the pixel statistics say
 otherwise), K classes.
 """
+
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .encoder import MaskDINOEncoder
 from .di_maskdino_head import DIMaskDINOHead
+from .encoder import MaskDINOEncoder
 from .outputs import DIMaskDINOOutput, Predictions
 from .postprocess import Detections, instance_inference
 
@@ -62,14 +63,18 @@ class DIMaskDINO(nn.Module):
         self.head = head
         self.size_divisibility = size_divisibility
         self.test_topk = test_topk
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False)
+        self.register_buffer(
+            "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False
+        )
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """Normalises (3, H_i, W_i) images and pads them into one batch (the padding is 0
         after normalisation)."""
         device = self.pixel_mean.device
-        normalised = [(image.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std for image in images]
+        normalised = [
+            (image.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std for image in images
+        ]
         return pad_images(normalised, self.size_divisibility)
 
     def run(
@@ -89,7 +94,9 @@ class DIMaskDINO(nn.Module):
         return self.run(batch, targets, all_layer_masks)
 
     @torch.no_grad()
-    def predict(self, images: Sequence[torch.Tensor], output_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> List[Detections]:
+    def predict(
+        self, images: Sequence[torch.Tensor], output_sizes: Optional[Sequence[Tuple[int, int]]] = None
+    ) -> List[Detections]:
         """Detections for each (3, H_i, W_i) image, reported at `output_sizes` (default: the
         input sizes)."""
         batch, sizes = self.preprocess(images)

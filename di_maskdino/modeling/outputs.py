@@ -3,6 +3,7 @@
 Shape glossary: B batch, N queries, K classes, h x w mask-feature resolution (1/4 of the
 padded input). Boxes are normalised (cx, cy, w, h) of the padded input.
 """
+
 from dataclasses import dataclass, field
 from typing import List, Optional
 

@@ -3,6 +3,7 @@ MaskDINO): masks are compared at a set of points instead of at every pixel.
 
 Coordinates are normalised (x, y) in [0, 1] of the map, pixel centres at (i + 0.5) / W.
 """
+
 import torch
 from torch.nn import functional as F
 
@@ -16,7 +17,9 @@ def point_sample(maps: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def uncertain_point_coords(logits: torch.Tensor, num_points: int, oversample_ratio: float, importance_ratio: float) -> torch.Tensor:
+def uncertain_point_coords(
+    logits: torch.Tensor, num_points: int, oversample_ratio: float, importance_ratio: float
+) -> torch.Tensor:
     """Importance sampling of (R, 1, H, W) mask logits: of `num_points` points per map,
     a fraction `importance_ratio` are the most uncertain (logit closest to 0) among
     `oversample_ratio * num_points` uniform candidates, the rest uniform. Returns (R, P, 2)."""

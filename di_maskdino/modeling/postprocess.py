@@ -5,6 +5,7 @@ query's mask logits > 0 at the output resolution; its score is the class score t
 mean mask probability inside that mask; its box is the query's box. Outputs without masks
 (the token-interaction outputs) give boxes scored by class alone.
 """
+
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -62,8 +63,6 @@ def instance_inference(
         scores = scores * (probability * binary.flatten(1)).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
 
     # Boxes are relative to the padded input; scale so that the unpadded image maps to output_size.
-    scale = boxes.new_tensor(
-        [padded_size[1] / image_size[1] * width, padded_size[0] / image_size[0] * height] * 2
-    )
+    scale = boxes.new_tensor([padded_size[1] / image_size[1] * width, padded_size[0] / image_size[0] * height] * 2)
     absolute = box_convert(boxes[query].float(), "cxcywh", "xyxy") * scale
     return Detections(scores=scores, labels=labels, boxes=absolute, masks=binary)

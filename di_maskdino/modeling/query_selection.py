@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert, masks_to_boxes
 
-from .feature_tokens import FeatureTokens, pixel_centres
 from .boxes import inverse_sigmoid
+from .feature_tokens import FeatureTokens, pixel_centres
 from .outputs import Predictions
 from .prediction_heads import PredictionHeads
 

@@ -1,5 +1,6 @@
 """Shared fixtures of the detectron2-layer tests: a synthetic dataset and a briefly trained
 quick-start model (both made once per test session)."""
+
 import os
 import subprocess
 import sys
@@ -12,7 +13,9 @@ QUICK = os.path.join(ROOT, "configs", "quick_start.yaml")
 
 def run_tool(tool, args, data_root, check=True):
     env = dict(os.environ, DETECTRON2_DATASETS=str(data_root))
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", tool)] + args, capture_output=True, text=True, env=env, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", tool)] + args, capture_output=True, text=True, env=env, cwd=ROOT
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"{tool} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
@@ -22,9 +25,18 @@ def run_tool(tool, args, data_root, check=True):
 def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("datasets")
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "datasets", "make_synthetic.py"), "--output", str(root / "synthetic"),
-         "--num-train", "8", "--num-val", "4"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            os.path.join(ROOT, "datasets", "make_synthetic.py"),
+            "--output",
+            str(root / "synthetic"),
+            "--num-train",
+            "8",
+            "--num-val",
+            "4",
+        ],
+        check=True,
+        capture_output=True,
     )
     return root
 
@@ -33,7 +45,9 @@ def data_root(tmp_path_factory):
 def trained(data_root, tmp_path_factory):
     """20 iterations of the quick-start config, then its evaluation."""
     output = tmp_path_factory.mktemp("train")
-    run_tool("train_net.py", ["--config-file", QUICK, "SOLVER.MAX_ITER", "20", "SOLVER.CHECKPOINT_PERIOD", "10", "OUTPUT_DIR", str(output)], data_root)
+    run_tool(
+        "train_net.py",
+        ["--config-file", QUICK, "SOLVER.MAX_ITER", "20", "SOLVER.CHECKPOINT_PERIOD", "10", "OUTPUT_DIR", str(output)],
+        data_root,
+    )
     return output
-
-

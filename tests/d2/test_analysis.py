@@ -1,4 +1,5 @@
 """The analysis tools of the paper: per-layer evaluation, ablation runner, model benchmark."""
+
 import csv
 import json
 import math
@@ -15,7 +16,11 @@ DECODER_LAYERS = 3  # configs/quick_start.yaml
 
 
 def test_every_layer_in_one_pass_and_the_last_equals_the_standard_evaluation(trained, data_root, tmp_path):
-    run_tool("analyze_imbalance.py", ["--config-file", QUICK, "--output", str(tmp_path), "MODEL.WEIGHTS", str(trained / "model_final.pth")], data_root)
+    run_tool(
+        "analyze_imbalance.py",
+        ["--config-file", QUICK, "--output", str(tmp_path), "MODEL.WEIGHTS", str(trained / "model_final.pth")],
+        data_root,
+    )
     table = json.loads((tmp_path / "imbalance.json").read_text())
     layers = [f"layer {i}" for i in range(DECODER_LAYERS + 1)]
     assert list(table) == layers + ["TI 0.0"]
@@ -37,7 +42,19 @@ def test_ablation_runner_collects_a_table(data_root, tmp_path):
     output = tmp_path / "out"
     run_tool(
         "run_ablations.py",
-        ["--output", str(output), "--baseline", "full", "--configs", *configs, "--", "SOLVER.MAX_ITER", "2", "SOLVER.CHECKPOINT_PERIOD", "100"],
+        [
+            "--output",
+            str(output),
+            "--baseline",
+            "full",
+            "--configs",
+            *configs,
+            "--",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "100",
+        ],
         data_root,
     )
     with open(output / "results.csv") as handle:
@@ -49,7 +66,11 @@ def test_ablation_runner_collects_a_table(data_root, tmp_path):
 
 
 def test_model_benchmark_reports_size_flops_and_time(data_root):
-    result = run_tool("benchmark_model.py", ["--config-file", QUICK, "--input-size", "128x128", "--warmup", "0", "--repeats", "1"], data_root)
+    result = run_tool(
+        "benchmark_model.py",
+        ["--config-file", QUICK, "--input-size", "128x128", "--warmup", "0", "--repeats", "1"],
+        data_root,
+    )
     out = result.stdout
     for fragment in ("parameters:", "FLOPs:", "ms_deform_attn_forward", "model time:", "FPS", "peak memory"):
         assert fragment in out, fragment

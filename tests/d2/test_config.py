@@ -1,5 +1,6 @@
 """Configuration: every declared key is read by the code that builds the model, data and
 optimizer; configs round-trip through YAML."""
+
 import os
 
 import pytest

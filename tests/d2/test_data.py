@@ -1,4 +1,5 @@
 """Data mapping and image reading."""
+
 import json
 import os
 import subprocess
@@ -47,8 +48,20 @@ def two_rectangles(tmp_path):
     green[50:90, 100:150] = 1
     rle = mask_util.encode(np.asfortranarray(green))
     annotations = [
-        {"bbox": [20, 10, 50, 30], "bbox_mode": 1, "category_id": 0, "segmentation": [[20, 10, 70, 10, 70, 40, 20, 40]], "iscrowd": 0},
-        {"bbox": [100, 50, 50, 40], "bbox_mode": 1, "category_id": 1, "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}, "iscrowd": 0},
+        {
+            "bbox": [20, 10, 50, 30],
+            "bbox_mode": 1,
+            "category_id": 0,
+            "segmentation": [[20, 10, 70, 10, 70, 40, 20, 40]],
+            "iscrowd": 0,
+        },
+        {
+            "bbox": [100, 50, 50, 40],
+            "bbox_mode": 1,
+            "category_id": 1,
+            "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
+            "iscrowd": 0,
+        },
     ]
     return {"file_name": str(path), "height": 100, "width": 160, "image_id": 1, "annotations": annotations}
 
@@ -63,7 +76,9 @@ def test_lsj_keeps_masks_boxes_and_pixels_together(tmp_path, seed):
     assert image.shape == (128, 128, 3)  # fixed-size crop, padded
     instances = out["instances"]
     colours = {0: (255, 0, 0), 1: (0, 255, 0)}
-    for label, mask, box in zip(instances.gt_classes.tolist(), instances.gt_masks.tensor.numpy(), instances.gt_boxes.tensor.numpy()):
+    for label, mask, box in zip(
+        instances.gt_classes.tolist(), instances.gt_masks.tensor.numpy(), instances.gt_boxes.tensor.numpy()
+    ):
         colour = np.array(colours[label])
         pixels = np.abs(image.astype(int) - colour).sum(-1) < 60  # the object's own colour
         # every pixel of the object's colour lies in its mask (give or take the one-pixel
@@ -142,7 +157,9 @@ def test_tiny_image_goes_through_mapper_and_model(tmp_path):
 
 
 def test_custom_coco_dataset_errors_name_the_problem(tmp_path):
-    register_coco_instances_checked("test_missing_json", str(tmp_path / "none.json"), str(tmp_path), how_to_create="make it")
+    register_coco_instances_checked(
+        "test_missing_json", str(tmp_path / "none.json"), str(tmp_path), how_to_create="make it"
+    )
     with pytest.raises(DatasetError, match="none.json does not exist. make it"):
         DatasetCatalog.get("test_missing_json")
     bad = tmp_path / "bad.json"
@@ -162,8 +179,18 @@ def test_custom_coco_dataset_errors_name_the_problem(tmp_path):
 def test_synthetic_dataset_loads_and_maps(tmp_path):
     """make_synthetic.py writes both polygon and RLE masks; every record maps."""
     subprocess.run(
-        [sys.executable, os.path.join(ROOT, "datasets", "make_synthetic.py"), "--output", str(tmp_path), "--num-train", "6", "--num-val", "2"],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            os.path.join(ROOT, "datasets", "make_synthetic.py"),
+            "--output",
+            str(tmp_path),
+            "--num-train",
+            "6",
+            "--num-val",
+            "2",
+        ],
+        check=True,
+        capture_output=True,
     )
     register_coco_instances_checked("test_synthetic", str(tmp_path / "train.json"), str(tmp_path / "train"))
     records = DatasetCatalog.get("test_synthetic")

@@ -1,4 +1,5 @@
 """tools/train_net.py and tools/demo.py, run as a user runs them, on a synthetic set."""
+
 import json
 import math
 import os
@@ -31,7 +32,18 @@ def test_training_then_evaluation_gives_finite_ap(trained):
 def test_resume_continues_from_the_saved_iteration(trained, data_root):
     before = len(iterations_logged(trained))
     result = run_tool(
-        "train_net.py", ["--config-file", QUICK, "--resume", "SOLVER.MAX_ITER", "30", "OUTPUT_DIR", str(trained), "DATASETS.TEST", "()"],
+        "train_net.py",
+        [
+            "--config-file",
+            QUICK,
+            "--resume",
+            "SOLVER.MAX_ITER",
+            "30",
+            "OUTPUT_DIR",
+            str(trained),
+            "DATASETS.TEST",
+            "()",
+        ],
         data_root,
     )
     assert "model_final.pth" in result.stdout + result.stderr  # the checkpoint it resumed from
@@ -43,7 +55,9 @@ def test_release_checkpoints_must_be_converted(data_root, tmp_path):
     release = tmp_path / "release.pth"
     torch.save({"model": {"sem_seg_head.predictor.class_embed.weight": torch.zeros(3, 64)}}, release)
     result = run_tool(
-        "train_net.py", ["--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", str(release), "OUTPUT_DIR", str(tmp_path)], data_root,
+        "train_net.py",
+        ["--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", str(release), "OUTPUT_DIR", str(tmp_path)],
+        data_root,
         check=False,
     )
     assert result.returncode != 0
@@ -53,7 +67,18 @@ def test_release_checkpoints_must_be_converted(data_root, tmp_path):
 def test_two_cpu_processes(data_root, tmp_path):
     run_tool(
         "train_net.py",
-        ["--config-file", QUICK, "--num-gpus", "2", "SOLVER.MAX_ITER", "4", "DATASETS.TEST", "()", "OUTPUT_DIR", str(tmp_path)],
+        [
+            "--config-file",
+            QUICK,
+            "--num-gpus",
+            "2",
+            "SOLVER.MAX_ITER",
+            "4",
+            "DATASETS.TEST",
+            "()",
+            "OUTPUT_DIR",
+            str(tmp_path),
+        ],
         data_root,
     )
     assert (tmp_path / "log.txt.rank1").exists() and iterations_logged(tmp_path)[-1] == 3
@@ -66,9 +91,23 @@ def test_demo_writes_images_and_json(trained, data_root, tmp_path):
     out = tmp_path / "out"
     result = run_tool(
         "demo.py",
-        ["--config-file", QUICK, "--input", str(data_root / "synthetic" / "val"), str(corrupt), "--output", str(out),
-         "--json", str(out / "instances.json"), "--confidence-threshold", "0.0", "MODEL.WEIGHTS", str(trained / "model_final.pth")],
-        data_root, check=False,
+        [
+            "--config-file",
+            QUICK,
+            "--input",
+            str(data_root / "synthetic" / "val"),
+            str(corrupt),
+            "--output",
+            str(out),
+            "--json",
+            str(out / "instances.json"),
+            "--confidence-threshold",
+            "0.0",
+            "MODEL.WEIGHTS",
+            str(trained / "model_final.pth"),
+        ],
+        data_root,
+        check=False,
     )
     assert result.returncode == 1 and "corrupt.png" in result.stderr  # named, the others still processed
     assert sorted(os.listdir(out)) == ["000001.jpg", "000002.jpg", "000003.jpg", "000004.jpg", "instances.json"]

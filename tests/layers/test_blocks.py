@@ -56,7 +56,11 @@ def test_ffn_and_mlp():
 
 def test_conv_norm_act_takes_constructors():
     plain = ConvNormAct(4, 8, 3)
-    assert plain.conv.bias is not None and isinstance(plain.norm, nn.Identity) and isinstance(plain.activation, nn.Identity)
+    assert (
+        plain.conv.bias is not None
+        and isinstance(plain.norm, nn.Identity)
+        and isinstance(plain.activation, nn.Identity)
+    )
     normed = ConvNormAct(4, 8, 1, norm_layer=group_norm(2), act_layer=nn.ReLU)
     assert normed.conv.bias is None and normed.norm.num_groups == 2 and isinstance(normed.activation, nn.ReLU)
     x = torch.randn(1, 4, 5, 5)

@@ -1,4 +1,5 @@
 """The timm backbone adapter (no pretrained weights are downloaded)."""
+
 import pytest
 import torch
 

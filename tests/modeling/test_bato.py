@@ -60,7 +60,13 @@ def test_mask_features_are_updated_from_the_finest_level_of_t_bal():
     summed = mask_features + F.interpolate(level, size=mask_features.shape[-2:], mode="bilinear", align_corners=False)
     conv = bato.mask_feature_conv
     expected = F.relu(
-        F.group_norm(F.conv2d(summed, conv.conv.weight, padding=1), conv.norm.num_groups, conv.norm.weight, conv.norm.bias, conv.norm.eps)
+        F.group_norm(
+            F.conv2d(summed, conv.conv.weight, padding=1),
+            conv.norm.num_groups,
+            conv.norm.weight,
+            conv.norm.bias,
+            conv.norm.eps,
+        )
     )
     torch.testing.assert_close(updated, expected, rtol=1e-5, atol=1e-5)
 
@@ -121,7 +127,7 @@ def test_each_guidance_source_guides_with_its_named_token_set(source):
     spy = Spy(model.head.bato)
     with torch.no_grad():
         model(model.preprocess(tiny_images())[0])
-    (tokens, pos), = spy.seen
+    ((tokens, pos),) = spy.seen
     torch.testing.assert_close(tokens, expected_tokens, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(pos, expected_pos, rtol=1e-5, atol=1e-5)
     assert model.head.bato.guidance.layer == (1 if source == "Q_bal" else 0)
@@ -135,7 +141,7 @@ def test_q_bal_guidance_ignores_the_denoising_queries():
     model.train()
     batch, _ = model.preprocess(tiny_images())
     output = model(batch, targets=tiny_targets())
-    (tokens, _), = spy.seen
+    ((tokens, _),) = spy.seen
     assert output.denoising.queries.num_queries > 0
     assert tokens.shape[1] == model.head.query_selection.num_selected // 2  # k2 = 12 of k1 = 24
 

@@ -27,7 +27,8 @@ def test_losses_against_hand_computations(monkeypatch):
     prediction, target = hand_case()
     # sample the masks at interior points, away from grid_sample's zero padding
     monkeypatch.setattr(
-        "di_maskdino.modeling.criterion.uncertain_point_coords", lambda logits, n, *_: torch.full((logits.shape[0], n, 2), 0.5)
+        "di_maskdino.modeling.criterion.uncertain_point_coords",
+        lambda logits, n, *_: torch.full((logits.shape[0], n, 2), 0.5),
     )
     criterion = SetCriterion(HungarianMatcher(num_points=16), num_points=16)
     losses = criterion.losses(prediction, [target], [(torch.tensor([1]), torch.tensor([0]))], num_objects=1.0)
@@ -67,7 +68,9 @@ def test_weights_and_tolerance_factor():
     plain = SetCriterion(HungarianMatcher(num_points=16), num_points=16)
     constrained = SetCriterion(HungarianMatcher(num_points=16), num_points=16, detection_loss_factor=0.1)
     assert plain.weights == {"loss_ce": 4.0, "loss_bbox": 5.0, "loss_giou": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
-    assert constrained.weights == pytest.approx({"loss_ce": 0.4, "loss_bbox": 0.5, "loss_giou": 0.2, "loss_mask": 5.0, "loss_dice": 5.0})
+    assert constrained.weights == pytest.approx(
+        {"loss_ce": 0.4, "loss_bbox": 0.5, "loss_giou": 0.2, "loss_mask": 5.0, "loss_dice": 5.0}
+    )
 
 
 def model_losses(targets, **criterion_args):
@@ -84,7 +87,11 @@ def tiny_mask_targets():
     masks[0, 10:30, 20:50] = 1
     masks[1, 30:50, 10:30] = 1
     return [
-        dict(labels=torch.tensor([0, 2]), boxes=torch.tensor([[35 / 96, 20 / 64, 30 / 96, 20 / 64], [20 / 96, 40 / 64, 20 / 96, 20 / 64]]), masks=masks),
+        dict(
+            labels=torch.tensor([0, 2]),
+            boxes=torch.tensor([[35 / 96, 20 / 64, 30 / 96, 20 / 64], [20 / 96, 40 / 64, 20 / 96, 20 / 64]]),
+            masks=masks,
+        ),
         dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.5, 0.5, 0.3, 0.3]]), masks=torch.ones(1, 64, 96)),
     ]
 

@@ -39,7 +39,9 @@ def test_denoising_queries_sit_in_their_slots():
                 torch.testing.assert_close(queries.content[b, slot], embed[label])
                 torch.testing.assert_close(queries.box_logits[b, slot], inverse_sigmoid(target["boxes"][j]))
         # image 1 has one object: its second slot of every group is padding
-        assert queries.content[1, group * 2 + 1].abs().sum() == 0 and queries.box_logits[1, group * 2 + 1].abs().sum() == 0
+        assert (
+            queries.content[1, group * 2 + 1].abs().sum() == 0 and queries.box_logits[1, group * 2 + 1].abs().sum() == 0
+        )
 
 
 def test_denoising_noise_stays_within_its_bounds():

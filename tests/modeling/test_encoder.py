@@ -32,7 +32,14 @@ def shapes_of(backbone):
 def test_norm_layer_is_a_constructor_and_extra_levels_follow_the_widest_input():
     channels, strides = shapes_of(TinyBackbone())
     encoder = MaskDINOEncoder(
-        channels, strides, hidden_dim=16, mask_dim=16, num_levels=5, num_layers=1, num_heads=2, ffn_dim=32,
+        channels,
+        strides,
+        hidden_dim=16,
+        mask_dim=16,
+        num_levels=5,
+        num_layers=1,
+        num_heads=2,
+        ffn_dim=32,
         norm_layer=group_norm(4),
     )
     assert isinstance(encoder.input_proj[0][1], torch.nn.GroupNorm) and encoder.input_proj[0][1].num_groups == 4
@@ -46,7 +53,9 @@ def test_the_encoder_changes_the_tokens_with_attention_across_levels():
     self-attention reads every level)."""
     torch.manual_seed(0)
     channels, strides = shapes_of(TinyBackbone())
-    encoder = MaskDINOEncoder(channels, strides, hidden_dim=16, mask_dim=16, num_layers=1, num_heads=2, ffn_dim=32, norm_layer=group_norm(4))
+    encoder = MaskDINOEncoder(
+        channels, strides, hidden_dim=16, mask_dim=16, num_layers=1, num_heads=2, ffn_dim=32, norm_layer=group_norm(4)
+    )
     features = TinyBackbone()(torch.rand(1, 3, 64, 64))
     first = encoder(features).features[0]
     features["res5"] = features["res5"] + 1.0

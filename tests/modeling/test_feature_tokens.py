@@ -15,7 +15,9 @@ def test_flattening_order_positions_and_round_trip():
     assert tokens.spatial_shapes.tolist() == [[3, 5], [2, 2], [1, 3]]
     # token 15 + 2 is row 1, column 0 of level 1
     torch.testing.assert_close(tokens.tokens[:, 17], maps[1][:, :, 1, 0])
-    torch.testing.assert_close(tokens.pos[:, 17], feature_map_position_embedding(2, 2, 2, 4, torch.device("cpu"))[:, :, 1, 0])
+    torch.testing.assert_close(
+        tokens.pos[:, 17], feature_map_position_embedding(2, 2, 2, 4, torch.device("cpu"))[:, :, 1, 0]
+    )
     for original, restored in zip(maps, tokens.level_maps()):
         torch.testing.assert_close(restored, original)
     assert tokens.finest_level() == 0

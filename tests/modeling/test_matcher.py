@@ -25,7 +25,9 @@ def random_problem(num_predictions, num_targets, with_masks, seed, size=8):
     return prediction, target
 
 
-@pytest.mark.parametrize("num_predictions,num_targets,with_masks", [(4, 3, False), (5, 5, True), (6, 2, True), (3, 3, False)])
+@pytest.mark.parametrize(
+    "num_predictions,num_targets,with_masks", [(4, 3, False), (5, 5, True), (6, 2, True), (3, 3, False)]
+)
 def test_matching_is_the_cheapest_assignment(num_predictions, num_targets, with_masks):
     """Brute force over every injective assignment of targets to predictions."""
     for seed in range(3):
@@ -58,7 +60,11 @@ def test_cost_terms_against_hand_computations():
     point_logits = torch.tensor([[1.0, -2.0, 0.0]])
     point_targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
     bce = [
-        sum(-(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x)))) for x, t in zip([1.0, -2.0, 0.0], row)) / 3
+        sum(
+            -(t * math.log(1 / (1 + math.exp(-x))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-x))))
+            for x, t in zip([1.0, -2.0, 0.0], row)
+        )
+        / 3
         for row in point_targets.tolist()
     ]
     torch.testing.assert_close(sigmoid_bce_cost(point_logits, point_targets), torch.tensor([bce]))

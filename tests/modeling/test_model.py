@@ -1,8 +1,9 @@
 """The whole network: shapes, gradients, robustness, inference."""
+
 import pytest
 import torch
 
-from .tiny import TINY, NUM_CLASSES, all_predictions, tiny_images, tiny_model, tiny_targets
+from .tiny import NUM_CLASSES, TINY, all_predictions, tiny_images, tiny_model, tiny_targets
 
 
 def run(model, train=False, targets=None, images=None, all_layer_masks=None):
@@ -22,7 +23,10 @@ def test_training_outputs_have_documented_shapes():
         assert prediction.boxes.shape == (batch, queries, 4)
         assert ((prediction.boxes >= 0) & (prediction.boxes <= 1)).all()
         assert prediction.masks.shape == (batch, queries) + mask_size
-    assert output.encoder.logits.shape == (batch, k1, NUM_CLASSES) and output.encoder.masks.shape == (batch, k1) + mask_size
+    assert (
+        output.encoder.logits.shape == (batch, k1, NUM_CLASSES)
+        and output.encoder.masks.shape == (batch, k1) + mask_size
+    )
     assert [len(stage) for stage in output.token_interaction] == [TINY.de_imbalance.token_interaction_layers]
     for prediction in output.token_interaction[0]:
         assert prediction.logits.shape == (batch, k1, NUM_CLASSES) and prediction.masks is None
@@ -40,13 +44,17 @@ def test_evaluation_predicts_only_the_last_layer_masks_unless_asked():
     assert all(p.masks is not None for p in output.layers)
 
 
-@pytest.mark.parametrize("targets", [tiny_targets(), [dict(labels=torch.zeros(0, dtype=torch.long), boxes=torch.zeros(0, 4))] * 2])
+@pytest.mark.parametrize(
+    "targets", [tiny_targets(), [dict(labels=torch.zeros(0, dtype=torch.long), boxes=torch.zeros(0, 4))] * 2]
+)
 def test_backward_reaches_every_parameter(targets):
     """Distributed training requires that every trainable parameter gets a gradient, also
     for a batch without objects (no denoising queries then)."""
     model = tiny_model()
     output = run(model, train=True, targets=targets)
-    loss = sum(p.logits.sum() + p.boxes.sum() + (0 if p.masks is None else p.masks.sum()) for _, p in all_predictions(output))
+    loss = sum(
+        p.logits.sum() + p.boxes.sum() + (0 if p.masks is None else p.masks.sum()) for _, p in all_predictions(output)
+    )
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []

@@ -1,17 +1,17 @@
 """Proof that the model learns: a small DI-MaskDINO (DI and BATO on) trained from scratch on
 four synthetic images reaches box and mask AP >= 0.9 on them, measured by pycocotools."""
+
 import contextlib
 import io
 
 import numpy as np
+import pytest
 import torch
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from di_maskdino.data import SHAPE_CLASSES, render_scene
-import pytest
-
 from di_maskdino.modeling import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec, build_model
 from di_maskdino.modeling.criterion import SetCriterion
 from di_maskdino.modeling.matcher import HungarianMatcher
@@ -53,7 +53,11 @@ def scenes_and_targets(count):
             x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
             boxes.append([(x0 + x1) / 2 / SIZE, (y0 + y1) / 2 / SIZE, (x1 - x0) / SIZE, (y1 - y0) / SIZE])
         targets.append(
-            dict(labels=torch.tensor(labels), boxes=torch.tensor(boxes, dtype=torch.float32), masks=torch.from_numpy(masks).float())
+            dict(
+                labels=torch.tensor(labels),
+                boxes=torch.tensor(boxes, dtype=torch.float32),
+                masks=torch.from_numpy(masks).float(),
+            )
         )
     return scenes, targets
 
@@ -65,7 +69,11 @@ def rle(mask):
 
 def coco_ap(scenes, results):
     """pycocotools box and mask AP@[.5:.95] of `results` (Instances per image)."""
-    ground_truth = {"images": [], "annotations": [], "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SHAPE_CLASSES)]}
+    ground_truth = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SHAPE_CLASSES)],
+    }
     detections = []
     for image_id, ((_, masks, labels), result) in enumerate(zip(scenes, results), start=1):
         ground_truth["images"].append({"id": image_id, "height": SIZE, "width": SIZE})
@@ -73,13 +81,27 @@ def coco_ap(scenes, results):
             ys, xs = np.nonzero(mask)
             box = [float(xs.min()), float(ys.min()), float(xs.max() + 1 - xs.min()), float(ys.max() + 1 - ys.min())]
             ground_truth["annotations"].append(
-                {"id": len(ground_truth["annotations"]) + 1, "image_id": image_id, "category_id": label + 1,
-                 "segmentation": rle(mask), "area": float(mask.sum()), "bbox": box, "iscrowd": 0}
+                {
+                    "id": len(ground_truth["annotations"]) + 1,
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "segmentation": rle(mask),
+                    "area": float(mask.sum()),
+                    "bbox": box,
+                    "iscrowd": 0,
+                }
             )
-        for score, label, box, mask in zip(result.scores.tolist(), result.labels.tolist(), result.boxes.tolist(), result.masks.numpy()):
+        for score, label, box, mask in zip(
+            result.scores.tolist(), result.labels.tolist(), result.boxes.tolist(), result.masks.numpy()
+        ):
             detections.append(
-                {"image_id": image_id, "category_id": label + 1, "score": score,
-                 "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]], "segmentation": rle(mask)}
+                {
+                    "image_id": image_id,
+                    "category_id": label + 1,
+                    "score": score,
+                    "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                    "segmentation": rle(mask),
+                }
             )
     ap = {}
     with contextlib.redirect_stdout(io.StringIO()):

@@ -12,7 +12,9 @@ def test_instance_inference_hand_made():
     mask_logits = torch.full((2, 2, 2), -5.0)
     mask_logits[0, 0, 0] = 3.0  # query 0: one quarter of the map, probability sigmoid(3)
     mask_logits[1] = 1.0  # query 1: everything, probability sigmoid(1)
-    result = instance_inference(logits, boxes, mask_logits, image_size=(8, 8), padded_size=(8, 8), output_size=(8, 8), topk=3)
+    result = instance_inference(
+        logits, boxes, mask_logits, image_size=(8, 8), padded_size=(8, 8), output_size=(8, 8), topk=3
+    )
     sig = torch.sigmoid
     expected_class = torch.tensor([sig(torch.tensor(2.0)), sig(torch.tensor(1.0)), sig(torch.tensor(0.5))])
     assert result.labels.tolist() == [0, 1, 0]
@@ -30,6 +32,8 @@ def test_instance_inference_undoes_padding_and_resizing():
     logits = torch.tensor([[4.0]])
     boxes = torch.tensor([[0.25, 0.375, 0.5, 0.75]])  # image 48 x 32 inside a 64 x 64 input
     mask_logits = torch.ones(1, 16, 16)
-    result = instance_inference(logits, boxes, mask_logits, image_size=(48, 32), padded_size=(64, 64), output_size=(96, 64), topk=1)
+    result = instance_inference(
+        logits, boxes, mask_logits, image_size=(48, 32), padded_size=(64, 64), output_size=(96, 64), topk=1
+    )
     torch.testing.assert_close(result.boxes[0], torch.tensor([0.0, 0.0, 64.0, 96.0]))
     assert result.masks.shape == (1, 96, 64)
