@@ -2,7 +2,7 @@
 //   torch.ops.di_maskdino.ms_deform_attn_forward
 //   torch.ops.di_maskdino.ms_deform_attn_backward
 // Autograd, the fake (meta) kernels and the autocast policy are registered from Python in
-// di_maskdino/ops/deformable_attention.py.
+// di_maskdino/ops/ms_deform_attn.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 

@@ -1,11 +1,14 @@
 """The multi-scale deformable attention operator against its grid_sample reference."""
+import importlib
 import warnings
 
 import pytest
 import torch
 
-import di_maskdino.ops.deformable_attention as msda_module
 from di_maskdino.ops import kernel_available, ms_deform_attn, ms_deform_attn_reference
+
+# the module (its name is shadowed in di_maskdino.ops by the function it defines)
+msda_module = importlib.import_module("di_maskdino.ops.ms_deform_attn")
 
 needs_kernel = pytest.mark.skipif(
     not kernel_available(torch.device("cpu")),
