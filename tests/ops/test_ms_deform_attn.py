@@ -17,10 +17,6 @@ needs_kernel = pytest.mark.skipif(
     not kernel_available(torch.device("cpu")),
     reason=f"the compiled CPU kernel is not available ({msda_module.extension_status()})",
 )
-needs_cuda_kernel = pytest.mark.skipif(
-    not (torch.cuda.is_available() and kernel_available(torch.device("cuda"))),
-    reason="needs a visible GPU and di_maskdino._C built with CUDA (FORCE_CUDA=1)",
-)
 
 # Non-square levels of different sizes, the largest first as in the encoder.
 LEVELS = [(9, 13), (5, 7), (3, 2), (1, 4)]
@@ -296,19 +292,3 @@ def test_fallback_to_reference_warns_once(monkeypatch):
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1 and "not built" in messages[0]
     torch.testing.assert_close(first, ms_deform_attn_reference(*inputs), rtol=0, atol=0)
-
-
-@needs_cuda_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cuda_matches_cpu(dtype):
-    inputs = list(make_problem(2, 8, 8, 33, 4, dtype=dtype))
-    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0, atol=1e-10)
-    cpu = [t.clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    gpu = [t.cuda().requires_grad_(t.is_floating_point()) for t in inputs]
-    out_cpu, out_gpu = ms_deform_attn(*cpu), ms_deform_attn(*gpu)
-    torch.testing.assert_close(out_gpu.cpu(), out_cpu, **tolerance)
-    grad = torch.randn_like(out_cpu)
-    grads_cpu = torch.autograd.grad(out_cpu, [cpu[0], cpu[3], cpu[4]], grad)
-    grads_gpu = torch.autograd.grad(out_gpu, [gpu[0], gpu[3], gpu[4]], grad.cuda())
-    for a, e in zip(grads_gpu, grads_cpu):
-        torch.testing.assert_close(a.cpu(), e, **tolerance)
