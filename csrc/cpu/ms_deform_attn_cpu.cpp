@@ -4,9 +4,9 @@
 // at::opmath_type gives (float32 for the half types).
 //
 // Both kernels are bound by the latency of gathering value rows, so the entry points first
-// copy value (and, in the backward, the other inputs) into layouts where the rows one head
-// samples are contiguous, and the kernels compute a query's corners and prefetch their rows
-// before they sum.
+// copy value into the layout (B, H, S, C), where the rows one head samples are contiguous
+// (the backward's value gradient too), and the kernels compute a query's corners and
+// prefetch their rows before they sum. Work is handed out dynamically (parallel_claims).
 //
 // Forward: work is split over (batch, query) pairs; every pair owns its output row.
 //
@@ -27,6 +27,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <type_traits>
 #include <vector>
 
 #include "../ms_deform_attn.h"
@@ -48,6 +50,24 @@ inline void prefetch_row(const T* row, int64_t n) {
   (void)row;
   (void)n;
 #endif
+}
+
+// Runs `worker(claim)` once on each of ATen's threads (at most one per `grain` items);
+// claim(begin, end) hands out the next unclaimed `grain` items of [0, count) until none are
+// left. Threads that finish early take more work, which matters when items differ in cost
+// and when other processes share the cores (a static split waits for the slowest thread).
+// The items must be independent.
+template <typename Worker>
+void parallel_claims(int64_t count, int64_t grain, const Worker& worker) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), (count + grain - 1) / grain);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    worker([&](int64_t& begin, int64_t& end) {
+      begin = next.fetch_add(grain);
+      end = std::min(begin + grain, count);
+      return begin < count;
+    });
+  });
 }
 
 // acc[c] += scale * v[c] for c < n.
@@ -84,57 +104,57 @@ template <typename scalar_t, typename acc_t>
 void forward_kernel(const Sizes& n, const scalar_t* value, const int64_t* shapes,
                     const int64_t* starts, const acc_t* locations, const acc_t* weights,
                     scalar_t* output) {
-  at::parallel_for(0, n.batch * n.queries, 16, [&](int64_t begin, int64_t end) {
+  parallel_claims(n.batch * n.queries, 16, [&](const auto& claim) {
     std::vector<acc_t> acc(n.channels);
     std::vector<const scalar_t*> rows(4 * n.levels * n.points);
     std::vector<acc_t> scales(4 * n.levels * n.points);
-    for (int64_t bq = begin; bq < end; ++bq) {
-      const int64_t b = bq / n.queries;
-      for (int64_t h = 0; h < n.heads; ++h) {
-        const int64_t bqh = bq * n.heads + h;
-        const scalar_t* value_bh = value + (b * n.heads + h) * n.tokens * n.channels;
-        int64_t count = 0;
-        for (int64_t l = 0; l < n.levels; ++l) {
-          const scalar_t* value_l = value_bh + starts[l] * n.channels;
-          for (int64_t p = 0; p < n.points; ++p) {
-            const int64_t sample = (bqh * n.levels + l) * n.points + p;
-            const BilinearCorners<acc_t> corners(locations[2 * sample], locations[2 * sample + 1],
-                                                 shapes[2 * l], shapes[2 * l + 1]);
-            if (!corners.any_inside) {
-              continue;
-            }
-            const acc_t attention = weights[sample];
-            for (int k = 0; k < 4; ++k) {
-              if (corners.inside[k]) {
-                rows[count] = value_l + corners.offset[k] * n.channels;
-                scales[count] = attention * corners.weight[k];
-                prefetch_row(rows[count], n.channels);
-                ++count;
+    for (int64_t begin = 0, end = 0; claim(begin, end);) {
+      for (int64_t bq = begin; bq < end; ++bq) {
+        const int64_t b = bq / n.queries;
+        for (int64_t h = 0; h < n.heads; ++h) {
+          const int64_t bqh = bq * n.heads + h;
+          const scalar_t* value_bh = value + (b * n.heads + h) * n.tokens * n.channels;
+          int64_t count = 0;
+          for (int64_t l = 0; l < n.levels; ++l) {
+            const scalar_t* value_l = value_bh + starts[l] * n.channels;
+            for (int64_t p = 0; p < n.points; ++p) {
+              const int64_t sample = (bqh * n.levels + l) * n.points + p;
+              const BilinearCorners<acc_t> corners(locations[2 * sample],
+                                                   locations[2 * sample + 1], shapes[2 * l],
+                                                   shapes[2 * l + 1]);
+              if (!corners.any_inside) {
+                continue;
+              }
+              const acc_t attention = weights[sample];
+              for (int k = 0; k < 4; ++k) {
+                if (corners.inside[k]) {
+                  rows[count] = value_l + corners.offset[k] * n.channels;
+                  scales[count] = attention * corners.weight[k];
+                  prefetch_row(rows[count], n.channels);
+                  ++count;
+                }
               }
             }
           }
-        }
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t i = 0; i < count; ++i) {
-          add_scaled(acc.data(), scales[i], rows[i], n.channels);
-        }
-        scalar_t* out = output + bqh * n.channels;
-        for (int64_t c = 0; c < n.channels; ++c) {
-          out[c] = static_cast<scalar_t>(acc[c]);
+          std::fill(acc.begin(), acc.end(), acc_t(0));
+          for (int64_t i = 0; i < count; ++i) {
+            add_scaled(acc.data(), scales[i], rows[i], n.channels);
+          }
+          scalar_t* out = output + bqh * n.channels;
+          for (int64_t c = 0; c < n.channels; ++c) {
+            out[c] = static_cast<scalar_t>(acc[c]);
+          }
         }
       }
     }
   });
 }
 
-// Layouts of the backward: every (batch, head) gets contiguous blocks, so that an item's
-// reads and writes stream instead of striding over the other heads:
-//   value, grad_value            (B, H, S, C)
-//   grad_output                  (B, H, Q, C)
-//   locations, grad_locations    (B, H, L, Q, P, 2)
-//   weights, grad_weights        (B, H, L, Q, P)
-template <typename acc_t>
-void backward_kernel(const Sizes& n, const acc_t* grad_output, const acc_t* value,
+// value and grad_value in the layout (B, H, S, C), the other tensors as in ms_deform_attn.h.
+// An item reads one (head, level) slice of every query's locations, weights and grad_output
+// row, so these are prefetched two queries ahead.
+template <typename scalar_t, typename acc_t>
+void backward_kernel(const Sizes& n, const scalar_t* grad_output, const acc_t* value,
                      const int64_t* shapes, const int64_t* starts, const acc_t* locations,
                      const acc_t* weights, acc_t* grad_value, acc_t* grad_locations,
                      acc_t* grad_weights) {
@@ -145,10 +165,12 @@ void backward_kernel(const Sizes& n, const acc_t* grad_output, const acc_t* valu
   // Four items per thread balance levels of different cost well enough.
   const int64_t wanted = 4 * static_cast<int64_t>(at::get_num_threads());
   const int64_t bands = std::max<int64_t>(1, (wanted + level_items - 1) / level_items);
-  at::parallel_for(0, level_items * bands, 1, [&](int64_t begin, int64_t end) {
+  parallel_claims(level_items * bands, 1, [&](const auto& claim) {
     std::vector<int64_t> samples(n.points);  // the query's samples that touch the band
-    std::vector<BilinearCorners<acc_t>> corner_sets(n.points, BilinearCorners<acc_t>(-2, -2, 1, 1));
-    for (int64_t item = begin; item < end; ++item) {
+    std::vector<BilinearCorners<acc_t>> corner_sets(n.points,
+                                                    BilinearCorners<acc_t>(-2, -2, 1, 1));
+    std::vector<acc_t> g_converted(std::is_same<scalar_t, acc_t>::value ? 0 : n.channels);
+    for (int64_t item = 0, end = 0; claim(item, end);) {
       const int64_t band = item % bands;
       const int64_t bhl = item / bands;  // ((b * H) + h) * L + l
       const int64_t l = bhl % n.levels;
@@ -164,14 +186,27 @@ void backward_kernel(const Sizes& n, const acc_t* grad_output, const acc_t* valu
       const int64_t level_base = (bh * n.tokens + starts[l]) * n.channels;
       const acc_t* value_l = value + level_base;
       acc_t* grad_value_l = grad_value + level_base;
-      const acc_t* g_bh = grad_output + bh * n.queries * n.channels;
-      const int64_t first_sample = bhl * n.queries * n.points;
+      const int64_t b = bh / n.heads;
+      const int64_t h = bh % n.heads;
+      // sample (q, p) of the item is (((b Q + q) H + h) L + l) P + p
+      const int64_t sample_stride = n.heads * n.levels * n.points;  // from a query to the next
+      const int64_t first_sample = ((b * n.queries * n.heads + h) * n.levels + l) * n.points;
+      const int64_t g_stride = n.heads * n.channels;
+      const scalar_t* g_first = grad_output + (b * n.queries * n.heads + h) * n.channels;
+      constexpr int64_t kAhead = 2;
       for (int64_t q = 0; q < n.queries; ++q) {
-        const acc_t* g = g_bh + q * n.channels;
+        if (q + kAhead < n.queries) {
+          const int64_t ahead = first_sample + (q + kAhead) * sample_stride;
+          prefetch_row(locations + 2 * ahead, 2 * n.points);
+          prefetch_row(weights + ahead, n.points);
+          prefetch_row(g_first + (q + kAhead) * g_stride, n.channels);
+        }
+        const scalar_t* g_row = g_first + q * g_stride;
+        const acc_t* g = nullptr;  // g_row in acc_t
         // The corners of the query's P samples first, prefetching the rows they touch.
         int64_t count = 0;
         for (int64_t p = 0; p < n.points; ++p) {
-          const int64_t sample = first_sample + q * n.points + p;
+          const int64_t sample = first_sample + q * sample_stride + p;
           if (!whole_level) {
             // Cheap test on the row alone before the full bilinear geometry.
             const acc_t y = locations[2 * sample + 1] * static_cast<acc_t>(height) - acc_t(0.5);
@@ -198,6 +233,16 @@ void backward_kernel(const Sizes& n, const acc_t* grad_output, const acc_t* valu
           samples[count] = sample;
           corner_sets[count] = corners;
           ++count;
+        }
+        if (count > 0) {
+          if constexpr (std::is_same<scalar_t, acc_t>::value) {
+            g = g_row;
+          } else {
+            for (int64_t c = 0; c < n.channels; ++c) {
+              g_converted[c] = static_cast<acc_t>(g_row[c]);
+            }
+            g = g_converted.data();
+          }
         }
         for (int64_t i = 0; i < count; ++i) {
           const int64_t sample = samples[i];
@@ -241,6 +286,13 @@ struct Prepared {
   at::Tensor value, shapes, starts, locations, weights;
 };
 
+// `tensor` (B, S, H, C) copied into the layout (B, H, S, C), as `dtype`, in one pass.
+at::Tensor heads_first(const at::Tensor& tensor, at::ScalarType dtype) {
+  auto result = at::empty({tensor.size(0), tensor.size(2), tensor.size(1), tensor.size(3)},
+                          tensor.options().dtype(dtype));
+  return result.copy_(tensor.permute({0, 2, 1, 3}));
+}
+
 Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes,
                  const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                  const at::Tensor& attention_weights) {
@@ -261,7 +313,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const Prepared in = prepare(value, spatial_shapes, level_start_index, sampling_locations,
                               attention_weights);
   const Sizes n(in.value, in.locations);
-  const auto value_t = in.value.permute({0, 2, 1, 3}).contiguous();
+  const auto value_t = heads_first(in.value, value.scalar_type());
   auto output = at::empty({n.batch, n.queries, n.heads * n.channels}, value.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
@@ -283,29 +335,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const Sizes n(in.value, in.locations);
   check_ms_deform_attn_grad_output(grad_output, value, n);
   const auto acc_type = in.locations.scalar_type();  // opmath type of value
-  // The kernel's layouts (see backward_kernel), in acc_t: the half types are converted here.
-  const auto value_t = in.value.permute({0, 2, 1, 3}).to(acc_type).contiguous();
-  const auto grad_t = grad_output.view({n.batch, n.queries, n.heads, n.channels})
-                          .permute({0, 2, 1, 3})
-                          .to(acc_type)
-                          .contiguous();
-  const auto locations_t = in.locations.permute({0, 2, 3, 1, 4, 5}).contiguous();
-  const auto weights_t = in.weights.permute({0, 2, 3, 1, 4}).contiguous();
+  // value in the kernel's layout and in acc_t (the half types are converted here)
+  const auto value_t = heads_first(in.value, acc_type);
+  const auto grad = grad_output.contiguous();
   auto grad_value_t = at::zeros_like(value_t);
-  auto grad_locations_t = at::zeros_like(locations_t);
-  auto grad_weights_t = at::zeros_like(weights_t);
-  AT_DISPATCH_FLOATING_TYPES(acc_type, "ms_deform_attn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(
-        n, grad_t.data_ptr<scalar_t>(), value_t.data_ptr<scalar_t>(),
-        in.shapes.data_ptr<int64_t>(), in.starts.data_ptr<int64_t>(),
-        locations_t.data_ptr<scalar_t>(), weights_t.data_ptr<scalar_t>(),
-        grad_value_t.data_ptr<scalar_t>(), grad_locations_t.data_ptr<scalar_t>(),
-        grad_weights_t.data_ptr<scalar_t>());
-  });
-  // Back to the layouts of the inputs, contiguous.
-  auto grad_value = grad_value_t.permute({0, 2, 1, 3}).to(value.scalar_type()).contiguous();
-  auto grad_locations = grad_locations_t.permute({0, 3, 1, 2, 4, 5}).contiguous();
-  auto grad_weights = grad_weights_t.permute({0, 3, 1, 2, 4}).contiguous();
+  auto grad_locations = at::zeros_like(in.locations);
+  auto grad_weights = at::zeros_like(in.weights);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        backward_kernel<scalar_t, acc_t>(
+            n, grad.data_ptr<scalar_t>(), value_t.data_ptr<acc_t>(), in.shapes.data_ptr<int64_t>(),
+            in.starts.data_ptr<int64_t>(), in.locations.data_ptr<acc_t>(),
+            in.weights.data_ptr<acc_t>(), grad_value_t.data_ptr<acc_t>(),
+            grad_locations.data_ptr<acc_t>(), grad_weights.data_ptr<acc_t>());
+      });
+  auto grad_value = heads_first(grad_value_t, value.scalar_type());  // back to (B, S, H, C)
   return {grad_value, grad_locations, grad_weights};
 }
 
