@@ -1,5 +1,5 @@
 """Compiled operators (with pure-PyTorch references) used by the model."""
-from .deformable_attention import extension_status, kernel_available, ms_deform_attn
+from .ms_deform_attn import extension_status, kernel_available, ms_deform_attn
 from .flops import MS_DEFORM_ATTN_OP, flop_handles, ms_deform_attn_flop_jit
 from .reference import ms_deform_attn_reference
 

@@ -1,11 +1,12 @@
 """The FLOP count of the deformable attention operator under fvcore's counter."""
 import pytest
 import torch
-from fvcore.nn import FlopCountAnalysis
 
 from di_maskdino.ops import MS_DEFORM_ATTN_OP, flop_handles, kernel_available, ms_deform_attn
 
 from .test_ms_deform_attn import make_problem
+
+FlopCountAnalysis = pytest.importorskip("fvcore.nn").FlopCountAnalysis
 
 pytestmark = pytest.mark.skipif(
     not kernel_available(torch.device("cpu")), reason="needs the compiled operator (the fallback is plain PyTorch ops)"

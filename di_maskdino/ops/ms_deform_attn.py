@@ -10,10 +10,16 @@ Shape glossary:
 
 The compiled kernels of ``di_maskdino._C`` (``csrc/``) register the operators
 ``torch.ops.di_maskdino.ms_deform_attn_forward`` / ``..._backward`` for CPU and CUDA. This
-module adds what PyTorch needs around them - the autograd formula, fake (meta) kernels for
-``torch.compile`` and an autocast policy (float32) - and the public function
-:func:`ms_deform_attn`. Where no kernel is available (extension not built, or built
-without CUDA and called on a GPU) the pure-PyTorch reference runs instead, and says so once.
+module adds what PyTorch needs around them - the autograd formula and fake (meta) kernels
+for ``torch.compile`` - and the public function :func:`ms_deform_attn`. Where no kernel is
+available (extension not built, or built without CUDA and called on a GPU) the pure-PyTorch
+reference runs instead, and says so once.
+
+Precision: the kernels read ``value`` in its own dtype (float64, float32, float16 or
+bfloat16) and accumulate in float32 (float64 for float64 values); sampling locations and
+attention weights are passed in that accumulation type. There is no autocast policy: under
+autocast, ``value`` arrives in the autocast dtype from its linear projection and stays so,
+which is what halves the memory of the tensor saved for the backward.
 """
 import warnings
 from typing import Optional, Tuple
@@ -44,6 +50,10 @@ def _load_extension() -> Tuple[Optional[object], str]:
 
 
 _C, _UNAVAILABLE = _load_extension()
+# Decided once here: kernel_available runs inside torch.compile'd code, where a call into the
+# extension (a pybind function) would break the graph at every attention layer.
+_CUDA_COMPILED = _C is not None and bool(_C.compiled_with_cuda())
+_KERNEL_DEVICE_TYPES = frozenset(() if _C is None else (("cpu", "cuda") if _CUDA_COMPILED else ("cpu",)))
 _fallback_announced = False
 
 
@@ -51,16 +61,12 @@ def extension_status() -> str:
     """A one-line description of which kernels this installation has."""
     if _C is None:
         return "pure-PyTorch reference only: " + _UNAVAILABLE
-    return "compiled kernels: CPU" + (" and CUDA" if _C.compiled_with_cuda() else " (CUDA not compiled)")
+    return "compiled kernels: CPU" + (" and CUDA" if _CUDA_COMPILED else " (CUDA not compiled)")
 
 
 def kernel_available(device: torch.device) -> bool:
     """Whether a compiled kernel serves tensors on `device`."""
-    if _C is None:
-        return False
-    if device.type == "cpu":
-        return True
-    return device.type == "cuda" and _C.compiled_with_cuda()
+    return device.type in _KERNEL_DEVICE_TYPES
 
 
 def _announce_fallback(device: torch.device) -> None:
@@ -89,7 +95,12 @@ if _C is not None:
 
     @torch.library.register_fake(_BACKWARD_OP)
     def _backward_fake(grad_output, value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        return torch.empty_like(value), torch.empty_like(sampling_locations), torch.empty_like(attention_weights)
+        # The kernels return contiguous gradients, whatever the strides of their inputs.
+        return (
+            value.new_empty(value.shape),
+            sampling_locations.new_empty(sampling_locations.shape),
+            attention_weights.new_empty(attention_weights.shape),
+        )
 
     def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -102,9 +113,6 @@ if _C is not None:
         return grad_value, None, None, grad_locations, grad_weights
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-    # Bilinear weights and sums over many samples lose too much in half precision.
-    for _device_type in ("cpu", "cuda"):
-        torch.library.register_autocast(_OP, _device_type, torch.float32)
 
 
 def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> None:
@@ -138,6 +146,14 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
             raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {tensor.dtype}")
 
 
+def _kernel_dtypes(value, sampling_locations, attention_weights) -> Tuple[torch.dtype, torch.dtype]:
+    """(dtype of value, dtype of locations and weights) for the kernels: float64 throughout if
+    any input is float64; otherwise value keeps its dtype and the others are float32."""
+    if torch.float64 in (value.dtype, sampling_locations.dtype, attention_weights.dtype):
+        return torch.float64, torch.float64
+    return value.dtype, torch.float32
+
+
 def ms_deform_attn(
     value: torch.Tensor,
     spatial_shapes: torch.Tensor,
@@ -158,24 +174,24 @@ def ms_deform_attn(
             over L * P).
 
     Returns:
-        (B, Q, heads * C_h) tensor in the dtype of `value`. Half and bfloat16 inputs are
-        computed in float32 and cast back.
+        (B, Q, heads * C_h) tensor in the dtype of `value`. float16 and bfloat16 values are
+        read as they are and summed in float32; locations and weights are converted to
+        float32 (float64 if any input is float64).
     """
     _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    compute_dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
-    if compute_dtype in (torch.float16, torch.bfloat16):
-        compute_dtype = torch.float32
+    value_dtype, location_dtype = _kernel_dtypes(value, sampling_locations, attention_weights)
     device = value.device
-    args = (
-        value.to(compute_dtype),
-        spatial_shapes.to(device=device, dtype=torch.long),
-        level_start_index.to(device=device, dtype=torch.long),
-        sampling_locations.to(compute_dtype),
-        attention_weights.to(compute_dtype),
-    )
+    spatial_shapes = spatial_shapes.to(device=device, dtype=torch.long)
+    level_start_index = level_start_index.to(device=device, dtype=torch.long)
+    sampling_locations = sampling_locations.to(location_dtype)
+    attention_weights = attention_weights.to(location_dtype)
     if kernel_available(device):
-        output = torch.ops.di_maskdino.ms_deform_attn_forward(*args)
+        output = torch.ops.di_maskdino.ms_deform_attn_forward(
+            value.to(value_dtype), spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     else:
         _announce_fallback(device)
-        output = ms_deform_attn_reference(*args)
+        output = ms_deform_attn_reference(
+            value.to(location_dtype), spatial_shapes, level_start_index, sampling_locations, attention_weights
+        )
     return output.to(value.dtype)
