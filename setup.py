@@ -13,6 +13,7 @@ The toolkit is CUDA_HOME (or CUDA_PATH) if set, else the root the `nvcc` on PATH
 visible GPUs' are used, and without a GPU DEFAULT_CUDA_ARCHS, less those the toolkit's nvcc
 is too old for.
 """
+
 import glob
 import os
 import re
@@ -72,7 +73,9 @@ def _root_reported_by(nvcc: str) -> Optional[str]:
     try:
         completed = subprocess.run(
             [nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -82,7 +85,9 @@ def _root_reported_by(nvcc: str) -> Optional[str]:
     return os.path.realpath(match.group(1).strip().strip('"'))  # TOP is <root>/bin/..
 
 
-def find_cuda_home(env: Mapping[str, str] = os.environ, fallbacks: Sequence[str] = ("/usr/local/cuda",)) -> Tuple[Optional[str], str]:
+def find_cuda_home(
+    env: Mapping[str, str] = os.environ, fallbacks: Sequence[str] = ("/usr/local/cuda",)
+) -> Tuple[Optional[str], str]:
     """(toolkit root, how it was found) or (None, why none was found)."""
     for name in ("CUDA_HOME", "CUDA_PATH"):
         if env.get(name):
@@ -111,7 +116,9 @@ def find_cuda_home(env: Mapping[str, str] = os.environ, fallbacks: Sequence[str]
 
 def nvcc_version(root: str) -> Optional[Tuple[int, int]]:
     try:
-        completed = subprocess.run([os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60)
+        completed = subprocess.run(
+            [os.path.join(root, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+)\.(\d+)", completed.stdout)

@@ -1,5 +1,6 @@
 """setup.py's search for the CUDA toolkit and its default architecture list, on fake toolkits
 (small directory trees with an nvcc script) and on this machine's."""
+
 import importlib.util
 import os
 import shutil
@@ -60,7 +61,10 @@ def test_symlinked_nvcc_is_followed(setup_module, tmp_path):
 
 def test_cuda_home_wins_and_a_wrong_one_is_named(setup_module, tmp_path):
     toolkit = fake_toolkit(tmp_path / "cuda", "12.1")
-    assert setup_module.find_cuda_home({"CUDA_HOME": str(toolkit), "PATH": ""}, fallbacks=()) == (str(toolkit), "CUDA_HOME")
+    assert setup_module.find_cuda_home({"CUDA_HOME": str(toolkit), "PATH": ""}, fallbacks=()) == (
+        str(toolkit),
+        "CUDA_HOME",
+    )
     root, why = setup_module.find_cuda_home({"CUDA_HOME": str(tmp_path), "PATH": ""}, fallbacks=())
     assert root is None and f"CUDA_HOME={tmp_path} is not a CUDA toolkit root" in why and "bin/nvcc" in why
 

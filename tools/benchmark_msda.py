@@ -23,6 +23,7 @@ everything in --dtype.
     python tools/benchmark_msda.py                       # CPU, all threads torch uses
     python tools/benchmark_msda.py --device cuda --dtype float16 --json out.json
 """
+
 import argparse
 import json
 import os
@@ -87,7 +88,9 @@ def worker(implementation: str, problem: str, mode: str, device: str, dtype: str
 
     device = torch.device(device)
     if implementation == "kernel" and not kernel_available(device):
-        raise SystemExit(f"no compiled kernel for {device}: build di_maskdino._C first (pip install --no-build-isolation -e .)")
+        raise SystemExit(
+            f"no compiled kernel for {device}: build di_maskdino._C first (pip install --no-build-isolation -e .)"
+        )
     inputs = make_inputs(problem, device, DTYPES[dtype])
     if implementation == "kernel":
         function = ms_deform_attn
@@ -146,8 +149,20 @@ def worker(implementation: str, problem: str, mode: str, device: str, dtype: str
 
 def run_in_subprocess(args, implementation, problem, mode) -> dict:
     command = [
-        sys.executable, os.path.abspath(__file__), "--worker", implementation, problem, mode,
-        "--device", args.device, "--dtype", args.dtype, "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--worker",
+        implementation,
+        problem,
+        mode,
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--warmup",
+        str(args.warmup),
+        "--repeats",
+        str(args.repeats),
     ]
     completed = subprocess.run(command, capture_output=True, text=True)
     if completed.returncode != 0:
@@ -174,7 +189,10 @@ def main() -> None:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"torch {torch.__version__}, device {args.device} ({name}), value {args.dtype}; {extension_status()}")
-    print(f"median (fastest) of {args.repeats} runs after {args.warmup} warm-up runs; peak = memory of one call above its inputs")
+    print(
+        f"median (fastest) of {args.repeats} runs after {args.warmup} warm-up runs; "
+        "peak = memory of one call above its inputs"
+    )
     print(f"load average before: {_load_average()}\n")
     results = [
         run_in_subprocess(args, implementation, problem, mode)
@@ -182,7 +200,10 @@ def main() -> None:
         for mode in MODES
         for implementation in IMPLEMENTATIONS
     ]
-    header = f"{'problem':<9} {'queries':>7} {'mode':<17} {'kernel ms':>17} {'ref ms':>17} {'speed-up':>9} {'kernel MiB':>11} {'ref MiB':>9}"
+    header = (
+        f"{'problem':<9} {'queries':>7} {'mode':<17} {'kernel ms':>17} {'ref ms':>17} {'speed-up':>9} "
+        f"{'kernel MiB':>11} {'ref MiB':>9}"
+    )
     print(header)
     print("-" * len(header))
     for problem in args.problems:
@@ -194,7 +215,8 @@ def main() -> None:
             times = [f"{r['median_ms']:.1f} ({r['min_ms']:.1f})" for r in (kernel, reference)]
             print(
                 f"{problem:<9} {kernel['queries']:>7} {mode:<17} {times[0]:>17} {times[1]:>17} "
-                f"{reference['median_ms'] / kernel['median_ms']:>8.1f}x {kernel['peak_mib']:>11.1f} {reference['peak_mib']:>9.1f}"
+                f"{reference['median_ms'] / kernel['median_ms']:>8.1f}x "
+                f"{kernel['peak_mib']:>11.1f} {reference['peak_mib']:>9.1f}"
             )
     print(f"\nload average after: {_load_average()}")
     print(GOALS)

@@ -4,6 +4,7 @@ pure-PyTorch reference on every device it serves. Exits non-zero on a mismatch.
 
     python tools/check_install.py
 """
+
 import importlib.util
 import sys
 
@@ -25,8 +26,10 @@ def _check_operator(device: torch.device) -> float:
 
 
 def main() -> int:
-    print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA build {torch.version.cuda}), "
-          f"GPU visible: {torch.cuda.is_available()}")
+    print(
+        f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA build {torch.version.cuda}), "
+        f"GPU visible: {torch.cuda.is_available()}"
+    )
     print(f"di_maskdino operators: {extension_status()}")
     if importlib.util.find_spec("detectron2") is None:
         print("detectron2: not installed (needed for training, evaluation and the demo)")
@@ -43,7 +46,9 @@ def main() -> int:
         error = _check_operator(device)
         ok = error < 1e-10
         failed |= not ok
-        print(f"ms_deform_attn on {device}: kernel vs reference max |diff| = {error:.2e} ({'ok' if ok else 'MISMATCH'})")
+        print(
+            f"ms_deform_attn on {device}: kernel vs reference max |diff| = {error:.2e} ({'ok' if ok else 'MISMATCH'})"
+        )
     return 1 if failed else 0
 
 

@@ -19,6 +19,7 @@ It builds the model with what stays stable across refactors: di_maskdino.d2.load
 detectron2.modeling.build_model and model(batched_inputs). Random weights (MODEL.WEIGHTS is
 ignored): speed and memory do not depend on them. Exit status 1 if a loss is not finite.
 """
+
 import argparse
 import os
 import resource
@@ -87,19 +88,26 @@ def inference(model, args, device, amp_dtype) -> None:
     item = synthetic_image(height, width, torch.Generator().manual_seed(0), 1, instances=False)
     model.eval()
     for label, autocast in (("float32", False), (f"AMP {args.amp_dtype}", True)):
-        def call():
+
+        def call(autocast=autocast):
             with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=autocast):
                 model([item])
 
         seconds = timed_calls(call, device, args.fps_warmup, args.fps_repeats)
-        print(f"inference {label}: {seconds * 1e3:.1f} ms per image, {1 / seconds:.2f} FPS (input {height}x{width}, end to end)")
+        print(
+            f"inference {label}: {seconds * 1e3:.1f} ms per image, {1 / seconds:.2f} FPS "
+            f"(input {height}x{width}, end to end)"
+        )
 
 
 def training(model, cfg, args, device, amp_dtype) -> int:
     height, width = args.input_size
     generator = torch.Generator().manual_seed(1)
     num_classes = cfg.MODEL.DI_MASKDINO.NUM_CLASSES
-    batches = [[synthetic_image(height, width, generator, num_classes, instances=True) for _ in range(args.batch)] for _ in range(4)]
+    batches = [
+        [synthetic_image(height, width, generator, num_classes, instances=True) for _ in range(args.batch)]
+        for _ in range(4)
+    ]
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -121,7 +129,8 @@ def training(model, cfg, args, device, amp_dtype) -> int:
     print(
         f"training AMP {args.amp_dtype}: {args.train_iters} iterations of {args.batch} images {height}x{width}, "
         f"{statistics.median(steady):.3f} s per iteration, total loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-        f"peak memory {peak_memory_mib(device):.0f} MiB ({'CUDA allocated' if device.type == 'cuda' else 'CPU resident set'})"
+        f"peak memory {peak_memory_mib(device):.0f} MiB "
+        f"({'CUDA allocated' if device.type == 'cuda' else 'CPU resident set'})"
     )
     if not all(map(torch.isfinite, torch.tensor(losses))):
         print(f"training: non-finite loss in {losses}", file=sys.stderr)
@@ -134,7 +143,9 @@ def main() -> int:
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--input-size", default="800x1333", help="HxW of the synthetic images")
-    parser.add_argument("--amp-dtype", default=None, choices=list(AMP_DTYPES), help="default: float16 on a GPU, bfloat16 on a CPU")
+    parser.add_argument(
+        "--amp-dtype", default=None, choices=list(AMP_DTYPES), help="default: float16 on a GPU, bfloat16 on a CPU"
+    )
     parser.add_argument("--fps-warmup", type=int, default=3)
     parser.add_argument("--fps-repeats", type=int, default=20)
     parser.add_argument("--train-iters", type=int, default=50)

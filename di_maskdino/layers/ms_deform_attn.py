@@ -7,6 +7,7 @@ bilinearly sampled values (:func:`di_maskdino.ops.ms_deform_attn`).
 Shape glossary: B batch, Q queries, S value tokens (sum of H_l * W_l), D model width,
 L levels, P points, heads attention heads.
 """
+
 import math
 from typing import Optional
 

@@ -1,6 +1,7 @@
 """Compiled operators (with pure-PyTorch references) used by the model."""
-from .ms_deform_attn import extension_status, kernel_available, ms_deform_attn
+
 from .flops import MS_DEFORM_ATTN_OP, flop_handles, ms_deform_attn_flop_jit
+from .ms_deform_attn import extension_status, kernel_available, ms_deform_attn
 from .reference import ms_deform_attn_reference
 
 __all__ = [

@@ -8,6 +8,7 @@ costs 5: four bilinear corner weights times values and one attention weight.
 fvcore is imported when a handle runs, not with this module, so that the operator
 (`di_maskdino.ops`) imports with torch alone.
 """
+
 from typing import Any, List
 
 __all__ = ["MS_DEFORM_ATTN_OP", "ms_deform_attn_flop_jit", "sdpa_flop_jit", "flop_handles"]

@@ -21,6 +21,7 @@ attention weights are passed in that accumulation type. There is no autocast pol
 autocast, ``value`` arrives in the autocast dtype from its linear projection and stays so,
 which is what halves the memory of the tensor saved for the backward.
 """
+
 import warnings
 from typing import Optional, Tuple
 
@@ -141,7 +142,11 @@ def _check_inputs(value, spatial_shapes, level_start_index, sampling_locations, 
             f"ms_deform_attn: spatial_shapes must be ({levels}, 2) and level_start_index ({levels},) "
             f"for {levels} levels, got {tuple(spatial_shapes.shape)} and {tuple(level_start_index.shape)}"
         )
-    for name, tensor in (("value", value), ("sampling_locations", sampling_locations), ("attention_weights", attention_weights)):
+    for name, tensor in (
+        ("value", value),
+        ("sampling_locations", sampling_locations),
+        ("attention_weights", attention_weights),
+    ):
         if not tensor.is_floating_point():
             raise TypeError(f"ms_deform_attn: {name} must be a floating-point tensor, got {tensor.dtype}")
 

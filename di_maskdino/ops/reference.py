@@ -4,6 +4,7 @@ It is the test oracle of the compiled kernels and the fallback when they are not
 Shapes are those of :func:`di_maskdino.ops.ms_deform_attn`. The levels are processed one at
 a time, so the largest intermediate is (B * heads, C_h, Q, P) for a single level.
 """
+
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,5 @@
 """The MSDeformAttn layer: initialisation, reference-point conventions, padding, compile."""
+
 import math
 
 import pytest
@@ -52,7 +53,9 @@ def test_point_reference_offsets_count_in_pixels_of_each_level():
     query = torch.zeros(2, 1, 2, dtype=torch.float64)
     output = layer(query, reference, value.expand(2, -1, -1), shapes, starts)
     # pixel x = ref_x * W + dx - 0.5, pixel y = ref_y * H + dy - 0.5 (interior, so exact)
-    expected = torch.tensor([[[0.25 * 16 + 1.5 - 0.5, 0.5 * 10 - 2.0 - 0.5]], [[0.6 * 16 + 1.0, 0.45 * 10 - 2.5]]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[[0.25 * 16 + 1.5 - 0.5, 0.5 * 10 - 2.0 - 0.5]], [[0.6 * 16 + 1.0, 0.45 * 10 - 2.5]]], dtype=torch.float64
+    )
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-9)
 
 

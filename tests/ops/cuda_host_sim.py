@@ -2,6 +2,7 @@
 points of csrc/cuda/ms_deform_attn_cuda.cu and their kernels compiled for the host, with every
 launch run on simulated CUDA threads. Built once and cached under build/host_sim/ (ninja
 rebuilds it when a source or header changes)."""
+
 import functools
 from pathlib import Path
 

@@ -9,6 +9,7 @@ loops, warp reductions, argument checks and the deterministic backward. Grids ar
 one or two blocks ("resident blocks") so that the grid-stride loops iterate, and the last
 iteration leaves some lane groups without work.
 """
+
 import pytest
 import torch
 
@@ -52,18 +53,27 @@ TOLERANCE = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2),
 }
 # location and weight gradients stay in float32: only the summation order differs
-ACC_TOLERANCE = {torch.float64: dict(rtol=0, atol=1e-10), **{t: dict(rtol=1e-4, atol=1e-4) for t in (torch.float32, torch.float16, torch.bfloat16)}}
+ACC_TOLERANCE = {
+    torch.float64: dict(rtol=0, atol=1e-10),
+    **{t: dict(rtol=1e-4, atol=1e-4) for t in (torch.float32, torch.float16, torch.bfloat16)},
+}
 
 # (problem, expected variant of the kernels for float32)
 CASES = {
     # the model's shape (L = P = 4, compiled in); 32 channels: V = 4, groups of 8 lanes
     "model_shape_8_heads": (dict(batch=2, heads=8, channels=32, queries=9, points=4), "V=4 group=8 levels=4 points=4"),
     # C = 33, one head: V = 1, a whole warp per query-head, lane 0 takes a second chunk
-    "33_channels_1_head": (dict(batch=1, heads=1, channels=33, queries=13, points=3, levels=LEVELS_3), "V=1 group=32 levels=0 points=0"),
+    "33_channels_1_head": (
+        dict(batch=1, heads=1, channels=33, queries=13, points=3, levels=LEVELS_3),
+        "V=1 group=32 levels=0 points=0",
+    ),
     # C = 5: groups of 8 lanes, three without channels
     "5_channels_8_heads": (dict(batch=3, heads=8, channels=5, queries=7, points=1), "V=1 group=8 levels=0 points=0"),
     # C = 12: V = 4 and groups of 4 lanes, one idle
-    "12_channels": (dict(batch=2, heads=2, channels=12, queries=11, points=2, levels=LEVELS_3), "V=4 group=4 levels=0 points=0"),
+    "12_channels": (
+        dict(batch=2, heads=2, channels=12, queries=11, points=2, levels=LEVELS_3),
+        "V=4 group=4 levels=0 points=0",
+    ),
     # 3 heads x 7 queries = 21 query-heads for groups of 8 lanes (4 a warp): the last warp has
     # lane groups without a query-head, which must still join the shuffles
     "partial_warp": (dict(batch=1, heads=3, channels=20, queries=7, points=4), "V=4 group=8 levels=4 points=4"),
@@ -100,7 +110,9 @@ def test_forward_and_gradients_match_float64_reference(sim, case, dtype):
         (TOLERANCE[dtype], ACC_TOLERANCE[dtype], ACC_TOLERANCE[dtype]),
     ):
         assert actual.dtype == input_.dtype and actual.shape == input_.shape
-        torch.testing.assert_close(actual.double(), wanted, **tolerance, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(
+            actual.double(), wanted, **tolerance, msg=lambda m, name=name: f"grad of {name}: {m}"
+        )
 
     # the variants and grids the test means to exercise
     kernels = {description.split()[0]: (description, blocks) for description, blocks, _ in launches}
@@ -124,7 +136,9 @@ def test_vector_loads_fall_back_on_misaligned_value(sim):
     sim.reset()
     output = sim.forward(shifted, shapes, starts, locations, weights)
     assert sim.launches()[-1][0].startswith("forward V=1 ")
-    torch.testing.assert_close(output, ms_deform_attn_reference(value, shapes, starts, locations, weights), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        output, ms_deform_attn_reference(value, shapes, starts, locations, weights), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_deterministic_backward_uses_no_atomics(sim):
@@ -147,8 +161,15 @@ def test_deterministic_backward_uses_no_atomics(sim):
     finally:
         torch.use_deterministic_algorithms(previous)
     assert sim.atomic_adds() == 0
-    assert [d.split()[0] for d, _, _ in sim.launches()] == ["check_level_layout", "backward", "corner_rows", "value_grad_from_sorted"]
-    for actual, wanted, tolerance in zip(deterministic, expected, (TOLERANCE[torch.float32], ACC_TOLERANCE[torch.float32], ACC_TOLERANCE[torch.float32])):
+    assert [d.split()[0] for d, _, _ in sim.launches()] == [
+        "check_level_layout",
+        "backward",
+        "corner_rows",
+        "value_grad_from_sorted",
+    ]
+    for actual, wanted, tolerance in zip(
+        deterministic, expected, (TOLERANCE[torch.float32], ACC_TOLERANCE[torch.float32], ACC_TOLERANCE[torch.float32])
+    ):
         torch.testing.assert_close(actual.double(), wanted, **tolerance)
     torch.testing.assert_close(deterministic[1], atomic[1], rtol=0, atol=0)  # same kernel, same order
 
@@ -163,7 +184,9 @@ def test_deterministic_backward_uses_no_atomics(sim):
 )
 @pytest.mark.parametrize("entry", ["forward", "backward"])
 def test_bad_level_layout_stops_before_sampling(sim, entry, fault, message):
-    value, shapes, starts, locations, weights = make_problem(1, 2, 4, 3, 2, levels=[(3, 4), (2, 2)], dtype=torch.float32)
+    value, shapes, starts, locations, weights = make_problem(
+        1, 2, 4, 3, 2, levels=[(3, 4), (2, 2)], dtype=torch.float32
+    )
     if fault == "start":
         starts = starts + 1
     elif fault == "total":
@@ -237,7 +260,18 @@ def cuda_shuffle(op, values, argument, width):
 
 @pytest.mark.parametrize(
     "op, argument, width",
-    [("xor", 1, 32), ("xor", 16, 32), ("xor", 5, 8), ("xor", 4, 4), ("down", 1, 32), ("down", 3, 8), ("up", 2, 32), ("up", 5, 16), ("index", 7, 32), ("index", 9, 8)],
+    [
+        ("xor", 1, 32),
+        ("xor", 16, 32),
+        ("xor", 5, 8),
+        ("xor", 4, 4),
+        ("down", 1, 32),
+        ("down", 3, 8),
+        ("up", 2, 32),
+        ("up", 5, 16),
+        ("index", 7, 32),
+        ("index", 9, 8),
+    ],
 )
 def test_shuffles_exchange_lane_values_as_cuda_defines(sim, op, argument, width):
     threads, blocks = 64, 2

@@ -1,4 +1,5 @@
 """The FLOP count of the deformable attention operator under fvcore's counter."""
+
 import pytest
 import torch
 

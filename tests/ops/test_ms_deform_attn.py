@@ -1,4 +1,5 @@
 """The multi-scale deformable attention operator against its grid_sample reference."""
+
 import importlib
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def test_backward_matches_reference(case):
     expected = torch.autograd.grad(ms_deform_attn_reference(*inputs), differentiable, grad_output)
     actual = torch.autograd.grad(ms_deform_attn(*inputs), differentiable, grad_output)
     for name, a, e in zip(("value", "sampling_locations", "attention_weights"), actual, expected):
-        torch.testing.assert_close(a, e, rtol=0, atol=1e-10, msg=lambda m: f"grad of {name}: {m}")
+        torch.testing.assert_close(a, e, rtol=0, atol=1e-10, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 @needs_kernel
@@ -181,7 +182,10 @@ def test_operator_imports_with_torch_alone():
         "import torch\n"
         "from di_maskdino.ops import ms_deform_attn\n"
         "value = torch.zeros(1, 6, 1, 2)\n"
-        "out = ms_deform_attn(value, torch.tensor([[2, 3]]), torch.tensor([0]), torch.rand(1, 4, 1, 1, 1, 2), torch.ones(1, 4, 1, 1, 1))\n"
+        "out = ms_deform_attn(\n"
+        "    value, torch.tensor([[2, 3]]), torch.tensor([0]),\n"
+        "    torch.rand(1, 4, 1, 1, 1, 2), torch.ones(1, 4, 1, 1, 1),\n"
+        ")\n"
         "assert out.shape == (1, 4, 2)\n"
     )
     root = Path(__file__).resolve().parents[2]
@@ -211,7 +215,9 @@ def test_half_precision_gradients_match_float64_reference(dtype):
     locations.requires_grad_(True)
     weights.requires_grad_(True)
     grad_output = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3)).to(dtype)
-    grads = torch.autograd.grad(ms_deform_attn(value, shapes, starts, locations, weights), [value, locations, weights], grad_output)
+    grads = torch.autograd.grad(
+        ms_deform_attn(value, shapes, starts, locations, weights), [value, locations, weights], grad_output
+    )
     leaves = [t.detach().double().requires_grad_(True) for t in (value, locations, weights)]
     expected = torch.autograd.grad(
         ms_deform_attn_reference(leaves[0], shapes, starts, leaves[1], leaves[2]), leaves, grad_output.double()

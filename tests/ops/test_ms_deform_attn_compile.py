@@ -2,6 +2,7 @@
 and the MSDeformAttn layer on fake CUDA tensors (FakeTensorMode needs no device), so the
 Python that runs on a GPU - the kernel choice in `ms_deform_attn`, the fake kernels - is
 traced exactly as it would be there."""
+
 import importlib
 
 import pytest

@@ -1,6 +1,7 @@
 """The CUDA kernels on a GPU, against the CPU kernel and the float64 reference. Skipped without
 a GPU and a CUDA build (FORCE_CUDA=1); tools/gpu_check.sh runs them. Their logic is also
 checked without a GPU in test_cuda_kernels_on_host.py."""
+
 import subprocess
 import sys
 import textwrap
@@ -31,7 +32,10 @@ TOLERANCE = {
     torch.float16: dict(rtol=2e-3, atol=4e-3),
     torch.bfloat16: dict(rtol=1.6e-2, atol=3e-2),
 }
-ACC_TOLERANCE = {torch.float64: dict(rtol=0, atol=1e-9), **{t: dict(rtol=2e-4, atol=2e-4) for t in (torch.float32, torch.float16, torch.bfloat16)}}
+ACC_TOLERANCE = {
+    torch.float64: dict(rtol=0, atol=1e-9),
+    **{t: dict(rtol=2e-4, atol=2e-4) for t in (torch.float32, torch.float16, torch.bfloat16)},
+}
 
 
 def op_inputs(problem, dtype, device):
@@ -53,22 +57,40 @@ def forward_and_grads(function, inputs, grad_output):
 def test_cuda_matches_cpu_kernel_and_reference(problem, dtype):
     cpu_inputs = op_inputs(PROBLEMS[problem], dtype, "cpu")
     gpu_inputs = [t.cuda() for t in cpu_inputs]
-    output_shape = (PROBLEMS[problem]["batch"], PROBLEMS[problem]["queries"], PROBLEMS[problem]["heads"] * PROBLEMS[problem]["channels"])
+    output_shape = (
+        PROBLEMS[problem]["batch"],
+        PROBLEMS[problem]["queries"],
+        PROBLEMS[problem]["heads"] * PROBLEMS[problem]["channels"],
+    )
     grad_output = torch.randn(output_shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     gpu_out, gpu_grads = forward_and_grads(ms_deform_attn, gpu_inputs, grad_output)
     cpu_out, cpu_grads = forward_and_grads(ms_deform_attn, cpu_inputs, grad_output)
-    ref_out, ref_grads = forward_and_grads(ms_deform_attn_reference, [t.double() if t.is_floating_point() else t for t in cpu_inputs], grad_output)
-    assert gpu_out.dtype == dtype and [g.dtype for g in gpu_grads] == [t.dtype for t in (gpu_inputs[0], gpu_inputs[3], gpu_inputs[4])]
+    ref_out, ref_grads = forward_and_grads(
+        ms_deform_attn_reference, [t.double() if t.is_floating_point() else t for t in cpu_inputs], grad_output
+    )
+    assert gpu_out.dtype == dtype and [g.dtype for g in gpu_grads] == [
+        t.dtype for t in (gpu_inputs[0], gpu_inputs[3], gpu_inputs[4])
+    ]
     for oracle_out, oracle_grads in ((cpu_out, cpu_grads), (ref_out, ref_grads)):
         torch.testing.assert_close(gpu_out.cpu().double(), oracle_out.double(), **TOLERANCE[dtype])
-        for actual, expected, tolerance in zip(gpu_grads, oracle_grads, (TOLERANCE[dtype], ACC_TOLERANCE[dtype], ACC_TOLERANCE[dtype])):
+        for actual, expected, tolerance in zip(
+            gpu_grads, oracle_grads, (TOLERANCE[dtype], ACC_TOLERANCE[dtype], ACC_TOLERANCE[dtype])
+        ):
             torch.testing.assert_close(actual.cpu().double(), expected.double(), **tolerance)
 
 
 def test_gradcheck_float64():
     value, shapes, starts, _, weights = make_problem(2, 2, 3, 3, 2, levels=[(4, 3), (2, 5)])
-    locations = torch.rand(2, 3, 2, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1.2 - 0.1
-    args = [value.cuda().requires_grad_(), shapes.cuda(), starts.cuda(), locations.cuda().requires_grad_(), weights.cuda().requires_grad_()]
+    locations = (
+        torch.rand(2, 3, 2, 2, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 1.2 - 0.1
+    )
+    args = [
+        value.cuda().requires_grad_(),
+        shapes.cuda(),
+        starts.cuda(),
+        locations.cuda().requires_grad_(),
+        weights.cuda().requires_grad_(),
+    ]
     assert torch.autograd.gradcheck(ms_deform_attn, args, eps=1e-6, atol=1e-5)
 
 
@@ -80,7 +102,9 @@ def test_opcheck(dtype):
     torch.library.opcheck(torch.ops.di_maskdino.ms_deform_attn_forward.default, inputs)
     grad = torch.randn(2, 4, 16, device="cuda", dtype=dtype)
     permuted = inputs[0].detach().transpose(1, 2).contiguous().transpose(1, 2)
-    torch.library.opcheck(torch.ops.di_maskdino.ms_deform_attn_backward.default, (grad, permuted, *[t.detach() for t in inputs[1:]]))
+    torch.library.opcheck(
+        torch.ops.di_maskdino.ms_deform_attn_backward.default, (grad, permuted, *[t.detach() for t in inputs[1:]])
+    )
 
 
 def test_compile_fullgraph_matches_eager():
@@ -122,7 +146,9 @@ def test_deterministic_mode_gives_identical_gradients(dtype):
     for run in runs[1:]:
         assert all(torch.equal(a, b) for a, b in zip(run, runs[0]))
     _, expected = forward_and_grads(ms_deform_attn, [t.cpu() for t in inputs], grad_output)
-    for actual, wanted, tolerance in zip(runs[0], expected, (TOLERANCE[dtype], ACC_TOLERANCE[dtype], ACC_TOLERANCE[dtype])):
+    for actual, wanted, tolerance in zip(
+        runs[0], expected, (TOLERANCE[dtype], ACC_TOLERANCE[dtype], ACC_TOLERANCE[dtype])
+    ):
         torch.testing.assert_close(actual.cpu().double(), wanted.double(), **tolerance)
 
 
@@ -158,7 +184,8 @@ def test_bad_level_layout_stops_the_stream(fault):
         import torch
         from di_maskdino.ops import ms_deform_attn
         from tests.ops.test_ms_deform_attn import make_problem
-        value, shapes, starts, locations, weights = [t.cuda() for t in make_problem(1, 2, 4, 3, 2, levels=[(3, 4), (2, 2)], dtype=torch.float32)]
+        problem = make_problem(1, 2, 4, 3, 2, levels=[(3, 4), (2, 2)], dtype=torch.float32)
+        value, shapes, starts, locations, weights = [t.cuda() for t in problem]
         {setup}
         ms_deform_attn(value, shapes, starts, locations, weights)
         torch.cuda.synchronize()
