@@ -10,7 +10,14 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (install i
 
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 
-from di_maskdino.d2 import DIMaskDINOArch, DIMaskDINODatasetMapper, add_di_maskdino_config, build_optimizer  # noqa: E402
+from di_maskdino.d2 import (  # noqa: E402
+    Checkpointer,
+    DIMaskDINOArch,
+    DIMaskDINODatasetMapper,
+    add_di_maskdino_config,
+    build_optimizer,
+)
+from di_maskdino.d2.trainer import build_periodic_checkpointer, weights_load_mode  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,6 +67,8 @@ def test_every_declared_key_is_read():
     DIMaskDINODatasetMapper(view, True)
     DIMaskDINODatasetMapper(view, False)
     build_optimizer(view, model)
+    weights_load_mode(view, resuming=False)
+    build_periodic_checkpointer(view, Checkpointer(model))
     timm_cfg = cfg.clone()
     timm_cfg.MODEL.BACKBONE.NAME = "build_timm_backbone"
     timm_cfg.MODEL.TIMM.NAME = "resnet18"
