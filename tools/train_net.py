@@ -22,10 +22,29 @@ import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without it
 # isort: split
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
-from di_maskdino.d2 import Checkpointer, Trainer, setup  # noqa: E402
+from di_maskdino.d2 import (  # noqa: E402
+    Checkpointer,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    NonFiniteLossError,
+    Trainer,
+    setup,
+)
+
+# errors a user causes and fixes (config, weights, dataset, a diverging run): their message
+# says what and how, a traceback would only bury it
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, NonFiniteLossError, FileNotFoundError)
 
 
 def main(args):
+    try:
+        return run(args)
+    except USER_ERRORS as error:
+        raise SystemExit(f"{type(error).__name__}: {error}") from error
+
+
+def run(args):
     cfg = setup(args)
     if not args.eval_only:
         trainer = Trainer(cfg)

@@ -123,3 +123,14 @@ def test_every_shipped_config_builds_its_model(path):
     assert (head.de_imbalance is not None) == m.DE_IMBALANCE.ENABLED
     assert (head.bato is not None) == m.BATO.ENABLED
     assert head.heads.class_embed.out_features == m.NUM_CLASSES
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_cuda_configs_run_on_the_cpu_of_a_machine_without_cuda():
+    from di_maskdino.d2 import load_config, use_available_device
+
+    cfg = load_config(os.path.join(ROOT, "configs", "coco", "dimaskdino_r50_12ep.yaml"))
+    assert cfg.MODEL.DEVICE == "cuda"  # detectron2's default
+    assert use_available_device(cfg) == "CUDA is not available: running on the CPU (MODEL.DEVICE cuda -> cpu)"
+    assert cfg.MODEL.DEVICE == "cpu"
+    assert use_available_device(cfg) == ""  # nothing more to say

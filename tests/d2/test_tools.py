@@ -158,3 +158,18 @@ def test_demo_refusals_and_messages(trained, data_root, tmp_path):
 def test_demo_help_shows_the_defaults(data_root):
     result = run_tool("demo.py", ["--help"], data_root)
     assert "(default: 0.5)" in result.stdout and "(default: None)" in result.stdout
+
+
+def test_evaluation_names_missing_weights(data_root, tmp_path):
+    result = run_tool(
+        "train_net.py", ["--config-file", QUICK, "--eval-only", "OUTPUT_DIR", str(tmp_path)], data_root, check=False
+    )
+    assert result.returncode != 0 and "--eval-only needs weights: set MODEL.WEIGHTS" in result.stderr
+    result = run_tool(
+        "train_net.py",
+        ["--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", "model.pth", "OUTPUT_DIR", str(tmp_path)],
+        data_root,
+        check=False,
+    )
+    assert result.returncode != 0 and "MODEL.WEIGHTS model.pth: no such file. Set MODEL.WEIGHTS" in result.stderr
+    assert "AssertionError" not in result.stderr
