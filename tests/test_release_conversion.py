@@ -1,6 +1,7 @@
 """Conversion of the released checkpoints, checked on the manifests of the released models
 (names and shapes, tests/data/, copied from shared/reference)."""
 
+import argparse
 import importlib.util
 import os
 import re
@@ -222,10 +223,12 @@ RELEASES = [
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["inference", "train"])
 @pytest.mark.parametrize("variable,config", RELEASES)
-def test_outputs_equal_the_release(variable, config):
+def test_outputs_equal_the_release(variable, config, mode):
     """Runs the authors' code (from a local checkout named by the environment variable) and
-    ours on the same weights and images; see tools/compare_with_release.py."""
+    ours on the same weights and images - predictions, or with --train the losses, Hungarian
+    assignments and gradients of one training step; see tools/compare_with_release.py."""
     source = os.environ.get(variable)
     if not source:
         pytest.skip(f"set {variable} to a checkout of the release to compare against it")
@@ -239,9 +242,67 @@ def test_outputs_equal_the_release(variable, config):
             source,
             "--config",
             config,
-        ],
+        ]
+        + (["--train"] if mode == "train" else []),
         capture_output=True,
         text=True,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "all predictions agree" in run.stdout
+    assert ("all losses and gradients agree" if mode == "train" else "all predictions agree") in run.stdout
+
+
+def convert_tool(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "convert_official_checkpoint.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_conversion_tool_names_the_config_and_recognises_files(tmp_path):
+    source, target = tmp_path / "release.pth", tmp_path / "converted.pth"
+    torch.save({"model": release_state_dict("maskdino")}, source)
+    run = convert_tool("--input", source, "--output", target)
+    assert run.returncode == 0, run.stderr
+    assert "--config-file configs/release/maskdino_r50_3s_hid2048_50ep.yaml --eval-only" in run.stdout
+    # a file already converted: recognised, nothing written
+    again = convert_tool("--input", target, "--output", tmp_path / "twice.pth")
+    assert again.returncode == 1 and "already in this project's format" in again.stderr
+    assert not (tmp_path / "twice.pth").exists()
+    # a truncated file is corrupt, whether or not --trust-pickle was given
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(source.read_bytes()[:200000])
+    for extra in ([], ["--trust-pickle"]):
+        run = convert_tool("--input", truncated, "--output", target, *extra)
+        assert run.returncode != 0 and "is corrupt or truncated" in run.stderr
+        assert "--trust-pickle" not in run.stderr
+    # a file with pickled objects: --trust-pickle is the advice, and works
+    pickled = tmp_path / "pickled.pth"
+    torch.save({"model": release_state_dict("maskdino"), "cfg": argparse.Namespace(x=1)}, pickled)
+    run = convert_tool("--input", pickled, "--output", target)
+    assert run.returncode != 0 and "rerun with --trust-pickle" in run.stderr
+    assert convert_tool("--input", pickled, "--output", target, "--trust-pickle").returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["dimaskdino", "maskdino"])
+def test_shipped_release_configs_fit_the_released_weights(kind):
+    """Every config the converter names builds exactly the network of the released weights."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
+    from detectron2.modeling import build_model
+
+    from di_maskdino.d2 import load_config
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from convert_official_checkpoint import matching_release
+
+    converted = convert_release_state_dict(release_state_dict(kind))
+    architecture, _ = infer_architecture(converted)
+    release = matching_release(architecture)
+    assert release is not None
+    for config in release["configs"]:
+        cfg = load_config(os.path.join(ROOT, config), ["MODEL.DEVICE", "meta"])
+        with torch.device("meta"):
+            model = build_model(cfg)
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        assert shapes == {k: tuple(v.shape) for k, v in converted.items()}, config

@@ -16,12 +16,19 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without its import-time warnings
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+# isort: split
 from detectron2.data import build_detection_test_loader  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from di_maskdino.d2 import DIMaskDINODatasetMapper, load_config  # noqa: E402
+from di_maskdino.d2 import (  # noqa: E402
+    Checkpointer,
+    CheckpointError,
+    DIMaskDINODatasetMapper,
+    load_config,
+    use_available_device,
+)
 from di_maskdino.d2.layer_evaluation import evaluate_every_layer  # noqa: E402
 
 
@@ -66,12 +73,20 @@ def main() -> int:
     args = parser.parse_args()
 
     cfg = load_config(args.config_file, args.opts)
+    note = use_available_device(cfg)
+    if note:
+        print(note)
     cfg.freeze()
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     if not dataset:
         raise SystemExit("no dataset: give --dataset or set DATASETS.TEST in the config")
+    if not cfg.MODEL.WEIGHTS:
+        raise SystemExit("MODEL.WEIGHTS is not set: give the checkpoint to analyse, e.g. MODEL.WEIGHTS model_final.pth")
     model = build_model(cfg)
-    DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+    try:
+        Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
+    except CheckpointError as error:
+        raise SystemExit(str(error)) from error
     loader = build_detection_test_loader(cfg, dataset, mapper=DIMaskDINODatasetMapper(cfg, False))
     table = evaluate_every_layer(model, loader, dataset)
 

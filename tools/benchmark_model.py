@@ -24,12 +24,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without its import-time warnings
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+# isort: split
 from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
-from di_maskdino.d2 import load_config  # noqa: E402
+from di_maskdino.d2 import Checkpointer, CheckpointError, load_config  # noqa: E402
 from di_maskdino.ops import flop_handles  # noqa: E402
 
 
@@ -79,13 +80,18 @@ def main() -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args()
 
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; benchmark with --device cpu")
     cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = args.device
     cfg.freeze()
     device = torch.device(args.device)
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
+        try:
+            Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
+        except CheckpointError as error:
+            raise SystemExit(str(error)) from error
     height, width = (int(v) for v in args.input_size.split("x"))
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
 

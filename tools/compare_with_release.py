@@ -13,6 +13,11 @@ tensor unchanged. Needs detectron2.
 Without --weights, the release model is randomly initialised and all its parameters are
 perturbed (so that no head starts at zero); the converted state dict is loaded into ours.
 Exit status 0 when all compared tensors agree within --atol / --rtol.
+
+With --train, one training step instead: the same batch (random images with rectangular
+objects) through the release's training forward and ours, every random draw made equal on
+both sides; it prints every loss term and the gradients of representative parameters side
+by side, and checks the Hungarian assignments (tools/release_training_comparison.py).
 """
 
 import argparse
@@ -31,8 +36,19 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 def import_release(source: str):
     """Imports the release package found in `source` and returns (package, add_config)."""
     sys.modules.setdefault("MultiScaleDeformableAttention", types.ModuleType("MultiScaleDeformableAttention"))
-    # the release moves tensors to the GPU unconditionally; on the CPU that must be a no-op
+    # the release moves tensors to the GPU unconditionally (.cuda(), .to("cuda")); on the CPU
+    # that must be a no-op
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    to = torch.Tensor.to
+
+    def to_cpu(self, *args, **kwargs):
+        if args and str(args[0]).startswith("cuda"):
+            args = args[1:]
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs.pop("device")
+        return to(self, *args, **kwargs) if args or kwargs else self
+
+    torch.Tensor.to = to_cpu
     sys.path.insert(0, source)
     for name, config_function in (("dimaskdino", "add_dimaskdino_config"), ("maskdino", "add_maskdino_config")):
         if os.path.isdir(os.path.join(source, name)):
@@ -101,10 +117,12 @@ def our_model_for(cfg, backbone):
     )
 
 
-def canonical_order(scores, labels, boxes):
-    """Sort by score (descending), then class, then box: ties in score are common with
-    random weights (every empty mask scores 0)."""
-    keys = [boxes[:, i].numpy().round(3) for i in range(3, -1, -1)] + [labels.numpy(), -scores.numpy().round(5)]
+def canonical_order(scores, labels, boxes, masks):
+    """Sort by score (descending), then class, then box, then mask area: ties in score are
+    common with random weights (every empty mask scores 0), and clipped boxes can tie too."""
+    areas = masks.flatten(1).sum(1).numpy() // 64  # coarse: pixels at the threshold may flip
+    keys = [areas] + [boxes[:, i].numpy().round(3) for i in range(3, -1, -1)]
+    keys += [labels.numpy(), -scores.numpy().round(5)]
     return torch.from_numpy(np.lexsort(keys))
 
 
@@ -150,15 +168,25 @@ def parse_args():
     parser.add_argument("--release-source", required=True, help="checkout of the DI-MaskDINO or MaskDINO release")
     parser.add_argument("--config", required=True, help="release config, relative to the checkout or absolute")
     parser.add_argument("--weights", help="a released checkpoint (.pth); default: perturbed random weights")
-    parser.add_argument("--image-sizes", default="256x320,224x288", help="comma-separated HxW of the test images")
+    parser.add_argument(
+        "--image-sizes",
+        default=None,
+        help="comma-separated HxW of the test images (default 256x320,224x288; with --train 256x320,256x320: "
+        "images of one size, whose box targets the release and we normalise alike)",
+    )
     parser.add_argument("--atol", type=float, default=2e-4)
     parser.add_argument("--rtol", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train", action="store_true", help="compare one training step (losses, gradients)")
+    parser.add_argument("--loss-atol", type=float, default=3e-6, help="--train: loss difference allowed ...")
+    parser.add_argument("--loss-rtol", type=float, default=1e-6, help="--train: ... plus this times the loss")
+    parser.add_argument("--grad-rtol", type=float, default=1e-3, help="--train: largest relative gradient difference")
     return parser.parse_args()
 
 
 def build_pair(args):
-    """The release's model and ours on the same (converted) weights, both in eval mode."""
+    """The release's model and ours on the same (converted) weights, both in eval mode, and
+    the release's config."""
     from detectron2.modeling import build_model
 
     from di_maskdino.release_conversion import convert_release_state_dict
@@ -188,7 +216,7 @@ def build_pair(args):
         f"release: {type(release).__name__} from {args.release_source}; {len(release.state_dict())} release "
         f"entries -> {len(converted)} parameters, loaded strictly"
     )
-    return release, ours
+    return release, ours, cfg
 
 
 def compare_head_outputs(compare, release, ours, batch):
@@ -215,21 +243,38 @@ def compare_instances(compare, release, ours, images):
     their_results = release([{"image": image, "height": image.shape[1], "width": image.shape[2]} for image in images])
     for index, (mine, theirs) in enumerate(zip(ours.predict(images), their_results)):
         theirs = theirs["instances"]
-        order_mine = canonical_order(mine.scores, mine.labels, mine.boxes)
-        order_theirs = canonical_order(theirs.scores, theirs.pred_classes, theirs.pred_boxes.tensor)
+        # NOTE: the release reports boxes unclipped; ours are clipped to the image (as detectron2's
+        # models do), so the release's boxes are clipped here before ordering and comparing.
+        their_boxes = theirs.pred_boxes.tensor.clone()
+        their_boxes[:, 0::2] = their_boxes[:, 0::2].clamp(0, images[index].shape[2])
+        their_boxes[:, 1::2] = their_boxes[:, 1::2].clamp(0, images[index].shape[1])
+        order_mine = canonical_order(mine.scores, mine.labels, mine.boxes, mine.masks)
+        order_theirs = canonical_order(theirs.scores, theirs.pred_classes, their_boxes, theirs.pred_masks)
         compare(f"image {index} scores", mine.scores[order_mine], theirs.scores[order_theirs])
         compare(f"image {index} classes", mine.labels[order_mine], theirs.pred_classes[order_theirs])
-        compare(f"image {index} boxes", mine.boxes[order_mine], theirs.pred_boxes.tensor[order_theirs])
+        compare(f"image {index} boxes", mine.boxes[order_mine], their_boxes[order_theirs])
         compare.binary(f"image {index} masks", mine.masks[order_mine], theirs.pred_masks[order_theirs])
 
 
 def main() -> int:
     args = parse_args()
-    release, ours = build_pair(args)
-    generator = torch.Generator().manual_seed(args.seed + 1)
-    sizes = [tuple(int(v) for v in s.split("x")) for s in args.image_sizes.split(",")]
-    images = [torch.rand(3, h, w, generator=generator) * 255 for h, w in sizes]
+    release, ours, cfg = build_pair(args)
+    image_sizes = args.image_sizes or ("256x320,256x320" if args.train else "256x320,224x288")
+    sizes = [tuple(int(v) for v in s.split("x")) for s in image_sizes.split(",")]
     compare = Comparison(args.atol, args.rtol)
+    if args.train:
+        from release_training_comparison import compare_training
+
+        compare_training(
+            compare, cfg, release, ours, sizes, args.seed + 1, args.loss_atol, args.loss_rtol, args.grad_rtol
+        )
+        if compare.failures:
+            print(f"{len(compare.failures)} comparisons failed: {', '.join(compare.failures)}")
+            return 1
+        print("all losses and gradients agree")
+        return 0
+    generator = torch.Generator().manual_seed(args.seed + 1)
+    images = [torch.rand(3, h, w, generator=generator) * 255 for h, w in sizes]
     with torch.no_grad():
         compare_head_outputs(compare, release, ours, ours.preprocess(images)[0])
         compare_instances(compare, release, ours, images)

@@ -8,7 +8,10 @@ Every released entry must map to one of our parameters (shared copies must agree
 result must fill every parameter of the model the checkpoint describes, with the right
 shapes; otherwise the tool stops and lists what does not fit. The backbone entries keep
 detectron2's names and are checked against detectron2's ResNet when detectron2 is
-installed. Optimizer, scheduler and iteration entries are dropped.
+installed. Optimizer, scheduler and iteration entries are dropped. The tool ends by naming
+the shipped config that describes the converted network (README, "Released checkpoints").
+A checkpoint already in this project's format is recognised (nothing to convert); an
+unreadable file is called corrupt or truncated.
 """
 
 import argparse
@@ -20,6 +23,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from di_maskdino.checkpoint_io import (  # noqa: E402
+    CheckpointReadError,
+    atomic_torch_save,
+    is_project_state_dict,
+    read_checkpoint,
+)
 from di_maskdino.modeling import build_encoder, build_head  # noqa: E402
 from di_maskdino.release_conversion import (  # noqa: E402
     ConversionError,
@@ -28,20 +37,62 @@ from di_maskdino.release_conversion import (  # noqa: E402
     infer_architecture,
 )
 
+# Released checkpoints (README, "Released checkpoints"): what tells them apart in the weights,
+# and the shipped configs describing that network (the schedules of one network evaluate alike).
+RELEASED = [
+    {
+        "name": "DI-MaskDINO R50 (12, 24 or 50 epochs)",
+        "de_imbalance": True,
+        "num_levels": 4,
+        "num_decoder_layers": 6,
+        "encoder_ffn_dim": 2048,
+        "configs": [
+            "configs/coco/dimaskdino_r50_12ep.yaml",
+            "configs/coco/dimaskdino_r50_24ep.yaml",
+            "configs/coco/dimaskdino_r50_50ep.yaml",
+        ],
+    },
+    {
+        "name": "MaskDINO R50 instance, 50 epochs, 3 scales, hidden FFN 2048",
+        "de_imbalance": False,
+        "num_levels": 4,
+        "num_decoder_layers": 9,
+        "encoder_ffn_dim": 2048,
+        "configs": ["configs/release/maskdino_r50_3s_hid2048_50ep.yaml"],
+    },
+]
+
+
+def matching_release(architecture):
+    """The RELEASED entry whose network `architecture` is (80 COCO classes), or None."""
+    for entry in RELEASED:
+        if (
+            (architecture.de_imbalance is not None) == entry["de_imbalance"]
+            and architecture.num_levels == entry["num_levels"]
+            and architecture.num_decoder_layers == entry["num_decoder_layers"]
+            and architecture.encoder.ffn_dim == entry["encoder_ffn_dim"]
+            and architecture.num_classes == 80
+        ):
+            return entry
+    return None
+
 
 def load_release(path: str, trust_pickle: bool) -> dict:
     if not os.path.isfile(path):
         raise SystemExit(f"--input {path}: no such file")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure gets the same advice
-        raise SystemExit(
-            f"could not read {path} as a weights-only checkpoint ({error}).\n"
-            "If you trust the file, rerun with --trust-pickle to allow arbitrary pickled objects."
-        ) from error
+        checkpoint = read_checkpoint(path, trust_pickle=trust_pickle, what="--input")
+    except CheckpointReadError as error:
+        message = str(error).replace("(--trust-pickle where the tool has it)", "(rerun with --trust-pickle)")
+        raise SystemExit(message) from error
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise SystemExit(f"{path} holds no state dict (expected {{'model': {{name: tensor}}}} or {{name: tensor}})")
+    if is_project_state_dict(state):
+        raise SystemExit(
+            f"{path} is already in this project's format (encoder.*, head.* names): nothing to convert, nothing "
+            f"written. Use it directly: MODEL.WEIGHTS {path}"
+        )
     return state
 
 
@@ -97,8 +148,21 @@ def main() -> int:
         f"{architecture.num_decoder_layers} decoder layers, DI {'on' if architecture.de_imbalance else 'off'}, "
         f"BATO {'on' if architecture.bato else 'off'}"
     )
-    torch.save({"model": converted, "__source__": os.path.basename(args.input)}, args.output)
+    atomic_torch_save({"model": converted, "__source__": os.path.basename(args.input)}, args.output)
     print(f"wrote {args.output}")
+    release = matching_release(architecture)
+    if release is None:
+        print(
+            "No shipped config describes this network; write one from configs/coco/ with the sizes above "
+            "(the evaluation refuses a config that does not fit the weights and lists the differences)."
+        )
+    else:
+        print(
+            f"This is {release['name']}; evaluate it with:\n"
+            f"  python tools/train_net.py --config-file {release['configs'][0]} --eval-only MODEL.WEIGHTS {args.output}"
+        )
+        if len(release["configs"]) > 1:
+            print(f"  (equally: {', '.join(release['configs'][1:])}; they differ only in the training schedule)")
     return 0
 
 

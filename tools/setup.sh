@@ -11,11 +11,28 @@
 #                                           (for machines that cannot reach its repository)
 #   FORCE_CUDA=1                            compile the CUDA kernels without a visible GPU
 #   TORCH_CUDA_ARCH_LIST="8.0;9.0"          GPU architectures to compile for
+#   TORCH_VARIANT=cpu | cuda | auto         torch/torchvision build (default auto: cpu when no
+#                                           NVIDIA GPU is visible and FORCE_CUDA is not set).
+#                                           cpu installs the pinned versions of requirements.txt
+#                                           from PyTorch's CPU index (about 1 GB instead of 5.5 GB)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python}
 
-echo "== [1/5] Python dependencies (requirements.txt)"
+pinned() { sed -n "s/^$1==\([^ ]*\).*/\1/p" requirements.txt; }
+variant=${TORCH_VARIANT:-auto}
+if [ "$variant" = auto ]; then
+    if [ -n "${FORCE_CUDA:-}" ] || nvidia-smi -L >/dev/null 2>&1; then variant=cuda; else variant=cpu; fi
+fi
+
+echo "== [1/5] Python dependencies (requirements.txt; torch build: $variant)"
+if [ "$variant" = cpu ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.version.cuda is not None)" 2>/dev/null; then
+    if ! "$PYTHON" -m pip install "torch==$(pinned torch)" "torchvision==$(pinned torchvision)" \
+        --index-url https://download.pytorch.org/whl/cpu; then
+        echo "The CPU builds could not be fetched from PyTorch's index (no access from this machine?);" >&2
+        echo "installing the default builds from the package index instead (CUDA, about 5.5 GB)." >&2
+    fi
+fi
 "$PYTHON" -m pip install -r requirements.txt
 
 echo "== [2/5] di_maskdino and its compiled operators (csrc/)"
@@ -51,6 +68,7 @@ PY
     "$PYTHON" tools/demo.py --config-file configs/quick_start.yaml --input "$DETECTRON2_DATASETS/synthetic/val" \
         --output output/quick_start/demo --json output/quick_start/demo/instances.json \
         MODEL.WEIGHTS output/quick_start/model_final.pth
+    echo "The trained weights: output/quick_start/model_final.pth (all that resuming or evaluating needs)."
 fi
 
 if [ "$detectron2_missing" = 1 ]; then

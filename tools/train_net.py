@@ -6,22 +6,45 @@
     python tools/train_net.py --config-file ... --resume               # continue in OUTPUT_DIR
     python tools/train_net.py --config-file ... --num-machines 2 --machine-rank 0 --dist-url tcp://host:port
 
-MODEL.DEVICE cpu trains and evaluates on the CPU (AMP is then turned off, as detectron2's
-AMP trainer needs CUDA); --num-gpus N with MODEL.DEVICE cpu runs N CPU processes (gloo).
-Evaluation writes COCO box and mask AP (with AP_S/M/L) to OUTPUT_DIR/metrics_<dataset>.json.
+Without CUDA the run moves to the CPU and says so (AMP is then turned off, as detectron2's
+AMP trainer needs CUDA); --num-gpus N on the CPU runs N CPU processes (gloo). --resume
+continues exactly: the same data order and random draws as an uninterrupted run.
+Evaluation writes COCO box and mask AP (with AP_S/M/L) to OUTPUT_DIR/metrics_<dataset>.json;
+the evaluated checkpoint must fill the model (a mismatch is listed, not half-loaded).
 """
 
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without its import-time warnings
 
+# isort: split
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
-from di_maskdino.d2 import Checkpointer, Trainer, setup  # noqa: E402
+from di_maskdino.d2 import (  # noqa: E402
+    Checkpointer,
+    CheckpointError,
+    ConfigError,
+    DatasetError,
+    NonFiniteLossError,
+    Trainer,
+    setup,
+)
+
+# errors a user causes and fixes (config, weights, dataset, a diverging run): their message
+# says what and how, a traceback would only bury it
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, NonFiniteLossError, FileNotFoundError)
 
 
 def main(args):
+    try:
+        return run(args)
+    except USER_ERRORS as error:
+        raise SystemExit(f"{type(error).__name__}: {error}") from error
+
+
+def run(args):
     cfg = setup(args)
     if not args.eval_only:
         trainer = Trainer(cfg)
@@ -29,7 +52,14 @@ def main(args):
         return trainer.train()
     # evaluation of MODEL.WEIGHTS (or, with --resume, of the last checkpoint in OUTPUT_DIR)
     model = Trainer.build_model(cfg)
-    Checkpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+    checkpointer = Checkpointer(model, save_dir=cfg.OUTPUT_DIR, mode="strict", what="MODEL.WEIGHTS")
+    if not args.resume or not checkpointer.has_checkpoint():
+        if not cfg.MODEL.WEIGHTS:
+            raise SystemExit(
+                "--eval-only needs weights: set MODEL.WEIGHTS path/to/model_final.pth (or --resume to evaluate the "
+                "last checkpoint in OUTPUT_DIR)"
+            )
+    checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     return Trainer.test(cfg, model)
 
 

@@ -3,15 +3,30 @@ datasets, data mapping, optimizer, checkpointer and trainer. Importing it regist
 everything."""
 
 import os
+import warnings
+
+with warnings.catch_warnings():
+    # detectron2 scripts two box-transform classes with torch.jit when detectron2.modeling is
+    # first imported, which torch deprecates: warnings about code neither we nor the user
+    # call. Importing it here, first, keeps them out of every run; other warnings stay.
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    import detectron2.modeling  # noqa: F401
 
 from .backbone import D2TimmBackbone, build_timm_backbone
-from .checkpoint import Checkpointer, ReleaseCheckpointError
-from .config import add_di_maskdino_config, architecture_from_config, load_config
+from .checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError, ReleaseCheckpointError
+from .config import add_di_maskdino_config, architecture_from_config, load_config, use_available_device
 from .data import DIMaskDINODatasetMapper, ImageReadError, build_augmentation, read_image_rgb
-from .datasets import BDD100K_CLASSES, DatasetError, register_builtin_datasets, register_coco_instances_checked
+from .datasets import (
+    BDD100K_CLASSES,
+    DatasetError,
+    check_dataset_classes,
+    register_builtin_datasets,
+    register_coco_instances_checked,
+)
 from .meta_arch import DIMaskDINOArch, build_criterion
 from .solver import build_optimizer
-from .trainer import Trainer, setup
+from .trainer import NonFiniteLossError, Trainer, setup
+from .validation import ConfigError, validate_config
 
 register_builtin_datasets(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
@@ -19,6 +34,8 @@ __all__ = [
     "add_di_maskdino_config",
     "architecture_from_config",
     "load_config",
+    "ConfigError",
+    "validate_config",
     "DIMaskDINOArch",
     "build_criterion",
     "D2TimmBackbone",
@@ -32,6 +49,11 @@ __all__ = [
     "DatasetError",
     "BDD100K_CLASSES",
     "Checkpointer",
+    "CheckpointError",
+    "CheckpointMismatchError",
+    "use_available_device",
+    "check_dataset_classes",
+    "NonFiniteLossError",
     "ReleaseCheckpointError",
     "build_optimizer",
     "Trainer",

@@ -6,14 +6,19 @@ Each key is read by exactly one `from_config` or builder (see tests/d2/test_conf
 fails on a key nobody reads).
 """
 
+import importlib
+import logging
+import os
 from typing import Sequence
 
+import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from ..modeling.architecture import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec
+from .validation import validate_config
 
-__all__ = ["add_di_maskdino_config", "load_config", "architecture_from_config"]
+__all__ = ["add_di_maskdino_config", "load_config", "architecture_from_config", "use_available_device"]
 
 
 def architecture_from_config(cfg: CN) -> Architecture:
@@ -58,12 +63,38 @@ def architecture_from_config(cfg: CN) -> Architecture:
 
 def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     """detectron2's defaults with DI-MaskDINO's keys, then `config_file`, then `opts`
-    (KEY VALUE ... overrides); not frozen, so that a tool can adjust it before freezing."""
+    (KEY VALUE ... overrides), checked by `validate_config` (a value that cannot work raises
+    ConfigError naming the key); not frozen, so that a tool can adjust it before freezing."""
+    if not os.path.isfile(config_file):
+        raise FileNotFoundError(f"config file {config_file} does not exist (the shipped ones are under configs/)")
     cfg = get_cfg()
     add_di_maskdino_config(cfg)
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
+    validate_config(cfg)
     return cfg
+
+
+def use_available_device(cfg: CN) -> str:
+    """Sets MODEL.DEVICE to "cpu" when it names CUDA and CUDA is not available; returns the
+    one line that says so ("" when nothing changed). On such a machine it also imports
+    torch's extension helper quietly, whose "No CUDA runtime is found, using CUDA_HOME"
+    warning (printed when detectron2 collects the environment) concerns building CUDA code,
+    not running."""
+    if torch.cuda.is_available():
+        return ""
+    helper = logging.getLogger("torch.utils.cpp_extension")
+    level = helper.level
+    helper.setLevel(logging.ERROR)
+    try:
+        importlib.import_module("torch.utils.cpp_extension")
+    finally:
+        helper.setLevel(level)
+    if not str(cfg.MODEL.DEVICE).startswith("cuda"):
+        return ""
+    was = cfg.MODEL.DEVICE
+    cfg.MODEL.DEVICE = "cpu"
+    return f"CUDA is not available: running on the CPU (MODEL.DEVICE {was} -> cpu)"
 
 
 def add_di_maskdino_config(cfg: CN) -> None:
@@ -100,6 +131,9 @@ def _add_model_keys(cfg: CN) -> None:
     m.DEC_LAYERS = 6
     m.MASK_ENHANCED_BOXES = True  # "mask2box" initial boxes
     m.SIZE_DIVISIBILITY = 32
+    # training from MODEL.WEIGHTS: True loads what fits and lists the rest (fine-tuning, e.g.
+    # with another class count); False requires the weights to fill the model or its backbone
+    cfg.MODEL.LOAD_PARTIAL_WEIGHTS = False
 
 
 def _add_part_keys(m: CN) -> None:
@@ -176,9 +210,12 @@ def _add_input_and_solver_keys(cfg: CN) -> None:
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BASE_LR = 1e-4
     cfg.SOLVER.WEIGHT_DECAY = 0.05
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # nn.Embedding (the denoising label embedding), as the release
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
     cfg.SOLVER.AMP.ENABLED = True
+    cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0  # newest periodic checkpoints kept (0: all); model_final.pth always

@@ -88,6 +88,11 @@ class DIMaskDINOArch(DIMaskDINO):
     def targets(self, batched_inputs: List[Dict], padded_size) -> List[Dict[str, torch.Tensor]]:
         """detectron2 Instances -> targets with boxes normalised by the padded input size
         (the frame the network predicts in) and masks padded to it."""
+        # NOTE: the release normalises the boxes by each image's unpadded size, while its
+        # predictions (and the masks) live in the padded frame; the two agree when every image of
+        # the batch has the padded size (LSJ's fixed crops) and differ by 0.5-2% otherwise
+        # (resize mappers). Normalising by the padded size keeps targets and predictions in one
+        # frame; we keep it on purpose (README, "Released checkpoints").
         height, width = padded_size
         scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
         targets = []

@@ -1,10 +1,22 @@
-"""The optimizer of the paper's recipe: AdamW with a backbone learning-rate multiplier and
-gradient clipping of the whole model's norm."""
+"""The optimizer of the paper's recipe: AdamW with a backbone learning-rate multiplier,
+per-kind weight decay and gradient clipping of the whole model's norm."""
+
+from typing import Any, Dict, List
 
 import torch
-from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
+from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 
-__all__ = ["build_optimizer", "full_model_gradient_clipping"]
+__all__ = ["build_optimizer", "full_model_gradient_clipping", "optimizer_param_groups"]
+
+NORM_TYPES = (
+    torch.nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, detectron2's NaiveSyncBatchNorm
+    torch.nn.GroupNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.LayerNorm,
+    torch.nn.LocalResponseNorm,
+)
+# Swin's position tables are not decayed (timm's and the release's convention)
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 OPTIMIZERS = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}
 
@@ -23,19 +35,53 @@ def full_model_gradient_clipping(optimizer_class, max_norm: float, norm_type: fl
     return FullModelClipping
 
 
+def optimizer_param_groups(
+    model: torch.nn.Module,
+    *,
+    base_lr: float,
+    weight_decay: float,
+    weight_decay_norm: float,
+    weight_decay_embed: float,
+    backbone_multiplier: float,
+) -> List[Dict[str, Any]]:
+    """detectron2's per-parameter groups (merged by `reduce_param_groups`): lr x
+    `backbone_multiplier` for the backbone's parameters; weight decay `weight_decay_norm` for
+    normalisation layers, `weight_decay_embed` for every nn.Embedding (the denoising label
+    embedding), 0 for Swin's position tables, `weight_decay` for everything else."""
+    params, seen = [], set()
+    for module_name, module in model.named_modules():
+        for name, value in module.named_parameters(recurse=False):
+            if not value.requires_grad or value in seen:
+                continue
+            seen.add(value)
+            decay = weight_decay
+            if isinstance(module, NORM_TYPES):
+                decay = weight_decay_norm
+            elif isinstance(module, torch.nn.Embedding):
+                # NOTE: the release (SOLVER.WEIGHT_DECAY_EMBED, 0.0 in its configs) does not decay
+                # embeddings; detectron2's default parameter groups would decay them by WEIGHT_DECAY.
+                decay = weight_decay_embed
+            elif name in NO_DECAY_NAMES:
+                decay = 0.0
+            lr = base_lr * (backbone_multiplier if f"{module_name}.".startswith("backbone.") else 1.0)
+            params.append({"params": [value], "lr": lr, "weight_decay": decay})
+    return reduce_param_groups(params)
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
-    """SOLVER.OPTIMIZER (ADAMW or SGD) over detectron2's parameter groups, the backbone's
-    learning rate scaled by SOLVER.BACKBONE_MULTIPLIER, with SOLVER.CLIP_GRADIENTS."""
+    """SOLVER.OPTIMIZER (ADAMW or SGD) over `optimizer_param_groups` (SOLVER.BASE_LR,
+    BACKBONE_MULTIPLIER, WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_EMBED), with
+    SOLVER.CLIP_GRADIENTS."""
     solver = cfg.SOLVER
     if solver.OPTIMIZER not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER must be one of {sorted(OPTIMIZERS)}, got {solver.OPTIMIZER!r}")
-    multiplier = solver.BACKBONE_MULTIPLIER
-    params = get_default_optimizer_params(
+    params = optimizer_param_groups(
         model,
         base_lr=solver.BASE_LR,
         weight_decay=solver.WEIGHT_DECAY,
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
-        lr_factor_func=lambda name: multiplier if name.startswith("backbone.") else 1.0,
+        weight_decay_embed=solver.WEIGHT_DECAY_EMBED,
+        backbone_multiplier=solver.BACKBONE_MULTIPLIER,
     )
     optimizer_class = OPTIMIZERS[solver.OPTIMIZER]
     clip = solver.CLIP_GRADIENTS

@@ -7,7 +7,7 @@ construction for denoising) and charged
 
     loss_ce    sigmoid focal loss over all queries and classes
     loss_bbox  L1 of matched boxes (cxcywh)
-    loss_giou  1 - GIoU of matched boxes
+    loss_giou  1 - GIoU of matched boxes (the release's epsilon, see matcher.GIOU_EPS)
     loss_mask  sigmoid BCE of matched masks on importance-sampled points
     loss_dice  dice loss on the same points
 
@@ -23,9 +23,9 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import box_convert, sigmoid_focal_loss
 
-from .matcher import HungarianMatcher, Indices
+from .matcher import HungarianMatcher, Indices, generalized_box_iou
 from .outputs import DIMaskDINOOutput, Predictions
 from .point_sampling import point_sample, uncertain_point_coords
 
@@ -105,12 +105,10 @@ class SetCriterion(nn.Module):
         boxes = prediction.boxes[batch, source].float()
         target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(boxes)
         losses["loss_bbox"] = F.l1_loss(boxes, target_boxes, reduction="sum") / num_objects
-        losses["loss_giou"] = (
-            generalized_box_iou_loss(
-                box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), reduction="sum"
-            )
-            / num_objects
+        giou = generalized_box_iou(
+            box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), pairwise=False
         )
+        losses["loss_giou"] = (1 - giou).sum() / num_objects
         if prediction.masks is not None:
             losses.update(self.mask_losses(prediction, targets, indices, batch, source, num_objects))
         if source.numel() == 0:  # keep the box and mask heads in the graph

@@ -8,6 +8,9 @@ predictions and targets. Outputs without masks (the token-interaction outputs of
 module) are matched on the class and box terms only. The assignment is scipy's
 `linear_sum_assignment`.
 
+GIoU follows the release: IoU = inter / (union + eps) and the enclosing-box term
+(hull - union) / (hull + eps), eps = 1e-6, in the matching cost and in the loss.
+
 Shape glossary: N predictions, M targets of one image, K classes, P points.
 """
 
@@ -17,14 +20,36 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import box_convert, generalized_box_iou
+from torchvision.ops import box_area, box_convert
 
 from .outputs import Predictions
 from .point_sampling import point_sample
 
-__all__ = ["HungarianMatcher", "focal_class_cost", "sigmoid_bce_cost", "dice_cost"]
+__all__ = ["HungarianMatcher", "focal_class_cost", "sigmoid_bce_cost", "dice_cost", "generalized_box_iou", "GIOU_EPS"]
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
+
+# NOTE: the release divides by (union + 1e-6) and (hull + 1e-6) in both the matching cost and
+# the loss; torchvision's GIoU uses no epsilon (cost) and 1e-7 (loss). For a box of a few pixels
+# the two differ measurably (3e-4 relative for 6 x 7 px), and with the epsilon a perfect
+# prediction keeps a tiny loss, as in the release. We follow the release.
+GIOU_EPS = 1e-6
+
+
+def generalized_box_iou(
+    boxes1: torch.Tensor, boxes2: torch.Tensor, eps: float = GIOU_EPS, pairwise: bool = True
+) -> torch.Tensor:
+    """GIoU of xyxy boxes: (N, 4) x (M, 4) -> (N, M), or elementwise (N, 4) x (N, 4) -> (N,)
+    with `pairwise=False`; IoU = inter / (union + eps), GIoU = IoU - (hull - union) / (hull + eps)."""
+    area1, area2 = box_area(boxes1), box_area(boxes2)
+    if pairwise:
+        boxes1, area1 = boxes1[:, None], area1[:, None]
+    inter = (torch.min(boxes1[..., 2:], boxes2[..., 2:]) - torch.max(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    inter = inter[..., 0] * inter[..., 1]
+    union = area1 + area2 - inter
+    hull = (torch.max(boxes1[..., 2:], boxes2[..., 2:]) - torch.min(boxes1[..., :2], boxes2[..., :2])).clamp(min=0)
+    hull = hull[..., 0] * hull[..., 1]
+    return inter / (union + eps) - (hull - union) / (hull + eps)
 
 
 def focal_class_cost(

@@ -2,7 +2,8 @@
 
 The top `topk` (query, class) pairs by sigmoid class score are kept; a pair's mask is its
 query's mask logits > 0 at the output resolution; its score is the class score times the
-mean mask probability inside that mask; its box is the query's box. Outputs without masks
+mean mask probability inside that mask; its box is the query's box, clipped to the image
+(as detectron2's models report boxes). Outputs without masks
 (the token-interaction outputs) give boxes scored by class alone.
 """
 
@@ -65,4 +66,8 @@ def instance_inference(
     # Boxes are relative to the padded input; scale so that the unpadded image maps to output_size.
     scale = boxes.new_tensor([padded_size[1] / image_size[1] * width, padded_size[0] / image_size[0] * height] * 2)
     absolute = box_convert(boxes[query].float(), "cxcywh", "xyxy") * scale
+    # NOTE: the release reports boxes unclipped (a box can reach past the image border);
+    # detectron2's models clip them to the image, and so do we.
+    absolute[:, 0::2] = absolute[:, 0::2].clamp(min=0, max=width)
+    absolute[:, 1::2] = absolute[:, 1::2].clamp(min=0, max=height)
     return Detections(scores=scores, labels=labels, boxes=absolute, masks=binary)

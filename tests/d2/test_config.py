@@ -10,7 +10,14 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (install i
 
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 
-from di_maskdino.d2 import DIMaskDINOArch, DIMaskDINODatasetMapper, add_di_maskdino_config, build_optimizer  # noqa: E402
+from di_maskdino.d2 import (  # noqa: E402
+    Checkpointer,
+    DIMaskDINOArch,
+    DIMaskDINODatasetMapper,
+    add_di_maskdino_config,
+    build_optimizer,
+)
+from di_maskdino.d2.trainer import build_periodic_checkpointer, weights_load_mode  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,6 +67,8 @@ def test_every_declared_key_is_read():
     DIMaskDINODatasetMapper(view, True)
     DIMaskDINODatasetMapper(view, False)
     build_optimizer(view, model)
+    weights_load_mode(view, resuming=False)
+    build_periodic_checkpointer(view, Checkpointer(model))
     timm_cfg = cfg.clone()
     timm_cfg.MODEL.BACKBONE.NAME = "build_timm_backbone"
     timm_cfg.MODEL.TIMM.NAME = "resnet18"
@@ -114,3 +123,14 @@ def test_every_shipped_config_builds_its_model(path):
     assert (head.de_imbalance is not None) == m.DE_IMBALANCE.ENABLED
     assert (head.bato is not None) == m.BATO.ENABLED
     assert head.heads.class_embed.out_features == m.NUM_CLASSES
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback of a machine without CUDA")
+def test_cuda_configs_run_on_the_cpu_of_a_machine_without_cuda():
+    from di_maskdino.d2 import load_config, use_available_device
+
+    cfg = load_config(os.path.join(ROOT, "configs", "coco", "dimaskdino_r50_12ep.yaml"))
+    assert cfg.MODEL.DEVICE == "cuda"  # detectron2's default
+    assert use_available_device(cfg) == "CUDA is not available: running on the CPU (MODEL.DEVICE cuda -> cpu)"
+    assert cfg.MODEL.DEVICE == "cpu"
+    assert use_available_device(cfg) == ""  # nothing more to say

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
 
@@ -84,33 +85,91 @@ def test_two_cpu_processes(data_root, tmp_path):
     assert (tmp_path / "log.txt.rank1").exists() and iterations_logged(tmp_path)[-1] == 3
 
 
-def test_demo_writes_images_and_json(trained, data_root, tmp_path):
-    corrupt = tmp_path / "inputs" / "corrupt.png"
-    corrupt.parent.mkdir()
-    corrupt.write_bytes(b"\x89PNG broken")
+def demo(args, data_root, weights=None):
+    extra = ["MODEL.WEIGHTS", str(weights)] if weights else []
+    return run_tool("demo.py", ["--config-file", QUICK] + args + extra, data_root, check=False)
+
+
+def test_demo_writes_images_and_json_in_the_datasets_terms(trained, data_root, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "corrupt.png").write_bytes(b"\x89PNG broken")
+    val = data_root / "synthetic" / "val"
+    # the same name twice (a.png, a.jpg) and the dataset's own images
+    Image.open(val / "000001.png").save(inputs / "000001.jpg")
     out = tmp_path / "out"
+    result = demo(
+        ["--input", str(val), str(inputs), "--output", str(out), "--json", str(out / "instances.json")]
+        + ["--confidence-threshold", "0.0"],
+        data_root,
+        trained / "model_final.pth",
+    )
+    assert result.returncode == 1 and "corrupt.png" in result.stderr  # named, the others still processed
+    assert sorted(os.listdir(out)) == [
+        "000001.jpg",
+        "000001_jpg.jpg",
+        "000002.jpg",
+        "000003.jpg",
+        "000004.jpg",
+        "instances.json",
+    ]
+    assert "6 image(s) given, 5 drawn into" in result.stdout
+    with open(out / "instances.json") as handle:
+        records = json.load(handle)
+    gt = COCO(str(data_root / "synthetic" / "val.json"))
+    names = {c["id"]: c["name"] for c in gt.dataset["categories"]}
+    assert {r["category_id"] for r in records} <= set(names)  # the dataset's ids (1-based), not 0-based indices
+    assert all(r["category_name"] == names[r["category_id"]] for r in records)
+    by_name = {os.path.basename(i["file_name"]): i["id"] for i in gt.dataset["images"]}
+    ours = [r for r in records if os.path.dirname(r["file_name"]) == str(val)]
+    assert {r["image_id"] for r in ours} == set(by_name.values())
+    evaluation = COCOeval(gt, gt.loadRes(ours), "segm")  # pycocotools reads and scores them
+    evaluation.evaluate()
+    evaluation.accumulate()
+
+
+def test_demo_refusals_and_messages(trained, data_root, tmp_path):
+    val = str(data_root / "synthetic" / "val")
+    result = demo(["--input", val, "--output", str(tmp_path / "a")], data_root)
+    assert result.returncode != 0 and "MODEL.WEIGHTS is not set" in result.stderr + result.stdout
+    assert "--allow-random-weights" in result.stderr + result.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = demo(["--input", str(empty), "--output", str(tmp_path / "b")], data_root, trained / "model_final.pth")
+    assert result.returncode != 0 and f"--input {empty}: the folder holds no image" in result.stderr
+    result = demo(["--input", val, "--output", str(tmp_path / "c")], data_root, tmp_path / "model.pth")
+    assert result.returncode != 0 and "model.pth: no such file. Set MODEL.WEIGHTS" in result.stderr
+    result = demo(
+        ["--input", val, "--output", str(tmp_path / "d"), "--confidence-threshold", "1.01", "--device", "cuda"],
+        data_root,
+        trained / "model_final.pth",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    if not torch.cuda.is_available():
+        assert "CUDA is not available: running on the CPU" in result.stdout
+    assert "No instance reached --confidence-threshold 1.01" in result.stdout
+    assert "lower it, e.g. --confidence-threshold" in result.stdout
+    assert len(os.listdir(tmp_path / "d")) == 4  # the images are drawn all the same
+
+
+def test_demo_help_shows_the_defaults(data_root):
+    result = run_tool("demo.py", ["--help"], data_root)
+    assert "(default: 0.5)" in result.stdout and "(default: None)" in result.stdout
+
+
+def test_evaluation_names_missing_weights(data_root, tmp_path):
     result = run_tool(
-        "demo.py",
-        [
-            "--config-file",
-            QUICK,
-            "--input",
-            str(data_root / "synthetic" / "val"),
-            str(corrupt),
-            "--output",
-            str(out),
-            "--json",
-            str(out / "instances.json"),
-            "--confidence-threshold",
-            "0.0",
-            "MODEL.WEIGHTS",
-            str(trained / "model_final.pth"),
-        ],
+        "train_net.py", ["--config-file", QUICK, "--eval-only", "OUTPUT_DIR", str(tmp_path)], data_root, check=False
+    )
+    assert result.returncode != 0 and "--eval-only needs weights: set MODEL.WEIGHTS" in result.stderr
+    result = run_tool(
+        "train_net.py",
+        ["--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", "model.pth", "OUTPUT_DIR", str(tmp_path)],
         data_root,
         check=False,
     )
-    assert result.returncode == 1 and "corrupt.png" in result.stderr  # named, the others still processed
-    assert sorted(os.listdir(out)) == ["000001.jpg", "000002.jpg", "000003.jpg", "000004.jpg", "instances.json"]
-    with open(out / "instances.json") as handle:
-        records = json.load(handle)
-    assert records and {"file_name", "score", "category_id", "bbox_xyxy", "segmentation"} <= set(records[0])
+    assert result.returncode != 0 and "MODEL.WEIGHTS model.pth: no such file. Set MODEL.WEIGHTS" in result.stderr
+    assert "AssertionError" not in result.stderr

@@ -119,3 +119,67 @@ def test_images_without_objects():
     assert set(losses) == set(with_objects)  # same names on every worker
     sum(losses.values()).backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def release_giou_float64(box, target, eps=1e-6):
+    """GIoU as the release computes it (IoU = inter / (union + eps), hull term over hull + eps),
+    by hand in float64 for one pair of normalised xyxy boxes."""
+    (a0, a1, a2, a3), (b0, b1, b2, b3) = box, target
+    inter = max(0.0, min(a2, b2) - max(a0, b0)) * max(0.0, min(a3, b3) - max(a1, b1))
+    union = (a2 - a0) * (a3 - a1) + (b2 - b0) * (b3 - b1) - inter
+    hull = (max(a2, b2) - min(a0, b0)) * (max(a3, b3) - min(a1, b1))
+    return inter / (union + eps) - (hull - union) / (hull + eps)
+
+
+def test_giou_loss_uses_the_release_epsilon_on_small_boxes():
+    """A 6 x 7 px prediction in a 1024 px image, 1 px off, and an exact 8 x 8 px prediction,
+    which in the release keeps a loss of about eps / area (torchvision's loss would be 0)."""
+    px = 1 / 1024
+    target_boxes = torch.tensor([[0.5, 0.5, 6 * px, 7 * px], [0.3, 0.3, 8 * px, 8 * px]], dtype=torch.float64)
+    predicted = torch.tensor([[0.5 + px, 0.5, 6 * px, 7 * px], [0.3, 0.3, 8 * px, 8 * px]], dtype=torch.float64)
+    criterion = SetCriterion(HungarianMatcher(num_points=16), num_points=16)
+    prediction = Predictions(torch.zeros(1, 2, 2, dtype=torch.float64), predicted[None], None)
+    target = dict(labels=torch.tensor([0, 1]), boxes=target_boxes)
+    indices = [(torch.tensor([0, 1]), torch.tensor([0, 1]))]
+    # .float() inside the criterion: compare with the float64 reference at float32 precision
+    loss = criterion.losses(prediction, [target], indices, num_objects=1.0)["loss_giou"].item()
+
+    def xyxy(b):
+        return (b[0] - b[2] / 2, b[1] - b[3] / 2, b[0] + b[2] / 2, b[1] + b[3] / 2)
+
+    release = [1 - release_giou_float64(xyxy(p.tolist()), xyxy(t.tolist())) for p, t in zip(predicted, target_boxes)]
+    torchvision_like = [
+        1 - release_giou_float64(xyxy(p.tolist()), xyxy(t.tolist()), eps=0.0) for p, t in zip(predicted, target_boxes)
+    ]
+    assert release[1] == pytest.approx(1e-6 / (64 * px * px + 1e-6), rel=1e-9)  # the perfect box's residual loss
+    assert loss == pytest.approx(sum(release), rel=2e-5)
+    assert abs(sum(release) - sum(torchvision_like)) > 1e2 * 2e-5 * sum(release)  # the test tells them apart
+
+
+def test_matching_cost_uses_the_release_giou():
+    from di_maskdino.modeling.matcher import generalized_box_iou
+
+    generator = torch.Generator().manual_seed(0)
+    corner = torch.rand(5, 2, generator=generator, dtype=torch.float64) * 0.5
+    boxes1 = torch.cat([corner, corner + torch.rand(5, 2, generator=generator, dtype=torch.float64) * 0.01], 1)
+    boxes2 = boxes1[:3] + 0.002
+    pairwise = generalized_box_iou(boxes1, boxes2)
+    for i in range(5):
+        for j in range(3):
+            expected = release_giou_float64(boxes1[i].tolist(), boxes2[j].tolist())
+            assert pairwise[i, j].item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    matcher = HungarianMatcher(class_weight=0.0, box_weight=0.0, giou_weight=1.0)
+    prediction = Predictions(torch.zeros(1, 5, 2), box_convert_cxcywh(boxes1).float()[None], None)
+    target = dict(labels=torch.zeros(3, dtype=torch.int64), boxes=box_convert_cxcywh(boxes2).float())
+    cost = matcher.cost_matrix(prediction, 0, target)
+    assert torch.allclose(cost.double(), -pairwise, rtol=1e-4, atol=1e-4)
+    # torchvision's GIoU (no epsilon) differs by more than that on these 1-5 px boxes
+    from torchvision.ops import generalized_box_iou as torchvision_giou
+
+    assert not torch.allclose(torchvision_giou(boxes1, boxes2), pairwise, rtol=1e-4, atol=1e-4)
+
+
+def box_convert_cxcywh(xyxy):
+    from torchvision.ops import box_convert
+
+    return box_convert(xyxy, "xyxy", "cxcywh")

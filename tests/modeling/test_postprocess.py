@@ -37,3 +37,18 @@ def test_instance_inference_undoes_padding_and_resizing():
     )
     torch.testing.assert_close(result.boxes[0], torch.tensor([0.0, 0.0, 64.0, 96.0]))
     assert result.masks.shape == (1, 96, 64)
+
+
+def test_boxes_are_clipped_to_the_image():
+    """A 4000 x 50 image (x, y): boxes reaching past the border end at it, as detectron2 reports them."""
+    logits = torch.tensor([[4.0], [3.0]])
+    # normalised by a 64 x 4000 padded input holding the 50 x 4000 image; the first box reaches
+    # from y = -32 to y = 64 px of the padded frame, x from -200 to 600; the second lies inside
+    boxes = torch.tensor([[0.05, 0.25, 0.2, 1.5], [0.5, 0.25, 0.1, 0.25]])
+    result = instance_inference(
+        logits, boxes, None, image_size=(50, 4000), padded_size=(64, 4000), output_size=(50, 4000), topk=2
+    )
+    x0, y0, x1, y1 = result.boxes[0].tolist()
+    assert (x0, y0) == (0.0, 0.0) and x1 == pytest.approx(600.0) and y1 == 50.0
+    assert (result.boxes[:, 0::2] <= 4000).all() and (result.boxes[:, 1::2] <= 50).all()
+    torch.testing.assert_close(result.boxes[1], torch.tensor([1800.0, 8.0, 2200.0, 24.0]))
