@@ -11,15 +11,15 @@ __all__ = ["D2TimmBackbone", "build_timm_backbone", "checkpoint_backbone"]
 
 
 def checkpoint_backbone(backbone: Backbone) -> Backbone:
-    """Activation checkpointing of the backbone in training: each residual block of
-    detectron2's ResNet stages (res2..res5; the stem is kept), or the timm backbone's own.
-    Parameter names and checkpoints are unchanged."""
+    """Activation checkpointing of the backbone in training: each of detectron2's ResNet
+    stages (res2..res5; not the stem) as one region, or the timm backbone's own. Parameter
+    names and checkpoints are unchanged."""
     if not isinstance(backbone, ResNet):
         return enable_backbone_checkpointing(backbone)
     check_checkpointable(backbone, "the ResNet backbone")
     # NOTE: detectron2's ResNet runs the stages listed in `stages`; each is replaced by a
     # Sequential of the same blocks (the same children, so the same parameter names) that
-    # checkpoints them one by one.
+    # runs as one checkpointed region.
     for index, (name, stage) in enumerate(zip(backbone.stage_names, backbone.stages)):
         checkpointed = CheckpointedSequential(*stage)
         setattr(backbone, name, checkpointed)

@@ -202,7 +202,7 @@ def _add_memory_keys(m: CN) -> None:
     # activation checkpointing in training: memory for time, the same losses and gradients
     # (README "Memory"; tools/benchmark_memory.py measures each switch)
     m.ACTIVATION_CHECKPOINTING = CN()
-    m.ACTIVATION_CHECKPOINTING.BACKBONE = False  # residual blocks of the ResNet stages / timm's checkpointing
-    m.ACTIVATION_CHECKPOINTING.ENCODER = False  # deformable encoder layers
+    m.ACTIVATION_CHECKPOINTING.BACKBONE = False  # the ResNet stages / timm's checkpointing
+    m.ACTIVATION_CHECKPOINTING.ENCODER = False  # deformable encoder layers and the mask-feature FPN
     m.ACTIVATION_CHECKPOINTING.TOKEN_INTERACTION = False  # token-interaction layers of the DI module
     m.ACTIVATION_CHECKPOINTING.DECODER = False  # decoder layers and BATO

@@ -25,14 +25,17 @@ def checkpointed(enabled: bool, function, *args, **kwargs):
 
 
 class CheckpointedSequential(nn.Sequential):
-    """An `nn.Sequential` whose children each run under activation checkpointing when
-    gradients are recorded. Its children and parameter names are those of the Sequential it
-    is made from (`CheckpointedSequential(*stage)`), so checkpoints load unchanged."""
+    """An `nn.Sequential` that runs as one checkpointed region when gradients are recorded:
+    only its input is kept, its children's activations are recomputed in backward. Its
+    children and parameter names are those of the Sequential it is made from
+    (`CheckpointedSequential(*stage)`), so checkpoints load unchanged.
+
+    NOTE: one region per ResNet stage rather than per block: the block inputs of a stage
+    would stay allocated through the forward pass (0.5 GiB for ResNet-50 at 1024 x 1024),
+    whereas a stage's recomputation happens late in backward, when little else is alive."""
 
     def forward(self, x):
-        for module in self:
-            x = checkpointed(True, module, x)
-        return x
+        return checkpointed(True, super().forward, x)
 
 
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:

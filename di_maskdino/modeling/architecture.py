@@ -90,9 +90,9 @@ class ActivationCheckpointing:
     with and without; each switch lowers the peak memory of a training step and costs time
     (see tools/benchmark_memory.py).
 
-    backbone: every residual block of detectron2's ResNet stages, or the timm backbone's
-        own gradient checkpointing; BatchNorm that updates running statistics is refused.
-    encoder: every deformable encoder layer.
+    backbone: each of detectron2's ResNet stages (res2..res5), or the timm backbone's own
+        gradient checkpointing; BatchNorm that updates running statistics is refused.
+    encoder: every deformable encoder layer, and the FPN making the mask features.
     token_interaction: every token-interaction layer of the De-Imbalance module.
     decoder: every decoder layer, and BATO (it runs inside the decoder loop).
     """

@@ -76,8 +76,9 @@ class MaskDINOEncoder(nn.Module):
         norm_layer: channels -> norm module of the projections and FPN convolutions
             (default GroupNorm with 32 groups).
         act_layer: activation of the FPN output convolutions.
-        grad_checkpointing: run each deformable encoder layer under activation checkpointing
-            in training (its activations are recomputed in backward instead of kept).
+        grad_checkpointing: run each deformable encoder layer, and the FPN that makes the
+            mask features, under activation checkpointing in training (their activations are
+            recomputed in backward instead of kept).
     """
 
     def __init__(
@@ -171,7 +172,8 @@ class MaskDINOEncoder(nn.Module):
         # NOTE: like the release, the encoder runs in float32 even under autocast.
         with torch.autocast(device_type=device_type, enabled=False):
             encoded = self.encode(features)
-            return EncoderOutput(features=encoded, mask_features=self.mask_feature_map(encoded[0], features))
+            mask_features = checkpointed(self.grad_checkpointing, self.mask_feature_map, encoded[0], features)
+            return EncoderOutput(features=encoded, mask_features=mask_features)
 
     def input_levels(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """The L projected input maps (B, C, H_l, W_l), highest resolution first."""

@@ -71,7 +71,7 @@ def test_checkpointed_sequential_keeps_parameter_names_and_gradients():
     assert list(wrapped.state_dict()) == list(stage.state_dict())
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
     plain_saved, plain_out, plain_grads = gradients(stage, x, enabled=False)
-    # the Sequential checkpoints its children itself: only their inputs are kept
+    # the Sequential is one checkpointed region: only its input is kept
     saved, out, grads = gradients(wrapped, x, enabled=False)
     torch.testing.assert_close(out, plain_out, rtol=0, atol=0)
     for g, expected in zip(grads, plain_grads):
