@@ -50,6 +50,7 @@ def assert_same_training(result, reference, rtol=1e-10, atol=1e-12):
         torch.testing.assert_close(grad, ref_grads[name], rtol=rtol, atol=atol, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("switch", SWITCHES)
 def test_each_switch_keeps_losses_and_gradients_and_saves_memory(switch, unchecked):
     result = training_step((switch,))

@@ -26,6 +26,7 @@ def test_missing_stride_is_reported():
         TimmBackbone("resnet18", out_strides=(4, 64))
 
 
+@pytest.mark.slow
 def test_timm_checkpointing_keeps_gradients():
     """timm's own checkpointing, float64: the same features and gradients."""
     results = []
