@@ -1,11 +1,30 @@
-"""timm backbones for detectron2 configs: MODEL.BACKBONE.NAME = "build_timm_backbone"."""
+"""timm backbones for detectron2 configs (MODEL.BACKBONE.NAME = "build_timm_backbone"), and
+activation checkpointing of the backbone (MODEL.DI_MASKDINO.ACTIVATION_CHECKPOINTING.BACKBONE)."""
 
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ResNet
 
-from ..modeling.backbone import TimmBackbone
+from ..layers import CheckpointedSequential
+from ..modeling.backbone import TimmBackbone, check_checkpointable, enable_backbone_checkpointing
 
-__all__ = ["D2TimmBackbone", "build_timm_backbone"]
+__all__ = ["D2TimmBackbone", "build_timm_backbone", "checkpoint_backbone"]
+
+
+def checkpoint_backbone(backbone: Backbone) -> Backbone:
+    """Activation checkpointing of the backbone in training: each of detectron2's ResNet
+    stages (res2..res5; not the stem) as one region, or the timm backbone's own. Parameter
+    names and checkpoints are unchanged."""
+    if not isinstance(backbone, ResNet):
+        return enable_backbone_checkpointing(backbone)
+    check_checkpointable(backbone, "the ResNet backbone")
+    # NOTE: detectron2's ResNet runs the stages listed in `stages`; each is replaced by a
+    # Sequential of the same blocks (the same children, so the same parameter names) that
+    # runs as one checkpointed region.
+    for index, (name, stage) in enumerate(zip(backbone.stage_names, backbone.stages)):
+        checkpointed = CheckpointedSequential(*stage)
+        setattr(backbone, name, checkpointed)
+        backbone.stages[index] = checkpointed
+    return backbone
 
 
 class D2TimmBackbone(TimmBackbone, Backbone):

@@ -15,7 +15,14 @@ import torch
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
-from ..modeling.architecture import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec
+from ..modeling.architecture import (
+    ActivationCheckpointing,
+    Architecture,
+    BATOSpec,
+    DeImbalanceSpec,
+    DenoisingSpec,
+    EncoderSpec,
+)
 from .validation import validate_config
 
 __all__ = ["add_di_maskdino_config", "load_config", "architecture_from_config", "use_available_device"]
@@ -58,6 +65,12 @@ def architecture_from_config(cfg: CN) -> Architecture:
         else None,
         denoising=DenoisingSpec(num_queries=m.DN.NUM_QUERIES, noise_scale=m.DN.NOISE_SCALE) if m.DN.ENABLED else None,
         random_position_token=m.TOLERANCE.RANDOM_POSITION_TOKEN,
+        checkpointing=ActivationCheckpointing(
+            backbone=m.ACTIVATION_CHECKPOINTING.BACKBONE,
+            encoder=m.ACTIVATION_CHECKPOINTING.ENCODER,
+            token_interaction=m.ACTIVATION_CHECKPOINTING.TOKEN_INTERACTION,
+            decoder=m.ACTIVATION_CHECKPOINTING.DECODER,
+        ),
     )
 
 
@@ -104,6 +117,7 @@ def add_di_maskdino_config(cfg: CN) -> None:
     _add_objective_keys(cfg.MODEL.DI_MASKDINO)
     _add_backbone_keys(cfg)
     _add_input_and_solver_keys(cfg)
+    _add_memory_keys(cfg.MODEL.DI_MASKDINO)
 
 
 def _add_model_keys(cfg: CN) -> None:
@@ -219,3 +233,13 @@ def _add_input_and_solver_keys(cfg: CN) -> None:
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0  # newest periodic checkpoints kept (0: all); model_final.pth always
+
+
+def _add_memory_keys(m: CN) -> None:
+    # activation checkpointing in training: memory for time, the same losses and gradients
+    # (README "Memory"; tools/benchmark_memory.py measures each switch)
+    m.ACTIVATION_CHECKPOINTING = CN()
+    m.ACTIVATION_CHECKPOINTING.BACKBONE = False  # the ResNet stages / timm's checkpointing
+    m.ACTIVATION_CHECKPOINTING.ENCODER = False  # deformable encoder layers and the mask-feature FPN
+    m.ACTIVATION_CHECKPOINTING.TOKEN_INTERACTION = False  # token-interaction layers of the DI module
+    m.ACTIVATION_CHECKPOINTING.DECODER = False  # decoder layers and BATO

@@ -15,6 +15,7 @@ from torchvision.ops import box_convert
 from ..modeling import DIMaskDINO, Predictions, build_encoder, build_head
 from ..modeling.criterion import SetCriterion
 from ..modeling.matcher import HungarianMatcher
+from .backbone import checkpoint_backbone
 from .config import architecture_from_config
 
 __all__ = ["DIMaskDINOArch", "build_criterion"]
@@ -70,6 +71,8 @@ class DIMaskDINOArch(DIMaskDINO):
     def from_config(cls, cfg):
         architecture = architecture_from_config(cfg)
         backbone = build_backbone(cfg)
+        if architecture.checkpointing.backbone:
+            checkpoint_backbone(backbone)
         return {
             "backbone": backbone,
             "encoder": build_encoder(architecture, backbone.output_shape()),

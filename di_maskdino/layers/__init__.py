@@ -13,6 +13,7 @@ from .blocks import (
     with_pos,
     xavier_init_matrices,
 )
+from .checkpoint import CheckpointedSequential, at_least_float32, checkpointed
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import (
     BoxPositionalQuery,
@@ -38,4 +39,7 @@ __all__ = [
     "box_position_embedding",
     "feature_map_position_embedding",
     "sine_features",
+    "checkpointed",
+    "CheckpointedSequential",
+    "at_least_float32",
 ]

@@ -7,6 +7,7 @@ composes them and `architecture` builds them from one description.
 """
 
 from .architecture import (
+    ActivationCheckpointing,
     Architecture,
     BATOSpec,
     DeImbalanceSpec,
@@ -42,6 +43,7 @@ from .query_selection import QuerySelection, SelectedTokens, TokenSet, select_to
 
 __all__ = [
     "Architecture",
+    "ActivationCheckpointing",
     "EncoderSpec",
     "DeImbalanceSpec",
     "BATOSpec",

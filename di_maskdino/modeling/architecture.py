@@ -7,6 +7,8 @@
 `build_head` and `build_model` are the only places that turn a description into modules.
 
 An optional part is a spec or None: `de_imbalance=None` and `bato=None` describe MaskDINO.
+`checkpointing` says which parts trade time for memory in training (activation
+checkpointing); it changes no result.
 """
 
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from typing import Dict, Optional, Sequence, Tuple
 from torch import nn
 
 from ..layers import group_norm
-from .backbone import FeatureSpec
+from .backbone import FeatureSpec, enable_backbone_checkpointing
 from .bato import BalanceAwareTokensOptimization, MaskBoxGuidingTokens, QueryGuidingTokens, guidance_source
 from .de_imbalance import DeImbalance
 from .decoder import DeformableDecoder
@@ -28,6 +30,7 @@ from .query_selection import QuerySelection
 
 __all__ = [
     "Architecture",
+    "ActivationCheckpointing",
     "EncoderSpec",
     "DeImbalanceSpec",
     "BATOSpec",
@@ -80,6 +83,27 @@ class DenoisingSpec:
 
 
 @dataclass(frozen=True)
+class ActivationCheckpointing:
+    """Parts that run under activation checkpointing in training
+    (MODEL.DI_MASKDINO.ACTIVATION_CHECKPOINTING): they keep only their inputs in the forward
+    pass and compute their activations again in backward. Losses and gradients are the same
+    with and without; each switch lowers the peak memory of a training step and costs time
+    (see tools/benchmark_memory.py).
+
+    backbone: each of detectron2's ResNet stages (res2..res5), or the timm backbone's own
+        gradient checkpointing; BatchNorm that updates running statistics is refused.
+    encoder: every deformable encoder layer, and the FPN making the mask features.
+    token_interaction: every token-interaction layer of the De-Imbalance module.
+    decoder: every decoder layer, and BATO (it runs inside the decoder loop).
+    """
+
+    backbone: bool = False
+    encoder: bool = False
+    token_interaction: bool = False
+    decoder: bool = False
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Every size and part of the network; defaults are the paper's R50 model.
 
@@ -87,6 +111,8 @@ class Architecture:
     be the last selection size, without it the first selection keeps this many tokens.
     num_groups: GroupNorm groups of the encoder and BATO convolutions.
     random_position_token: Tab. 3's position-token constraint (random reference boxes).
+    checkpointing: activation checkpointing in training (memory for time; no part's result
+    changes).
     """
 
     num_classes: int = 80
@@ -106,6 +132,7 @@ class Architecture:
     bato: Optional[BATOSpec] = field(default_factory=BATOSpec)
     denoising: Optional[DenoisingSpec] = field(default_factory=DenoisingSpec)
     random_position_token: bool = False
+    checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
 
     def __post_init__(self):
         checks = [
@@ -164,6 +191,7 @@ def build_encoder(arch: Architecture, backbone_shapes: Dict[str, FeatureSpec]) -
         dropout=arch.dropout,
         common_stride=spec.common_stride,
         norm_layer=group_norm(arch.num_groups),
+        grad_checkpointing=arch.checkpointing.encoder,
     )
 
 
@@ -175,7 +203,13 @@ def build_de_imbalance(arch: Architecture) -> Optional[DeImbalance]:
     # NOTE: with a single selection (Tab. 7) token interaction still runs, keeping all tokens.
     later = sizes[1:] or sizes
     return DeImbalance(
-        arch.hidden_dim, arch.num_heads, arch.ffn_dim, arch.dropout, spec.token_interaction_layers, later
+        arch.hidden_dim,
+        arch.num_heads,
+        arch.ffn_dim,
+        arch.dropout,
+        spec.token_interaction_layers,
+        later,
+        grad_checkpointing=arch.checkpointing.token_interaction,
     )
 
 
@@ -218,6 +252,7 @@ def build_head(arch: Architecture) -> DIMaskDINOHead:
             arch.num_levels,
             arch.num_points,
             arch.num_decoder_layers,
+            grad_checkpointing=arch.checkpointing.decoder,
         ),
         random_reference_boxes=arch.random_position_token,
     )
@@ -233,7 +268,10 @@ def build_model(
     test_topk: int = 100,
 ) -> DIMaskDINO:
     """The whole network on `backbone` (any module with `output_shape()` giving channels and
-    stride per map)."""
+    stride per map; with `arch.checkpointing.backbone` also `set_grad_checkpointing`, as
+    `TimmBackbone` has)."""
+    if arch.checkpointing.backbone:
+        enable_backbone_checkpointing(backbone)
     return DIMaskDINO(
         backbone,
         build_encoder(arch, backbone.output_shape()),

@@ -13,7 +13,37 @@ from typing import Dict, Sequence
 import torch
 from torch import nn
 
-__all__ = ["FeatureSpec", "TimmBackbone"]
+__all__ = ["FeatureSpec", "TimmBackbone", "enable_backbone_checkpointing", "check_checkpointable"]
+
+
+def check_checkpointable(module: nn.Module, what: str) -> None:
+    """Refuses activation checkpointing of `module` when it holds BatchNorm layers that
+    update running statistics: the recomputation in backward would update them twice."""
+    tracking = [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    if tracking:
+        raise ValueError(
+            f"activation checkpointing of {what}: {len(tracking)} BatchNorm layers (e.g. {tracking[0]!r}) update "
+            "running statistics in training, which the recomputation in backward would do twice; use frozen "
+            "BatchNorm (detectron2: MODEL.RESNETS.NORM 'FrozenBN', the paper's setting), GroupNorm, or turn the "
+            "backbone switch off (MODEL.DI_MASKDINO.ACTIVATION_CHECKPOINTING.BACKBONE False)"
+        )
+
+
+def enable_backbone_checkpointing(backbone: nn.Module) -> nn.Module:
+    """Turns on the backbone's own activation checkpointing (`set_grad_checkpointing`, as
+    timm models and `TimmBackbone` have it)."""
+    if not hasattr(backbone, "set_grad_checkpointing"):
+        raise ValueError(
+            f"activation checkpointing of the backbone: {type(backbone).__name__} has no set_grad_checkpointing(); "
+            "use TimmBackbone or detectron2's ResNet (di_maskdino.d2), or turn the backbone switch off"
+        )
+    check_checkpointable(backbone, "the backbone")
+    backbone.set_grad_checkpointing(True)
+    return backbone
 
 
 @dataclass(frozen=True)
@@ -58,6 +88,13 @@ class TimmBackbone(nn.Module):
 
     def output_shape(self) -> Dict[str, FeatureSpec]:
         return dict(self._shapes)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's activation checkpointing of the feature extractor (every module of the
+        flattened model but the first and the last, non-reentrant by timm's default)."""
+        if not hasattr(self.body, "set_grad_checkpointing"):
+            raise ValueError(f"TimmBackbone: timm's {type(self.body).__name__} offers no gradient checkpointing")
+        self.body.set_grad_checkpointing(enable)
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         maps = self.body(images)

@@ -12,7 +12,14 @@ construction for denoising) and charged
     loss_dice  dice loss on the same points
 
 each summed and divided by the number of target objects (averaged over workers, at least
-1), then multiplied by its weight. Loss names: "loss_ce" (final layer), "loss_ce_{i}"
+1), then multiplied by its weight.
+
+Memory: the mask losses need the mask logits of the matched queries only, at the sampled
+points. Outputs whose masks are factored (mask embeddings and mask features, as the model
+gives them in training) have the logits of their matched queries computed per image; the
+point losses run under activation checkpointing, so that backward keeps only the points and
+their labels, not the (n, h, w) logits; the labels are sampled from each target mask in
+place, without copying it per match. Loss names: "loss_ce" (final layer), "loss_ce_{i}"
 (layer i, 0 being the initial prediction), "loss_ce_interm" (encoder),
 "loss_ce_ti{s}_{i}" (DI stage s, token-interaction layer i), "loss_ce_dn" / "loss_ce_dn_{i}"
 (denoising).
@@ -25,6 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import box_convert, sigmoid_focal_loss
 
+from ..layers import at_least_float32, checkpointed
 from .matcher import HungarianMatcher, Indices, generalized_box_iou
 from .outputs import DIMaskDINOOutput, Predictions
 from .point_sampling import point_sample, uncertain_point_coords
@@ -94,7 +102,7 @@ class SetCriterion(nn.Module):
         """Unweighted losses of one output for given matches."""
         batch = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(prediction.logits.device)
         source = torch.cat([src for src, _ in indices]).to(prediction.logits.device)
-        logits = prediction.logits.float()
+        logits = at_least_float32(prediction.logits)
         onehot = torch.zeros_like(logits)
         labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(logits.device)
         onehot[batch, source, labels] = 1.0
@@ -102,33 +110,78 @@ class SetCriterion(nn.Module):
             "loss_ce": sigmoid_focal_loss(logits, onehot, self.focal_alpha, self.focal_gamma, reduction="sum")
             / num_objects
         }
-        boxes = prediction.boxes[batch, source].float()
+        boxes = at_least_float32(prediction.boxes[batch, source])
         target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(boxes)
         losses["loss_bbox"] = F.l1_loss(boxes, target_boxes, reduction="sum") / num_objects
         giou = generalized_box_iou(
             box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), pairwise=False
         )
         losses["loss_giou"] = (1 - giou).sum() / num_objects
-        if prediction.masks is not None:
+        if prediction.has_masks:
             losses.update(self.mask_losses(prediction, targets, indices, batch, source, num_objects))
         if source.numel() == 0:  # keep the box and mask heads in the graph
             for key in ("loss_bbox", "loss_giou"):
                 losses[key] = losses[key] + 0.0 * prediction.boxes.sum()
         return losses
 
+    @staticmethod
+    def matched_mask_logits(prediction: Predictions, batch: torch.Tensor, source: torch.Tensor, counts: List[int]):
+        """(n, h, w) mask logits of the matched queries (ordered by image, `counts` per image);
+        from factored masks only those n are computed."""
+        if prediction.mask_embed is None:
+            return prediction.masks[batch, source]
+        embed = prediction.mask_embed[batch, source]
+        return torch.cat(
+            [
+                torch.einsum("nd,dhw->nhw", rows, prediction.mask_features[image])
+                for image, rows in enumerate(embed.split(counts))
+            ]
+        )
+
+    @staticmethod
+    def point_labels(targets, indices: Indices, points: torch.Tensor) -> torch.Tensor:
+        """(n, P) target masks of the matches sampled at their (n, P, 2) points; each target
+        mask is sampled once for all its matches (the denoising groups repeat every target)."""
+        labels = points.new_empty(points.shape[:2])
+        offset = 0
+        for target, (_, tgt) in zip(targets, indices):
+            masks = target["masks"]
+            rows = torch.arange(offset, offset + len(tgt), device=points.device)
+            tgt = tgt.to(points.device)
+            for index in tgt.unique().tolist():
+                chosen = rows[tgt == index]
+                mask = masks[index][None, None].to(device=points.device, dtype=points.dtype)
+                labels[chosen] = point_sample(mask, points[chosen].reshape(1, -1, 2)).view(len(chosen), -1)
+            offset += len(tgt)
+        return labels
+
     def mask_losses(self, prediction, targets, indices, batch, source, num_objects) -> Dict[str, torch.Tensor]:
-        predicted = prediction.masks[batch, source].float()[:, None]  # (n, 1, h, w)
-        if predicted.shape[0] == 0:
-            zero = 0.0 * prediction.masks.sum()
+        if source.numel() == 0:
+            if prediction.mask_embed is None:
+                zero = 0.0 * prediction.masks.sum()
+            else:
+                zero = 0.0 * (prediction.mask_embed.sum() + prediction.mask_features.sum())
             return {"loss_mask": zero, "loss_dice": zero}
-        wanted = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(predicted)[:, None]
-        points = uncertain_point_coords(predicted, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
-        point_labels = point_sample(wanted, points)
-        point_logits = point_sample(predicted, points)
-        bce = F.binary_cross_entropy_with_logits(point_logits, point_labels, reduction="none").mean(1)
-        prob = point_logits.sigmoid()
-        dice = 1 - (2 * (prob * point_labels).sum(1) + 1) / (prob.sum(1) + point_labels.sum(1) + 1)
-        return {"loss_mask": bce.sum() / num_objects, "loss_dice": dice.sum() / num_objects}
+        counts = [len(src) for src, _ in indices]
+        with torch.no_grad():
+            matched = at_least_float32(self.matched_mask_logits(prediction, batch, source, counts))
+            points = uncertain_point_coords(
+                matched[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio
+            )
+            del matched
+            point_labels = self.point_labels(targets, indices, points)
+
+        def point_losses():
+            predicted = at_least_float32(self.matched_mask_logits(prediction, batch, source, counts))
+            point_logits = point_sample(predicted[:, None], points)
+            bce = F.binary_cross_entropy_with_logits(point_logits, point_labels, reduction="none").mean(1)
+            prob = point_logits.sigmoid()
+            dice = 1 - (2 * (prob * point_labels).sum(1) + 1) / (prob.sum(1) + point_labels.sum(1) + 1)
+            return bce.sum(), dice.sum()
+
+        # backward keeps only the points and their labels; the logits are computed again
+        bce, dice = checkpointed(True, point_losses)
+        return {"loss_mask": bce / num_objects, "loss_dice": dice / num_objects}
 
     @staticmethod
     def denoising_indices(num_groups: int, group_size: int, num_targets: List[int]) -> Indices:

@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..layers import FFN, MLP, BoxPositionalQuery, SelfAttentionBlock
+from ..layers import FFN, MLP, BoxPositionalQuery, SelfAttentionBlock, at_least_float32, checkpointed
 from .boxes import inverse_sigmoid, refine_boxes
 from .outputs import Predictions
 from .prediction_heads import PredictionHeads
@@ -51,11 +51,15 @@ class TokenInteraction(nn.Module):
     """One stage of token interaction with box refinement (Eq. 2).
 
     The positional query of every token is made from its current box; after each layer the
-    box is refined from the layer output (the next layer sees it detached).
+    box is refined from the layer output (the next layer sees it detached). With
+    `grad_checkpointing` each layer runs under activation checkpointing in training.
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, dropout: float, num_layers: int):
+    def __init__(
+        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, num_layers: int, grad_checkpointing: bool = False
+    ):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         if num_layers < 1:
             raise ValueError(f"TokenInteraction: num_layers must be at least 1, got {num_layers}")
         self.layers = nn.ModuleList(TokenInteractionLayer(dim, num_heads, ffn_dim, dropout) for _ in range(num_layers))
@@ -70,7 +74,7 @@ class TokenInteraction(nn.Module):
         predictions = []
         reference = boxes
         for layer in self.layers:
-            tokens = layer(tokens, self.ref_point_head(reference))
+            tokens = checkpointed(self.grad_checkpointing, layer, tokens, self.ref_point_head(reference))
             refined = refine_boxes(reference, self.box_embed(tokens))
             normed = self.norm(tokens)
             # NOTE: as in the released weights, the supervised outputs pass the stage norm and
@@ -95,17 +99,27 @@ class DeImbalance(nn.Module):
             double selection, (k2, k3) for three selections; with the single-selection
             variant of Tab. 7, (k1,): token interaction then keeps every token.
         num_layers: token-interaction layers per stage (TI_LAYERS).
+        grad_checkpointing: run every token-interaction layer under activation checkpointing
+            in training.
     """
 
     def __init__(
-        self, dim: int, num_heads: int, ffn_dim: int, dropout: float, num_layers: int, selection_sizes: Sequence[int]
+        self,
+        dim: int,
+        num_heads: int,
+        ffn_dim: int,
+        dropout: float,
+        num_layers: int,
+        selection_sizes: Sequence[int],
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         if not selection_sizes:
             raise ValueError("DeImbalance: needs at least one selection size after the first selection")
         self.selection_sizes = list(selection_sizes)
         self.stages = nn.ModuleList(
-            TokenInteraction(dim, num_heads, ffn_dim, dropout, num_layers) for _ in self.selection_sizes
+            TokenInteraction(dim, num_heads, ffn_dim, dropout, num_layers, grad_checkpointing)
+            for _ in self.selection_sizes
         )
 
     def forward(self, selected: TokenSet, heads: PredictionHeads) -> Tuple[TokenSet, List[List[Predictions]]]:
@@ -121,7 +135,7 @@ class DeImbalance(nn.Module):
         tokens, boxes = selected.tokens, selected.boxes
         # NOTE: like the release, token interaction runs in float32 even under autocast.
         with torch.autocast(device_type=tokens.device.type, enabled=False):
-            tokens, boxes = tokens.float(), boxes.float()
+            tokens, boxes = at_least_float32(tokens), at_least_float32(boxes)
             for stage, k in zip(self.stages, self.selection_sizes):
                 result = stage(tokens, boxes, heads)  # Eq. 2
                 outputs.append(result.predictions)

@@ -27,6 +27,8 @@ from ..layers import (
     DeformableAttentionBlock,
     MSDeformAttn,
     SelfAttentionBlock,
+    at_least_float32,
+    checkpointed,
     xavier_init_matrices,
 )
 from .bato import BalanceAwareTokensOptimization
@@ -78,6 +80,8 @@ class DeformableDecoder(nn.Module):
         dim, num_heads, ffn_dim, dropout: layer sizes.
         num_levels, num_points: deformable cross-attention.
         num_layers: decoder layers (DEC_LAYERS).
+        grad_checkpointing: run every decoder layer, and BATO, under activation checkpointing
+            in training.
     """
 
     def __init__(
@@ -89,8 +93,10 @@ class DeformableDecoder(nn.Module):
         num_levels: int,
         num_points: int,
         num_layers: int,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         if num_layers < 1:
             raise ValueError(f"DeformableDecoder: needs at least one layer, got {num_layers}")
         self.layers = nn.ModuleList(
@@ -133,7 +139,7 @@ class DeformableDecoder(nn.Module):
         reference = reference_boxes
         # NOTE: like the release, the decoder layers run in float32 even under autocast.
         with torch.autocast(device_type=queries.device.type, enabled=False):
-            queries, reference = queries.float(), reference.float()
+            queries, reference = at_least_float32(queries), at_least_float32(reference)
             for index, layer in enumerate(self.layers):
                 query_pos = self.ref_point_head(reference)
                 if bato is not None and index == bato.guidance.layer:
@@ -141,12 +147,15 @@ class DeformableDecoder(nn.Module):
                     tokens, pos = bato.guidance.candidates(
                         token_sets or {}, queries[:, matching], query_pos[:, matching], self.ref_point_head
                     )
-                    balanced, mask_features = bato(memory, mask_features, bato.guiding_tokens(tokens, pos, heads))
+                    guide = bato.guiding_tokens(tokens, pos, heads)
+                    balanced, mask_features = checkpointed(self.grad_checkpointing, bato, memory, mask_features, guide)
                     attended = memory.with_tokens(balanced)  # T_bal
                 # Eq. 4 (index 0): Q_bal = MHCA(T_s2, T_i), self-attention among the queries,
                 # deformable cross-attention to T_i, feed-forward; Eq. 9 (later layers): the
                 # same on T_bal once BATO has run.
-                queries = layer(queries, query_pos, reference, attended, attn_mask)
+                queries = checkpointed(
+                    self.grad_checkpointing, layer, queries, query_pos, reference, attended, attn_mask
+                )
                 refined = refine_boxes(reference, heads.box_embed(queries))
                 hidden.append(queries)
                 references.append(refined)

@@ -77,9 +77,9 @@ class DenoisingGenerator(nn.Module):
         if group_size == 0 or self.num_queries // group_size == 0:
             return None
         num_groups = self.num_queries // group_size
-        device = self.label_embed.weight.device
+        device, dtype = self.label_embed.weight.device, self.label_embed.weight.dtype
         labels = torch.cat([t["labels"] for t in targets]).to(device).repeat(num_groups)
-        boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=torch.float32).repeat(num_groups, 1)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device=device, dtype=dtype).repeat(num_groups, 1)
         if self.noise_scale > 0:
             flip = torch.rand(labels.shape, device=device) < self.noise_scale * 0.5
             labels = torch.where(flip, torch.randint_like(labels, 0, self.num_classes), labels)
@@ -93,8 +93,8 @@ class DenoisingGenerator(nn.Module):
         image = image.repeat(num_groups)
         slot = torch.cat([slot + g * group_size for g in range(num_groups)])
         dim = self.label_embed.embedding_dim
-        content = torch.zeros(batch, num_groups * group_size, dim, device=device)
-        box_logits = torch.zeros(batch, num_groups * group_size, 4, device=device)
+        content = torch.zeros(batch, num_groups * group_size, dim, device=device, dtype=dtype)
+        box_logits = torch.zeros(batch, num_groups * group_size, 4, device=device, dtype=dtype)
         content[image, slot] = self.label_embed(labels)
         box_logits[image, slot] = inverse_sigmoid(boxes)
         return DenoisingQueries(content, box_logits, num_groups, group_size, num_targets)

@@ -121,7 +121,8 @@ class DIMaskDINOHead(nn.Module):
         return torch.cat([dn.content, content], 1), torch.cat([dn.box_logits, box_logits], 1), attn_mask, dn
 
     def layer_predictions(self, decoded: DecoderOutput, all_layer_masks: bool) -> List[Predictions]:
-        """The supervised prediction of every decoder layer (Eq. 10-11)."""
+        """The supervised prediction of every decoder layer (Eq. 10-11). In training the masks
+        are kept as their factors (mask embeddings and mask features, see `Predictions`)."""
         predictions = []
         last = len(decoded.hidden) - 1
         for index, (hidden, start, mask_features) in enumerate(
@@ -132,8 +133,9 @@ class DIMaskDINOHead(nn.Module):
             # layer's reference box from this normed output, whereas the reference box handed
             # to the next layer was refined from the un-normed output (decoder.py).
             normed = self.heads.norm(hidden)
-            logits, masks = self.heads(normed, mask_features if all_layer_masks or index == last else None)
-            predictions.append(Predictions(logits, refine_boxes(start, self.heads.box_embed(normed)), masks))
+            boxes = refine_boxes(start, self.heads.box_embed(normed))
+            features = mask_features if all_layer_masks or index == last else None
+            predictions.append(self.heads.predict(normed, boxes, features, factored=self.training))
         return predictions
 
     def forward(
@@ -161,8 +163,9 @@ class DIMaskDINOHead(nn.Module):
         content, box_logits, attn_mask, dn = self.add_denoising_queries(queries.tokens, box_logits, targets)
 
         reference = box_logits.sigmoid()
-        logits, masks = self.heads(content, mask_features if all_layer_masks else None)
-        layers = [Predictions(logits, reference, masks)]
+        layers = [
+            self.heads.predict(content, reference, mask_features if all_layer_masks else None, factored=self.training)
+        ]
         decoded = self.decoder(
             content,
             reference,

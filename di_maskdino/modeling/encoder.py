@@ -29,7 +29,9 @@ from ..layers import (
     DeformableAttentionBlock,
     MSDeformAttn,
     NormLayer,
+    at_least_float32,
     c2_xavier_fill,
+    checkpointed,
     group_norm,
     xavier_init_matrices,
 )
@@ -74,6 +76,9 @@ class MaskDINOEncoder(nn.Module):
         norm_layer: channels -> norm module of the projections and FPN convolutions
             (default GroupNorm with 32 groups).
         act_layer: activation of the FPN output convolutions.
+        grad_checkpointing: run each deformable encoder layer, and the FPN that makes the
+            mask features, under activation checkpointing in training (their activations are
+            recomputed in backward instead of kept).
     """
 
     def __init__(
@@ -93,8 +98,10 @@ class MaskDINOEncoder(nn.Module):
         common_stride: int = 4,
         norm_layer: Optional[NormLayer] = None,
         act_layer: Type[nn.Module] = nn.ReLU,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         missing = [f for f in transformer_in_features if f not in in_channels]
         if missing:
             raise ValueError(
@@ -165,12 +172,13 @@ class MaskDINOEncoder(nn.Module):
         # NOTE: like the release, the encoder runs in float32 even under autocast.
         with torch.autocast(device_type=device_type, enabled=False):
             encoded = self.encode(features)
-            return EncoderOutput(features=encoded, mask_features=self.mask_feature_map(encoded[0], features))
+            mask_features = checkpointed(self.grad_checkpointing, self.mask_feature_map, encoded[0], features)
+            return EncoderOutput(features=encoded, mask_features=mask_features)
 
     def input_levels(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """The L projected input maps (B, C, H_l, W_l), highest resolution first."""
-        maps = [proj(features[f].float()) for proj, f in zip(self.input_proj, self.transformer_in_features)]
-        previous = features[self.extra_level_source].float()
+        maps = [proj(at_least_float32(features[f])) for proj, f in zip(self.input_proj, self.transformer_in_features)]
+        previous = at_least_float32(features[self.extra_level_source])
         for proj in self.input_proj[len(self.transformer_in_features) :]:
             previous = proj(previous)
             maps.append(previous)
@@ -184,14 +192,16 @@ class MaskDINOEncoder(nn.Module):
         reference = levels.reference_points().expand(levels.tokens.shape[0], -1, -1, -1)
         tokens = levels.tokens
         for layer in self.layers:
-            tokens = layer(tokens, pos, reference, levels.spatial_shapes, levels.level_start_index)
+            tokens = checkpointed(
+                self.grad_checkpointing, layer, tokens, pos, reference, levels.spatial_shapes, levels.level_start_index
+            )
         return levels.level_maps(tokens)
 
     def mask_feature_map(self, finest_encoded: torch.Tensor, features: Dict[str, torch.Tensor]) -> torch.Tensor:
         """FPN from the finest encoded level down to the common stride, then the 1x1 conv."""
         fused = finest_encoded
         for feature, lateral, output in zip(self.fpn_in_features, self.lateral_convs, self.output_convs):
-            lateral_map = lateral(features[feature].float())
+            lateral_map = lateral(at_least_float32(features[feature]))
             upsampled = F.interpolate(fused, size=lateral_map.shape[-2:], mode="bilinear", align_corners=False)
             fused = output(lateral_map + upsampled)
         return self.mask_features(fused)

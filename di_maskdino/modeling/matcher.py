@@ -11,6 +11,10 @@ module) are matched on the class and box terms only. The assignment is scipy's
 GIoU follows the release: IoU = inter / (union + eps) and the enclosing-box term
 (hull - union) / (hull + eps), eps = 1e-6, in the matching cost and in the loss.
 
+Memory: factored masks (training) are sampled through their features (the D feature maps
+at the P points, then dot products; see `point_sampling`), never as (N, h, w) logits, and the mask costs are
+computed `chunk_size` predictions at a time, so that their (N, P) temporaries stay small.
+
 Shape glossary: N predictions, M targets of one image, K classes, P points.
 """
 
@@ -22,8 +26,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import box_area, box_convert
 
+from ..layers import at_least_float32
 from .outputs import Predictions
-from .point_sampling import point_sample
+from .point_sampling import point_sample, sample_channels
 
 __all__ = ["HungarianMatcher", "focal_class_cost", "sigmoid_bce_cost", "dice_cost", "generalized_box_iou", "GIOU_EPS"]
 
@@ -85,6 +90,7 @@ class HungarianMatcher(nn.Module):
         class_weight, box_weight, giou_weight, mask_weight, dice_weight: cost weights.
         num_points: P, points for the mask costs.
         focal_alpha, focal_gamma: of the class cost.
+        chunk_size: predictions whose mask costs are computed at once.
     """
 
     def __init__(
@@ -97,8 +103,12 @@ class HungarianMatcher(nn.Module):
         num_points: int = 12544,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        chunk_size: int = 64,
     ):
         super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"HungarianMatcher: chunk_size must be at least 1, got {chunk_size}")
+        self.chunk_size = chunk_size
         self.class_weight = class_weight
         self.box_weight = box_weight
         self.giou_weight = giou_weight
@@ -110,20 +120,37 @@ class HungarianMatcher(nn.Module):
 
     def cost_matrix(self, prediction: Predictions, image: int, target: Dict[str, torch.Tensor]) -> torch.Tensor:
         """(N, M) cost of image `image` of `prediction` against its target."""
-        logits = prediction.logits[image].float()
-        boxes = prediction.boxes[image].float()
-        labels, target_boxes = target["labels"], target["boxes"].float()
+        logits = at_least_float32(prediction.logits[image])
+        boxes = at_least_float32(prediction.boxes[image])
+        labels, target_boxes = target["labels"], target["boxes"].to(boxes.dtype)
         cost = self.class_weight * focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
         cost = cost + self.box_weight * torch.cdist(boxes, target_boxes, p=1)
         giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
         cost = cost - self.giou_weight * giou
-        if prediction.masks is not None:
-            points = torch.rand(1, self.num_points, 2, device=logits.device)
-            predicted = point_sample(prediction.masks[image][:, None].float(), points.expand(logits.shape[0], -1, -1))
-            wanted = point_sample(target["masks"][:, None].float(), points.expand(labels.shape[0], -1, -1))
-            cost = cost + self.mask_weight * sigmoid_bce_cost(predicted, wanted)
-            cost = cost + self.dice_weight * dice_cost(predicted, wanted)
+        if prediction.has_masks:
+            cost = cost + self.mask_cost(prediction, image, target["masks"])
         return cost
+
+    def mask_cost(self, prediction: Predictions, image: int, target_masks: torch.Tensor) -> torch.Tensor:
+        """(N, M) weighted BCE + dice cost of image `image`'s masks against (M, H, W) target masks."""
+        num_predictions = prediction.logits.shape[1]
+        points = torch.rand(1, self.num_points, 2, device=prediction.logits.device)
+        wanted = target_masks[:, None].float()
+        dtype = torch.promote_types(wanted.dtype, prediction.logits.dtype)
+        wanted = point_sample(wanted.to(dtype), points.to(dtype).expand(target_masks.shape[0], -1, -1))
+        if prediction.mask_embed is not None:
+            sampled = sample_channels(prediction.mask_features[image].to(dtype), points[0])  # (D, P)
+        costs = []
+        for rows in torch.arange(num_predictions, device=points.device).split(self.chunk_size):
+            if prediction.mask_embed is None:
+                masks = prediction.masks[image, rows][:, None].to(dtype)
+                predicted = point_sample(masks, points.to(dtype).expand(len(rows), -1, -1))
+            else:
+                predicted = prediction.mask_embed[image, rows].to(dtype) @ sampled
+            costs.append(
+                self.mask_weight * sigmoid_bce_cost(predicted, wanted) + self.dice_weight * dice_cost(predicted, wanted)
+            )
+        return torch.cat(costs)
 
     @torch.no_grad()
     def forward(

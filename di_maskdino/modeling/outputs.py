@@ -1,7 +1,7 @@
 """Named output structures of the model (instead of nested lists of dicts).
 
-Shape glossary: B batch, N queries, K classes, h x w mask-feature resolution (1/4 of the
-padded input). Boxes are normalised (cx, cy, w, h) of the padded input.
+Shape glossary: B batch, N queries, K classes, D mask dim, h x w mask-feature resolution
+(1/4 of the padded input). Boxes are normalised (cx, cy, w, h) of the padded input.
 """
 
 from dataclasses import dataclass, field
@@ -11,21 +11,72 @@ import torch
 
 from .denoising import DenoisingQueries
 
-__all__ = ["Predictions", "DenoisingOutput", "DIMaskDINOOutput"]
+__all__ = ["Predictions", "DenoisingOutput", "DIMaskDINOOutput", "mask_logits"]
 
 
-@dataclass
+def mask_logits(mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+    """Mask logits of the prediction heads (Sec. 3.2.4): (B, N, D) mask embeddings . (B, D, h, w)
+    mask features -> (B, N, h, w)."""
+    return torch.einsum("bnd,bdhw->bnhw", mask_embed, mask_features)
+
+
 class Predictions:
-    """logits: (B, N, K) class logits (sigmoid, no background class); boxes: (B, N, 4);
-    masks: (B, N, h, w) mask logits, or None where a stage predicts no masks."""
+    """The class, box and mask predictions of one supervised output.
 
-    logits: torch.Tensor
-    boxes: torch.Tensor
-    masks: Optional[torch.Tensor] = None
+    logits: (B, N, K) class logits (sigmoid, no background class); boxes: (B, N, 4);
+    masks: (B, N, h, w) mask logits, or None where a stage predicts no masks.
+
+    The mask logits are the product of the mask embeddings (B, N, D) and the mask features
+    (B, D, h, w) (`mask_logits`). A prediction can hold that product (`masks=`), or the two
+    factors (`mask_embed=`, `mask_features=`), as the model does in training: the losses
+    need the logits only at sampled points (see `point_sampling.mask_logits_at_points`),
+    and (B, N, h, w) logits for every supervised output would be the largest tensors of a
+    training step. `masks` then computes the product on first access (and keeps it).
+    """
+
+    def __init__(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        masks: Optional[torch.Tensor] = None,
+        *,
+        mask_embed: Optional[torch.Tensor] = None,
+        mask_features: Optional[torch.Tensor] = None,
+    ):
+        if (mask_embed is None) != (mask_features is None):
+            raise ValueError("Predictions: mask_embed and mask_features go together")
+        if masks is not None and mask_embed is not None:
+            raise ValueError("Predictions: give the mask logits or their factors (mask_embed, mask_features), not both")
+        self.logits = logits
+        self.boxes = boxes
+        self._masks = masks
+        self.mask_embed = mask_embed
+        self.mask_features = mask_features
+
+    @property
+    def has_masks(self) -> bool:
+        return self._masks is not None or self.mask_embed is not None
+
+    @property
+    def masks(self) -> Optional[torch.Tensor]:
+        if self._masks is None and self.mask_embed is not None:
+            self._masks = mask_logits(self.mask_embed, self.mask_features)
+        return self._masks
 
     def slice_queries(self, start: int, end: Optional[int] = None) -> "Predictions":
-        masks = None if self.masks is None else self.masks[:, start:end]
+        if self.mask_embed is not None and self._masks is None:
+            return Predictions(
+                self.logits[:, start:end],
+                self.boxes[:, start:end],
+                mask_embed=self.mask_embed[:, start:end],
+                mask_features=self.mask_features,
+            )
+        masks = None if self._masks is None else self._masks[:, start:end]
         return Predictions(self.logits[:, start:end], self.boxes[:, start:end], masks)
+
+    def __repr__(self) -> str:
+        masks = "factored" if self._masks is None and self.mask_embed is not None else self._masks is not None
+        return f"Predictions(logits={tuple(self.logits.shape)}, boxes={tuple(self.boxes.shape)}, masks={masks})"
 
 
 @dataclass

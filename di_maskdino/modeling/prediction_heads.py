@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..layers import MLP
+from .outputs import Predictions, mask_logits
 
 __all__ = ["PredictionHeads"]
 
@@ -49,4 +50,23 @@ class PredictionHeads(nn.Module):
         logits = self.class_embed(x)
         if mask_features is None:
             return logits, None
-        return logits, torch.einsum("bnd,bdhw->bnhw", self.mask_embed(x), mask_features)
+        return logits, mask_logits(self.mask_embed(x), mask_features)
+
+    def predict(
+        self,
+        queries: torch.Tensor,
+        boxes: torch.Tensor,
+        mask_features: Optional[torch.Tensor] = None,
+        *,
+        factored: bool = False,
+    ) -> Predictions:
+        """The `Predictions` of queries (B, N, C) with their boxes (B, N, 4): class logits and,
+        given mask features (B, D, h, w), the mask logits - or with `factored` their factors,
+        the mask embeddings (B, N, D) and the mask features (as the losses want them)."""
+        x = self.norm(queries)
+        logits = self.class_embed(x)
+        if mask_features is None:
+            return Predictions(logits, boxes)
+        if factored:
+            return Predictions(logits, boxes, mask_embed=self.mask_embed(x), mask_features=mask_features)
+        return Predictions(logits, boxes, mask_logits(self.mask_embed(x), mask_features))

@@ -18,7 +18,7 @@ from torchvision.ops import box_convert, masks_to_boxes
 
 from .boxes import inverse_sigmoid
 from .feature_tokens import FeatureTokens, pixel_centres
-from .outputs import Predictions
+from .outputs import Predictions, mask_logits
 from .prediction_heads import PredictionHeads
 
 __all__ = [
@@ -29,6 +29,10 @@ __all__ = [
     "encoder_proposals",
     "masks_to_box_logits",
 ]
+
+
+# queries whose mask logits are computed at once for the mask-enhanced boxes in training
+MASK_CHUNK = 100
 
 
 def select_top_k(scores: torch.Tensor, k: int, *tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -112,7 +116,8 @@ def masks_to_box_logits(mask_logits: torch.Tensor) -> torch.Tensor:
     boxes = boxes / torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
     empty = ~binary.flatten(1).any(1)
     boxes[empty] = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=boxes.dtype, device=boxes.device)
-    return inverse_sigmoid(boxes.view(batch, queries, 4))
+    # in the logits' precision, at least single (float64 models stay float64)
+    return inverse_sigmoid(boxes.view(batch, queries, 4).to(torch.promote_types(mask_logits.dtype, torch.float32)))
 
 
 class QuerySelection(nn.Module):
@@ -140,10 +145,19 @@ class QuerySelection(nn.Module):
         # Eq. 1: T_s1 = S(T_i, k1), scored by the best class logit of each token
         scores = heads.class_embed(tokens).max(-1).values
         _, selected, selected_box_logits = select_top_k(scores, self.num_selected, tokens, box_logits)
-        logits, masks = heads(selected, mask_features)
-        predictions = Predictions(logits, selected_box_logits.sigmoid(), masks)
-        if self.mask_enhanced_boxes:
-            initial_box_logits = masks_to_box_logits(masks.detach())
+        # in training the supervised masks stay factored (`Predictions`); the boxes need them whole
+        predictions = heads.predict(selected, selected_box_logits.sigmoid(), mask_features, factored=self.training)
+        if self.mask_enhanced_boxes and predictions.mask_embed is not None:
+            with torch.no_grad():  # a chunk of queries at a time: the whole logits only transiently
+                initial_box_logits = torch.cat(
+                    [
+                        masks_to_box_logits(mask_logits(embed, mask_features))
+                        for embed in predictions.mask_embed.split(MASK_CHUNK, dim=1)
+                    ],
+                    dim=1,
+                )
+        elif self.mask_enhanced_boxes:
+            initial_box_logits = masks_to_box_logits(predictions.masks.detach())
         else:
             initial_box_logits = selected_box_logits.detach()
         return SelectedTokens(

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from di_maskdino.modeling import TimmBackbone
+from di_maskdino.modeling.backbone import enable_backbone_checkpointing
 
 
 @pytest.mark.parametrize(
@@ -23,3 +24,29 @@ def test_timm_backbone_gives_named_channels_first_maps(name, kwargs, channels):
 def test_missing_stride_is_reported():
     with pytest.raises(ValueError, match="no feature map at stride"):
         TimmBackbone("resnet18", out_strides=(4, 64))
+
+
+@pytest.mark.slow
+def test_timm_checkpointing_keeps_gradients():
+    """timm's own checkpointing, float64: the same features and gradients."""
+    results = []
+    for enabled in (False, True):
+        torch.manual_seed(0)
+        backbone = TimmBackbone("convnext_atto").double()  # LayerNorm: nothing to update twice
+        if enabled:
+            enable_backbone_checkpointing(backbone)
+        x = torch.rand(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        features = backbone(x)
+        sum((f * f.detach().sin()).sum() for f in features.values()).backward()
+        results.append((features, {n: p.grad for n, p in backbone.named_parameters()}))
+    (plain, plain_grads), (features, grads) = results
+    for name in features:
+        torch.testing.assert_close(features[name], plain[name], rtol=0, atol=0)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert backbone.body.grad_checkpointing
+
+
+def test_timm_checkpointing_refuses_batch_norm():
+    with pytest.raises(ValueError, match="BatchNorm"):
+        enable_backbone_checkpointing(TimmBackbone("resnet18"))

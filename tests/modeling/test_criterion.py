@@ -5,12 +5,13 @@ import math
 import pytest
 import torch
 
-from di_maskdino.modeling import Predictions
+from di_maskdino.modeling import DenoisingOutput, DIMaskDINOOutput, Predictions
 from di_maskdino.modeling.criterion import SetCriterion
 from di_maskdino.modeling.matcher import HungarianMatcher
-from di_maskdino.modeling.point_sampling import uncertain_point_coords
+from di_maskdino.modeling.point_sampling import point_sample, uncertain_point_coords
 
-from .tiny import tiny_images, tiny_model
+from ..layers.test_checkpoint import saved_bytes
+from .tiny import perturb, tiny_images, tiny_mask_targets, tiny_model
 
 
 def hand_case():
@@ -80,20 +81,6 @@ def model_losses(targets, **criterion_args):
     output = model(batch, targets=targets)
     criterion = SetCriterion(HungarianMatcher(num_points=64), num_points=64, **criterion_args).train()
     return model, criterion(output, targets)
-
-
-def tiny_mask_targets():
-    masks = torch.zeros(2, 64, 96)
-    masks[0, 10:30, 20:50] = 1
-    masks[1, 30:50, 10:30] = 1
-    return [
-        dict(
-            labels=torch.tensor([0, 2]),
-            boxes=torch.tensor([[35 / 96, 20 / 64, 30 / 96, 20 / 64], [20 / 96, 40 / 64, 20 / 96, 20 / 64]]),
-            masks=masks,
-        ),
-        dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.5, 0.5, 0.3, 0.3]]), masks=torch.ones(1, 64, 96)),
-    ]
 
 
 def test_every_supervised_output_is_charged():
@@ -183,3 +170,71 @@ def box_convert_cxcywh(xyxy):
     from torchvision.ops import box_convert
 
     return box_convert(xyxy, "xyxy", "cxcywh")
+
+
+class ReferenceCriterion(SetCriterion):
+    """The mask losses written out plainly (the formulation before the memory work): every
+    query's (h, w) mask logits, indexed by the matches, the target masks copied per match,
+    both point-sampled, no checkpointing. Tests compare the criterion with it."""
+
+    def mask_losses(self, prediction, targets, indices, batch, source, num_objects):
+        predicted = prediction.masks[batch, source][:, None]
+        wanted = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(predicted)[:, None]
+        points = uncertain_point_coords(predicted, self.num_points, self.oversample_ratio, self.importance_sample_ratio)
+        labels = point_sample(wanted, points)
+        logits = point_sample(predicted, points)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none").mean(1)
+        prob = logits.sigmoid()
+        dice = 1 - (2 * (prob * labels).sum(1) + 1) / (prob.sum(1) + labels.sum(1) + 1)
+        return {"loss_mask": bce.sum() / num_objects, "loss_dice": dice.sum() / num_objects}
+
+
+def dense(output):
+    """The output with every factored mask prediction turned into (B, N, h, w) logits."""
+
+    def convert(p):
+        return Predictions(p.logits, p.boxes, p.masks) if p.has_masks else p
+
+    denoising = output.denoising
+    if denoising is not None:
+        denoising = DenoisingOutput(denoising.queries, [convert(p) for p in denoising.layers])
+    return DIMaskDINOOutput(
+        [convert(p) for p in output.layers], convert(output.encoder), output.token_interaction, denoising
+    )
+
+
+def test_factored_mask_losses_equal_the_plain_formulation_and_keep_less():
+    """float64, training mode with denoising: the same losses and gradients as the plain
+    formulation on (B, N, h, w) logits, and less kept for backward."""
+    targets = tiny_mask_targets(torch.float64)
+    results = []
+    for criterion_class, convert in ((SetCriterion, lambda o: o), (ReferenceCriterion, dense)):
+        model = perturb(tiny_model()).double().train()
+        batch, _ = model.preprocess(tiny_images())
+        torch.manual_seed(0)
+        output = model(batch.double(), targets=targets)
+        assert output.final.mask_embed is not None  # the model gives factored masks in training
+        criterion = criterion_class(HungarianMatcher(num_points=64), num_points=64)
+        saved, losses = saved_bytes(lambda c=criterion, f=convert, o=output: c(f(o), targets))
+        sum(losses.values()).backward()
+        results.append((saved, losses, {n: p.grad for n, p in model.named_parameters()}))
+    (saved, losses, grads), (ref_saved, ref_losses, ref_grads) = results
+    assert set(losses) == set(ref_losses)
+    for key in losses:
+        torch.testing.assert_close(losses[key], ref_losses[key], rtol=1e-10, atol=1e-12, msg=key)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+    assert saved < ref_saved / 2
+
+
+def test_point_labels_sample_each_target_for_all_its_matches():
+    generator = torch.Generator().manual_seed(0)
+    targets = [
+        dict(masks=torch.rand(3, 10, 12, generator=generator)),
+        dict(masks=torch.rand(2, 10, 12, generator=generator)),
+    ]
+    indices = [(torch.tensor([4, 1, 7, 0]), torch.tensor([2, 0, 2, 1])), (torch.tensor([3]), torch.tensor([1]))]
+    points = torch.rand(5, 7, 2, generator=generator)
+    labels = SetCriterion.point_labels(targets, indices, points)
+    copies = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)])[:, None]
+    torch.testing.assert_close(labels, point_sample(copies, points), rtol=0, atol=0)

@@ -8,6 +8,7 @@ import torch
 
 from di_maskdino.modeling import Predictions
 from di_maskdino.modeling.matcher import HungarianMatcher, dice_cost, focal_class_cost, sigmoid_bce_cost
+from di_maskdino.modeling.point_sampling import point_sample
 
 
 def random_problem(num_predictions, num_targets, with_masks, seed, size=8):
@@ -88,3 +89,43 @@ def test_non_finite_cost_names_the_output():
     prediction.logits[0, 1, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="decoder layer 3.*image 0"):
         HungarianMatcher()(prediction, [target], name="decoder layer 3")
+
+
+def plain_mask_cost(matcher, prediction, image, target_masks):
+    """The mask costs written out plainly: every prediction's (h, w) logits point-sampled."""
+    points = torch.rand(1, matcher.num_points, 2).to(prediction.logits.dtype)
+    masks = prediction.masks[image][:, None]
+    predicted = point_sample(masks, points.expand(masks.shape[0], -1, -1))
+    wanted = point_sample(target_masks[:, None].to(masks.dtype), points.expand(target_masks.shape[0], -1, -1))
+    return matcher.mask_weight * sigmoid_bce_cost(predicted, wanted) + matcher.dice_weight * dice_cost(
+        predicted, wanted
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 64])
+def test_factored_masks_give_the_plain_cost(chunk_size):
+    """float64: embeddings . features sampled at the points equals sampling the logits,
+    points in the border half-pixel (zero padding) included, in chunks of any size."""
+    generator = torch.Generator().manual_seed(0)
+    embed = torch.randn(2, 7, 5, generator=generator, dtype=torch.float64)
+    features = torch.randn(2, 5, 6, 8, generator=generator, dtype=torch.float64)
+    logits = torch.randn(2, 7, 3, generator=generator, dtype=torch.float64)
+    boxes = torch.rand(2, 7, 4, generator=generator, dtype=torch.float64) * 0.5 + 0.25
+    factored = Predictions(logits, boxes, mask_embed=embed, mask_features=features)
+    target = dict(
+        labels=torch.tensor([0, 2, 1]),
+        boxes=torch.rand(3, 4, generator=generator, dtype=torch.float64) * 0.5 + 0.25,
+        masks=(torch.rand(3, 24, 32, generator=generator) > 0.5).double(),
+    )
+    matcher = HungarianMatcher(num_points=500, chunk_size=chunk_size)
+    torch.manual_seed(0)
+    cost = matcher.mask_cost(factored, 1, target["masks"])
+    torch.manual_seed(0)
+    expected = plain_mask_cost(matcher, Predictions(logits, boxes, factored.masks), 1, target["masks"])
+    torch.testing.assert_close(cost, expected, rtol=1e-12, atol=1e-12)
+    torch.manual_seed(1)
+    rows, cols = matcher(factored, [target, target])[1]
+    torch.manual_seed(1)
+    assert (rows.tolist(), cols.tolist()) == tuple(
+        x.tolist() for x in matcher(Predictions(logits, boxes, factored.masks), [target, target])[1]
+    )

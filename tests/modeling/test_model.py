@@ -94,3 +94,16 @@ def test_runs_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = run(model, train=True, targets=tiny_targets())
     assert all(torch.isfinite(p.logits.float()).all() for _, p in all_predictions(output))
+
+
+def test_training_masks_are_factored_and_equal_the_evaluation_masks():
+    """In training every mask prediction holds mask embeddings and features; `masks` gives
+    the logits evaluation computes (no denoising here, so the queries are the same)."""
+    model = tiny_model()
+    trained = run(model, train=True)
+    evaluated = run(model, all_layer_masks=True)
+    for (name, p), (_, q) in zip(all_predictions(trained), all_predictions(evaluated)):
+        assert p.has_masks == q.has_masks, name
+        if p.has_masks:
+            assert p.mask_embed is not None and q.mask_embed is None, name
+            torch.testing.assert_close(p.masks, q.masks, rtol=1e-5, atol=1e-5, msg=name)

@@ -110,3 +110,17 @@ def test_box_of_a_selected_token_is_its_proposal_refined_by_the_box_head():
 def test_the_first_selection_needs_a_size():
     with pytest.raises(ValueError, match="at least one token"):
         QuerySelection(32, 0)
+
+
+def test_training_keeps_masks_factored_and_boxes_unchanged(monkeypatch):
+    """In training the two-stage masks stay factored and the mask-enhanced boxes come from
+    chunks of queries; the boxes and mask logits equal those of evaluation."""
+    model = perturb(tiny_model())
+    _, encoder_output, memory = encoded(model)
+    selection, heads = model.head.query_selection, model.head.heads
+    evaluated = selection.eval()(memory, encoder_output.mask_features, heads)
+    monkeypatch.setattr("di_maskdino.modeling.query_selection.MASK_CHUNK", 5)  # 24 queries: 5 chunks
+    trained = selection.train()(memory, encoder_output.mask_features, heads)
+    assert evaluated.predictions.mask_embed is None and trained.predictions.mask_embed is not None
+    torch.testing.assert_close(trained.selected.box_logits, evaluated.selected.box_logits, rtol=0, atol=0)
+    torch.testing.assert_close(trained.predictions.masks, evaluated.predictions.masks, rtol=1e-6, atol=1e-6)

@@ -5,6 +5,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from di_maskdino.layers import checkpointed
 from di_maskdino.modeling import (
     Architecture,
     BATOSpec,
@@ -40,6 +41,7 @@ class TinyBackbone(nn.Module):
     def __init__(self, channels=(8, 16, 24, 32), deep: bool = False):
         super().__init__()
         self.channels = channels
+        self.grad_checkpointing = False
         self.stages = nn.ModuleList()
         previous = 3
         for index, c in enumerate(channels):
@@ -57,10 +59,14 @@ class TinyBackbone(nn.Module):
     def output_shape(self):
         return {f"res{i + 2}": FeatureSpec(c, 4 * 2**i) for i, c in enumerate(self.channels)}
 
+    def set_grad_checkpointing(self, enable: bool = True):
+        """Activation checkpointing of every stage (the backbone switch of the model core)."""
+        self.grad_checkpointing = enable
+
     def forward(self, x):
         features = {}
         for index, stage in enumerate(self.stages):
-            x = stage(x)
+            x = checkpointed(self.grad_checkpointing, stage, x)
             features[f"res{index + 2}"] = x
         return features
 
@@ -89,6 +95,22 @@ def tiny_targets():
         dict(labels=torch.tensor([0, 2]), boxes=torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])),
         dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.4, 0.6, 0.3, 0.3]])),
     ]
+
+
+def tiny_mask_targets(dtype=torch.float32):
+    """tiny_targets' layout with masks at the padded input size (64 x 96) of tiny_images."""
+    masks = torch.zeros(2, 64, 96)
+    masks[0, 10:30, 20:50] = 1
+    masks[1, 30:50, 10:30] = 1
+    targets = [
+        dict(
+            labels=torch.tensor([0, 2]),
+            boxes=torch.tensor([[35 / 96, 20 / 64, 30 / 96, 20 / 64], [20 / 96, 40 / 64, 20 / 96, 20 / 64]]),
+            masks=masks,
+        ),
+        dict(labels=torch.tensor([1]), boxes=torch.tensor([[0.5, 0.5, 0.3, 0.3]]), masks=torch.ones(1, 64, 96)),
+    ]
+    return [dict(t, boxes=t["boxes"].to(dtype), masks=t["masks"].to(dtype)) for t in targets]
 
 
 def all_predictions(output):
