@@ -23,7 +23,7 @@ KINDS = ("export", "aoti", "onnx")
 
 
 def exported_kind(path: str) -> str:
-    """"onnx", "aoti" (AOTInductor package) or "export" (torch.export archive) by content."""
+    """ "onnx", "aoti" (AOTInductor package) or "export" (torch.export archive) by content."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"exported model not found: {path}")
     if not zipfile.is_zipfile(path):

@@ -155,9 +155,7 @@ class DIMaskDINOHead(nn.Module):
         """The supervised prediction of every decoder layer (Eq. 10-11); masks at every layer
         or at the last one only."""
         last = len(decoded.hidden) - 1
-        return [
-            self.layer_prediction(decoded, index, all_layer_masks or index == last)[0] for index in range(last + 1)
-        ]
+        return [self.layer_prediction(decoded, index, all_layer_masks or index == last)[0] for index in range(last + 1)]
 
     def decode(self, encoder_output: EncoderOutput, targets=None) -> HeadState:
         """Everything up to and including the decoder: Eq. 1-9."""

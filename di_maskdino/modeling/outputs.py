@@ -84,7 +84,9 @@ class RawDetections:
     def from_tuple(cls, tensors) -> "RawDetections":
         tensors = tuple(tensors)
         if len(tensors) not in (3, 4):
-            raise ValueError(f"RawDetections: expected 3 or 4 tensors (scores, labels, boxes[, masks]), got {len(tensors)}")
+            raise ValueError(
+                f"RawDetections: expected 3 or 4 tensors (scores, labels, boxes[, masks]), got {len(tensors)}"
+            )
         return cls(*tensors[:3], tensors[3] if len(tensors) == 4 else None)
 
     def image(self, index: int) -> "RawDetections":

@@ -246,7 +246,9 @@ def _paste_best(scores, mask_logits, image_size, padded_size, output_size, max_d
     done, chunk = 0, max(max_detections, 1)
     while done < count:
         end = min(done + chunk, count)
-        masks[done:end], mask_scores[done:end] = paste_masks(mask_logits[done:end], image_size, padded_size, output_size)
+        masks[done:end], mask_scores[done:end] = paste_masks(
+            mask_logits[done:end], image_size, padded_size, output_size
+        )
         done = end
         final = scores[:done] * mask_scores[:done]
         if done < count and final.topk(max_detections).values[-1] > scores[done]:
