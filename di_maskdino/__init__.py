@@ -1,6 +1,8 @@
 """DI-MaskDINO: joint object detection and instance segmentation (Nan et al., NeurIPS 2024).
 
-The model core (``di_maskdino.ops``, ``di_maskdino.layers``) needs only PyTorch.
+The model core (``di_maskdino.ops``, ``di_maskdino.layers``, ``di_maskdino.modeling``) needs
+only PyTorch and its companions; ``di_maskdino.d2`` is the detectron2 layer. ``Predictor``
+(batch inference on eager or exported models) is imported on first use.
 """
 
 import warnings
@@ -16,3 +18,12 @@ with warnings.catch_warnings():
         import fvcore.nn  # noqa: F401
     except ImportError:  # the core's own imports say what is missing
         pass
+__all__ = ["Predictor"]
+
+
+def __getattr__(name):
+    if name == "Predictor":
+        from .predictor import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'di_maskdino' has no attribute {name!r}")

@@ -1,24 +1,36 @@
 #!/usr/bin/env python
-"""Size and speed of a DI-MaskDINO configuration (the paper's Params / FLOPs / FPS columns).
+"""Size and speed of a DI-MaskDINO configuration (the paper's Params / FLOPs / FPS columns),
+on the eager model or a compiled / exported one.
 
     python tools/benchmark_model.py --config-file configs/coco/dimaskdino_r50_12ep.yaml \\
         --input-size 800x1333 --device cuda
+    python tools/benchmark_model.py --config-file configs/quick_start.yaml --input-size 128x128 \\
+        --backend eager compile export aoti onnxruntime --export-dir output/export_quick --no-flops
 
 Reports parameters (total and per part), FLOPs (fvcore's counter with handles for the
 deformable attention op and scaled-dot-product attention; one fused multiply-add = one
-flop), and the median over --repeats runs, after --warmup runs, of
-  model time   backbone + encoder + head on a preprocessed batch (what the paper's FPS counts)
-  end to end   preprocessing + model + post-processing to instances at the input size
-with FPS = 1 / model time, and peak memory (CUDA: max allocated; CPU: growth of the
-process's resident-set high-water mark during the first run). Random input, random
-weights unless MODEL.WEIGHTS is given.
+flop), peak memory of one eager forward (CUDA: max allocated; CPU: growth of the process's
+resident-set high-water mark), and per backend the median over --repeats runs, after
+--warmup runs, of
+  model time   the inference network on a preprocessed batch (what the paper's FPS counts):
+               backbone, encoder, head, top-k pairs and their masks at 1/4 resolution
+  end to end   normalisation and padding + model + post-processing to instances at the
+               input size (masks resized, mask scores, boxes)
+Backends: eager (PyTorch), compile (torch.compile, Inductor with frozen weights), export
+(the torch.export program), aoti (AOTInductor package), onnxruntime (the ONNX model on the
+CPU). Exported files are written to (or, when present, read from) --export-dir.
+--dtype bfloat16 runs eager / compile under bfloat16 autocast (the deformable attention,
+encoder and decoder stay in float32, as in training). Random input, random weights unless
+MODEL.WEIGHTS is given.
 """
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -32,6 +44,10 @@ from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 from di_maskdino.d2 import Checkpointer, CheckpointError, load_config  # noqa: E402
 from di_maskdino.ops import flop_handles  # noqa: E402
+from di_maskdino.predictor import Predictor  # noqa: E402
+
+BACKENDS = ("eager", "compile", "export", "aoti", "onnxruntime")
+EXPORTED_FILES = {"export": "model.pt2", "aoti": "model_aoti.pt2", "onnxruntime": "model.onnx"}
 
 
 class FinalPrediction(torch.nn.Module):
@@ -42,8 +58,7 @@ class FinalPrediction(torch.nn.Module):
         self.model = model
 
     def forward(self, batch):
-        final = self.model.run(batch).final
-        return final.logits, final.boxes, final.masks
+        return self.model.detect(batch).as_tuple()
 
 
 def count_flops(model, batch):
@@ -66,7 +81,59 @@ def timed(function, device, warmup, repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), times
+
+
+def peak_memory(model, batch, device):
+    """Memory of one eager forward (MiB): CUDA max allocated, or CPU resident-set growth."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with torch.no_grad():
+        model.detect(batch)
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "CUDA allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, "CPU resident set growth"
+
+
+def exported_file(kind, model, cfg, export_dir):
+    """The exported file of `kind` in export_dir, exported now if absent."""
+    from di_maskdino.export import compile_aoti, export_onnx, export_program, metadata_for, save_program
+
+    path = os.path.join(export_dir, EXPORTED_FILES[kind])
+    if os.path.exists(path):
+        print(f"  using {path}")
+        return path
+    os.makedirs(export_dir, exist_ok=True)
+    start = time.perf_counter()
+    mode = "decomposed" if kind == "onnxruntime" else "kernel"
+    metadata = metadata_for(model, input_format=cfg.INPUT.FORMAT, deformable_attention=mode)
+    program = export_program(model)
+    if kind == "export":
+        save_program(program, path, metadata)
+    elif kind == "aoti":
+        compile_aoti(program, path, metadata)
+    else:
+        export_onnx(program, path, metadata)
+    print(f"  exported {path} in {time.perf_counter() - start:.0f} s")
+    return path
+
+
+def backend_function(kind, model, cfg, args):
+    """preprocessed batch -> RawDetections for `kind`."""
+    if kind == "eager":
+        return model.detect
+    if kind == "compile":
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True  # constant weights: folded and prepacked for the CPU kernels
+        return torch.compile(model.detect, dynamic=False)
+    from di_maskdino.export import ExportedDetector
+
+    directory = args.export_dir or tempfile.mkdtemp(prefix="dimaskdino_export_")
+    return ExportedDetector(exported_file(kind, model, cfg, directory), device=args.device)
 
 
 def main() -> int:
@@ -74,11 +141,19 @@ def main() -> int:
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--input-size", default="800x1333", help="HxW of the (single) input image")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", nargs="+", default=["eager"], choices=BACKENDS)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--export-dir", help="folder of exported files (written when absent)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it traces the model once)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.dtype == "bfloat16" and set(args.backend) - {"eager", "compile"}:
+        parser.error("--dtype bfloat16 is measured for the eager and compile backends")
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; benchmark with --device cpu")
@@ -93,42 +168,54 @@ def main() -> int:
         except CheckpointError as error:
             raise SystemExit(str(error)) from error
     height, width = (int(v) for v in args.input_size.split("x"))
-    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8)
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
     parts = {
         name: sum(p.numel() for p in getattr(model, name).parameters()) for name in ("backbone", "encoder", "head")
     }
     total = sum(p.numel() for p in model.parameters())
-    print(f"config {args.config_file}, input {height}x{width}, device {device}, {torch.get_num_threads()} CPU threads")
+    print(
+        f"config {args.config_file}, input {height}x{width}, device {device}, {torch.get_num_threads()} threads, "
+        f"dtype {args.dtype}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
+    )
     print(f"parameters: {total / 1e6:.2f} M (" + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in parts.items()) + ")")
 
-    with torch.no_grad():
-        batch, _ = model.preprocess([image])
-        # peak memory first: any earlier forward (the FLOP trace, warm-up) would set the mark
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            base = torch.cuda.memory_allocated(device)
-        else:
-            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        model.run(batch)
-        if device.type == "cuda":
-            peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-        if not args.no_flops:
+    batch, _ = model.preprocess([image])
+    peak, measured = peak_memory(model, batch, device)  # first: a later forward would set the mark
+    print(f"peak memory of one eager forward: {peak:.0f} MiB ({measured})")
+    if not args.no_flops:
+        with torch.no_grad():
             flops, by_operator, unsupported = count_flops(model, batch)
-            top = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1])[:6])
-            print(f"FLOPs: {flops / 1e9:.1f} G  ({top}; G)")
-            calls, kinds = sum(unsupported.values()), len(unsupported)
-            print(f"  not counted (elementwise and indexing ops): {calls} calls of {kinds} kinds")
-        model_time = timed(lambda: model.run(batch), device, args.warmup, args.repeats)
-        end_to_end = timed(
-            lambda: model([{"image": image, "height": height, "width": width}]), device, args.warmup, args.repeats
+        top = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1])[:6])
+        print(f"FLOPs: {flops / 1e9:.1f} G  ({top}; G)")
+        calls, kinds = sum(unsupported.values()), len(unsupported)
+        print(f"  not counted (elementwise and indexing ops): {calls} calls of {kinds} kinds")
+
+    for kind in args.backend:
+        print(f"{kind}:")
+        function = backend_function(kind, model, cfg, args)
+        predictor = Predictor(
+            function,
+            pixel_mean=model.pixel_mean.flatten().tolist(),
+            pixel_std=model.pixel_std.flatten().tolist(),
+            size_divisibility=model.size_divisibility,
+            device=device,
+            output="detections",
+            max_detections=None,
         )
-    print(f"model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS)")
-    print(f"end to end with post-processing: {end_to_end * 1e3:.1f} ms")
-    measured = "CUDA allocated" if device.type == "cuda" else "CPU resident set growth"
-    print(f"peak memory of one forward: {peak:.0f} MiB ({measured})")
+        autocast = (
+            torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            model_time, runs = timed(lambda f=function: f(batch), device, args.warmup, args.repeats)
+            end_to_end, _ = timed(lambda p=predictor: p([image]), device, args.warmup, args.repeats)
+        print(
+            f"  model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS; runs "
+            + ", ".join(f"{t * 1e3:.0f}" for t in runs)
+            + " ms)"
+        )
+        print(f"  end to end with post-processing: {end_to_end * 1e3:.1f} ms")
+    print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 
 

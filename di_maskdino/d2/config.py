@@ -71,6 +71,7 @@ def architecture_from_config(cfg: CN) -> Architecture:
             token_interaction=m.ACTIVATION_CHECKPOINTING.TOKEN_INTERACTION,
             decoder=m.ACTIVATION_CHECKPOINTING.DECODER,
         ),
+        mask_branch=cfg.MODEL.MASK_ON,
     )
 
 
@@ -125,6 +126,9 @@ def _add_model_keys(cfg: CN) -> None:
     cfg.MODEL.PIXEL_MEAN = [123.675, 116.280, 103.530]
     cfg.MODEL.PIXEL_STD = [58.395, 57.120, 57.375]
     cfg.INPUT.FORMAT = "RGB"
+    # False: detection only (no mask features, predictions, losses or annotations; boxes
+    # initialised from the encoder's boxes, so MODEL.DI_MASKDINO.MASK_ENHANCED_BOXES False)
+    cfg.MODEL.MASK_ON = True
     # the paper's backbone: detectron2's ResNet-50 with torchvision-style (RGB) weights
     cfg.MODEL.BACKBONE.NAME = "build_resnet_backbone"
     cfg.MODEL.BACKBONE.FREEZE_AT = 0

@@ -5,8 +5,7 @@ jitter ("lsj": flip, random resize to 0.1-2.0 of 1024, fixed 1024 crop; the pape
 setting) or shortest-edge resizing ("resize") - and turns the annotations (polygons or RLE)
 into detectron2 `Instances` with bitmask masks and boxes recomputed from the masks.
 
-`read_image_rgb` accepts what real datasets contain: grayscale, palette, RGBA, CMYK and
-16-bit images, EXIF orientation. Unreadable files raise an error naming the file.
+Images are read by `di_maskdino.images.read_image_rgb` (re-exported here).
 """
 
 import copy
@@ -18,36 +17,12 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks
-from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..images import ImageReadError, read_image_rgb
 
 __all__ = ["DIMaskDINODatasetMapper", "read_image_rgb", "ImageReadError", "build_augmentation"]
 
 logger = logging.getLogger(__name__)
-
-
-class ImageReadError(ValueError):
-    """An image file that cannot be used; the message names the file and the problem."""
-
-
-def read_image_rgb(path: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB array of the image at `path`, upright per its EXIF orientation."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-    except FileNotFoundError as error:
-        raise ImageReadError(f"image file not found: {path}") from error
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ImageReadError(f"cannot decode image {path} (corrupt or not an image): {error}") from error
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # high bit depth: scale the actual range to 8 bits
-        array = np.asarray(image, dtype=np.float64)
-        low, high = float(array.min()), float(array.max())
-        array = np.zeros_like(array) if high <= low else (array - low) / (high - low) * 255.0
-        return np.repeat(array.round().astype(np.uint8)[:, :, None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")  # L, LA, P, RGBA, CMYK, ...
-    return np.asarray(image, dtype=np.uint8).copy()
 
 
 def build_augmentation(cfg, is_train: bool):
@@ -77,11 +52,13 @@ def build_augmentation(cfg, is_train: bool):
 class DIMaskDINODatasetMapper:
     """detectron2 dataset dict -> {"image": (3, H, W) uint8 tensor (RGB), "instances", "height",
     "width", ...}. In training, crowd annotations and instances emptied by cropping are
-    dropped (detectron2's convention)."""
+    dropped (detectron2's convention). With `use_instance_mask` False (a detection-only
+    model) the masks are not read and the boxes are the annotations' boxes."""
 
     @configurable
-    def __init__(self, is_train: bool, *, augmentations, image_format: str = "RGB"):
+    def __init__(self, is_train: bool, *, augmentations, image_format: str = "RGB", use_instance_mask: bool = True):
         self.is_train = is_train
+        self.use_instance_mask = use_instance_mask
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         logger.info(f"DIMaskDINODatasetMapper ({'train' if is_train else 'test'}): {augmentations}")
@@ -94,6 +71,7 @@ class DIMaskDINODatasetMapper:
             "is_train": is_train,
             "augmentations": build_augmentation(cfg, is_train),
             "image_format": cfg.INPUT.FORMAT,
+            "use_instance_mask": cfg.MODEL.MASK_ON,
         }
 
     def __call__(self, dataset_dict):
@@ -109,11 +87,14 @@ class DIMaskDINODatasetMapper:
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
-        annotations = [
-            utils.transform_instance_annotations(a, transforms, image.shape[:2])
-            for a in dataset_dict.pop("annotations", [])
-            if a.get("iscrowd", 0) == 0
-        ]
+        annotations = [a for a in dataset_dict.pop("annotations", []) if a.get("iscrowd", 0) == 0]
+        if not self.use_instance_mask:
+            annotations = [{k: v for k, v in a.items() if k != "segmentation"} for a in annotations]
+        annotations = [utils.transform_instance_annotations(a, transforms, image.shape[:2]) for a in annotations]
+        if not self.use_instance_mask:
+            instances = utils.annotations_to_instances(annotations, image.shape[:2])
+            dataset_dict["instances"] = utils.filter_empty_instances(instances)
+            return dataset_dict
         instances = utils.annotations_to_instances(annotations, image.shape[:2], mask_format="bitmask")
         if not instances.has("gt_masks"):
             instances.gt_masks = BitMasks(torch.zeros((0,) + image.shape[:2], dtype=torch.bool))

@@ -9,14 +9,15 @@ from typing import Dict, List
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
-from detectron2.structures import Boxes, Instances
 from torchvision.ops import box_convert
 
 from ..modeling import DIMaskDINO, Predictions, build_encoder, build_head
 from ..modeling.criterion import SetCriterion
 from ..modeling.matcher import HungarianMatcher
+from ..modeling.postprocess import detections_from_raw
 from .backbone import checkpoint_backbone
 from .config import architecture_from_config
+from .structures import detections_to_instances
 
 __all__ = ["DIMaskDINOArch", "build_criterion"]
 
@@ -90,7 +91,8 @@ class DIMaskDINOArch(DIMaskDINO):
 
     def targets(self, batched_inputs: List[Dict], padded_size) -> List[Dict[str, torch.Tensor]]:
         """detectron2 Instances -> targets with boxes normalised by the padded input size
-        (the frame the network predicts in) and masks padded to it."""
+        (the frame the network predicts in) and, unless the model is detection-only, masks
+        padded to it."""
         # NOTE: the release normalises the boxes by each image's unpadded size, while its
         # predictions (and the masks) live in the padded frame; the two agree when every image of
         # the batch has the padded size (LSJ's fixed crops) and differ by 0.5-2% otherwise
@@ -101,15 +103,19 @@ class DIMaskDINOArch(DIMaskDINO):
         targets = []
         for item in batched_inputs:
             instances = item["instances"].to(self.device)
-            masks = instances.gt_masks.tensor if hasattr(instances, "gt_masks") else None
-            if masks is None:
-                raise ValueError(
-                    "DIMaskDINO trains on instance masks: the dataset mapper must keep them (use_instance_mask)"
-                )
-            padded = masks.new_zeros((masks.shape[0], height, width))
-            padded[:, : masks.shape[1], : masks.shape[2]] = masks
             boxes = box_convert(instances.gt_boxes.tensor, "xyxy", "cxcywh") / scale
-            targets.append({"labels": instances.gt_classes, "boxes": boxes, "masks": padded.float()})
+            target = {"labels": instances.gt_classes, "boxes": boxes}
+            if self.predicts_masks:
+                masks = instances.gt_masks.tensor if hasattr(instances, "gt_masks") else None
+                if masks is None:
+                    raise ValueError(
+                        "DIMaskDINO trains on instance masks: the dataset mapper must keep them (MODEL.MASK_ON True), "
+                        "or train a detection-only model (MODEL.MASK_ON False)"
+                    )
+                padded = masks.new_zeros((masks.shape[0], height, width))
+                padded[:, : masks.shape[1], : masks.shape[2]] = masks
+                target["masks"] = padded.float()
+            targets.append(target)
         return targets
 
     def forward(self, batched_inputs: List[Dict]):
@@ -117,19 +123,18 @@ class DIMaskDINOArch(DIMaskDINO):
         if self.training:
             targets = self.targets(batched_inputs, batch.shape[-2:])
             return self.criterion(self.run(batch, targets=targets), targets)
-        return self.detectron2_results(self.run(batch).final, batched_inputs, sizes, tuple(batch.shape[-2:]))
+        output_sizes = self.output_sizes(batched_inputs, sizes)
+        found = detections_from_raw(self.detect(batch), sizes, tuple(batch.shape[-2:]), output_sizes)
+        return [{"instances": detections_to_instances(f, s)} for f, s in zip(found, output_sizes)]
+
+    @staticmethod
+    def output_sizes(batched_inputs: List[Dict], sizes) -> List:
+        """Each input's "height" x "width" (the original image size) when given."""
+        return [(x.get("height", s[0]), x.get("width", s[1])) for x, s in zip(batched_inputs, sizes)]
 
     def detectron2_results(self, prediction: Predictions, batched_inputs: List[Dict], sizes, padded_size) -> List[Dict]:
-        """[{"instances": detectron2 Instances}] of one output, at each input's "height" x
-        "width" (the original image size) when given."""
-        output_sizes = [(x.get("height", s[0]), x.get("width", s[1])) for x, s in zip(batched_inputs, sizes)]
-        results = []
-        for found, size in zip(self.instances(prediction, sizes, padded_size, output_sizes), output_sizes):
-            instances = Instances(size)
-            instances.scores = found.scores
-            instances.pred_classes = found.labels
-            instances.pred_boxes = Boxes(found.boxes)
-            if found.masks is not None:
-                instances.pred_masks = found.masks
-            results.append({"instances": instances})
-        return results
+        """[{"instances": detectron2 Instances}] of one output (any layer), at each input's
+        original size."""
+        output_sizes = self.output_sizes(batched_inputs, sizes)
+        found = self.instances(prediction, sizes, padded_size, output_sizes)
+        return [{"instances": detections_to_instances(f, s)} for f, s in zip(found, output_sizes)]

@@ -256,7 +256,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return _Evaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder)
+        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
+        return _Evaluator(dataset_name, tasks=tasks, output_dir=output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

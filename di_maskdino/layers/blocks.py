@@ -16,6 +16,7 @@ from typing import Callable, Optional, Type
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 with warnings.catch_warnings():
     # fvcore.nn scripts its focal loss with torch.jit at import time, which torch deprecates.
@@ -34,6 +35,7 @@ __all__ = [
     "NormLayer",
     "group_norm",
     "with_pos",
+    "multi_head_attention",
     "c2_xavier_fill",
     "xavier_init_matrices",
 ]
@@ -48,6 +50,38 @@ def group_norm(num_groups: int) -> NormLayer:
 
 def with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:
     return x if pos is None else x + pos
+
+
+def multi_head_attention(
+    attn: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """What `attn(query, key, value, attn_mask=attn_mask, need_weights=False)[0]` computes
+    for batch-first (B, N, C) inputs, with `attn`'s parameters, written with batch-first
+    projections and scaled-dot-product attention.
+
+    nn.MultiheadAttention transposes batch-first inputs to sequence-first and projects them
+    there; under `torch.export` with a dynamic batch, whether those reshapes are views
+    depends on the batch being 1, which would restrict the exported program to batches of
+    one size class. attn_mask: (N_q, N_k) bool, True where a query may NOT attend.
+    """
+    batch, queries, dim = query.shape
+    heads = attn.num_heads
+    w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = attn.in_proj_bias.chunk(3)
+
+    def split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight, bias).unflatten(-1, (heads, dim // heads)).transpose(1, 2)
+
+    allowed = None if attn_mask is None else ~attn_mask
+    dropout = attn.dropout if attn.training else 0.0
+    out = F.scaled_dot_product_attention(
+        split(query, w_q, b_q), split(key, w_k, b_k), split(value, w_v, b_v), attn_mask=allowed, dropout_p=dropout
+    )
+    return attn.out_proj(out.transpose(1, 2).flatten(2))
 
 
 def xavier_init_matrices(*modules: nn.Module) -> None:
@@ -106,7 +140,7 @@ class SelfAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """attn_mask: optional (N, N) bool, True where a query may NOT attend to a key."""
         query = with_pos(x, pos)
-        update = self.attn(query, query, x, attn_mask=attn_mask, need_weights=False)[0]
+        update = multi_head_attention(self.attn, query, query, x, attn_mask=attn_mask)
         return self.norm(x + self.dropout(update))
 
 
@@ -126,7 +160,7 @@ class CrossAttentionBlock(nn.Module):
         pos: Optional[torch.Tensor] = None,
         memory_pos: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        update = self.attn(with_pos(x, pos), with_pos(memory, memory_pos), memory, need_weights=False)[0]
+        update = multi_head_attention(self.attn, with_pos(x, pos), with_pos(memory, memory_pos), memory)
         return self.norm(x + self.dropout(update))
 
 

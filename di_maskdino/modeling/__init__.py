@@ -36,8 +36,8 @@ from .di_maskdino_head import DIMaskDINOHead
 from .encoder import EncoderOutput, MaskDINOEncoder
 from .feature_tokens import FeatureTokens
 from .model import DIMaskDINO, pad_images
-from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions
-from .postprocess import Detections, instance_inference
+from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions, RawDetections
+from .postprocess import Detections, detections_from_raw, instance_inference, paste_masks
 from .prediction_heads import PredictionHeads
 from .query_selection import QuerySelection, SelectedTokens, TokenSet, select_top_k
 
@@ -80,8 +80,11 @@ __all__ = [
     "Predictions",
     "DenoisingOutput",
     "DIMaskDINOOutput",
+    "RawDetections",
     "Detections",
     "instance_inference",
+    "detections_from_raw",
+    "paste_masks",
     "TimmBackbone",
     "FeatureSpec",
     "pad_images",

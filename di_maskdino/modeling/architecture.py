@@ -113,6 +113,11 @@ class Architecture:
     random_position_token: Tab. 3's position-token constraint (random reference boxes).
     checkpointing: activation checkpointing in training (memory for time; no part's result
     changes).
+    mask_branch: False makes a detection-only model: no mask features, no mask
+        predictions, no mask losses (boxes and classes only). Its initial boxes are then the
+        encoder's predicted boxes (mask_enhanced_boxes must be False); with BATO, the mask
+        guiding tokens are still the mask embeddings of the selected queries (Eq. 5) and
+        there are no mask features to update.
     """
 
     num_classes: int = 80
@@ -133,6 +138,7 @@ class Architecture:
     denoising: Optional[DenoisingSpec] = field(default_factory=DenoisingSpec)
     random_position_token: bool = False
     checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
+    mask_branch: bool = True
 
     def __post_init__(self):
         checks = [
@@ -147,6 +153,11 @@ class Architecture:
             (
                 self.hidden_dim % self.num_groups == 0,
                 f"hidden_dim ({self.hidden_dim}) must be divisible by num_groups ({self.num_groups})",
+            ),
+            (
+                self.mask_branch or not self.mask_enhanced_boxes,
+                "a detection-only model (no mask branch) cannot initialise its boxes from masks: set "
+                "mask_enhanced_boxes=False (MODEL.DI_MASKDINO.MASK_ENHANCED_BOXES False)",
             ),
         ]
         if self.de_imbalance is not None:
@@ -182,7 +193,7 @@ def build_encoder(arch: Architecture, backbone_shapes: Dict[str, FeatureSpec]) -
         {name: shape.stride for name, shape in backbone_shapes.items()},
         transformer_in_features=spec.in_features,
         hidden_dim=arch.hidden_dim,
-        mask_dim=arch.mask_dim,
+        mask_dim=arch.mask_dim if arch.mask_branch else None,
         num_levels=arch.num_levels,
         num_layers=spec.num_layers,
         num_heads=arch.num_heads,
@@ -226,7 +237,19 @@ def build_bato(arch: Architecture) -> Optional[BalanceAwareTokensOptimization]:
         generator=MaskBoxGuidingTokens() if spec.generate_guiding_tokens else QueryGuidingTokens(),
         num_guiding_tokens=spec.num_guiding_tokens,
         norm_layer=group_norm(arch.num_groups),
+        update_mask_features=arch.mask_branch,
     )
+
+
+def head_mask_dim(arch: Architecture) -> Optional[int]:
+    """Output size of the mask-embedding head, or None when nothing needs it."""
+    if arch.mask_branch:
+        return arch.mask_dim
+    # NOTE: without the mask branch, BATO's mask guiding tokens (Eq. 5) are still mask
+    # embeddings, of the hidden size as BATO requires.
+    if arch.bato is not None and arch.bato.generate_guiding_tokens:
+        return arch.hidden_dim
+    return None
 
 
 def build_denoising(arch: Architecture) -> Optional[DenoisingGenerator]:
@@ -239,7 +262,7 @@ def build_denoising(arch: Architecture) -> Optional[DenoisingGenerator]:
 def build_head(arch: Architecture) -> DIMaskDINOHead:
     """The head (selection, De-Imbalance, denoising, BATO, decoder, prediction heads)."""
     return DIMaskDINOHead(
-        heads=PredictionHeads(arch.hidden_dim, arch.num_classes, arch.mask_dim),
+        heads=PredictionHeads(arch.hidden_dim, arch.num_classes, head_mask_dim(arch)),
         query_selection=QuerySelection(arch.hidden_dim, arch.first_selection_size, arch.mask_enhanced_boxes),
         de_imbalance=build_de_imbalance(arch),
         denoising=build_denoising(arch),

@@ -166,6 +166,8 @@ class BalanceAwareTokensOptimization(nn.Module):
         generator: the guiding-token generator (default: `MaskBoxGuidingTokens`).
         num_guiding_tokens: G, how many of the guidance source's tokens guide.
         norm_layer: norm of the mask-feature convolution (default GroupNorm, 32 groups).
+        update_mask_features: build the mask-feature update (False for a detection-only
+            model, which has no mask features).
     """
 
     def __init__(
@@ -180,6 +182,7 @@ class BalanceAwareTokensOptimization(nn.Module):
         num_guiding_tokens: int = 50,
         norm_layer: Optional[NormLayer] = None,
         act_layer: Type[nn.Module] = nn.ReLU,
+        update_mask_features: bool = True,
     ):
         super().__init__()
         if num_guiding_tokens < 1:
@@ -190,7 +193,9 @@ class BalanceAwareTokensOptimization(nn.Module):
         self.cross_attn = CrossAttentionBlock(dim, num_heads, dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
         norm_layer = norm_layer if norm_layer is not None else group_norm(32)
-        self.mask_feature_conv = ConvNormAct(dim, dim, 3, norm_layer=norm_layer, act_layer=act_layer)
+        self.mask_feature_conv = (
+            ConvNormAct(dim, dim, 3, norm_layer=norm_layer, act_layer=act_layer) if update_mask_features else None
+        )
         xavier_init_matrices(self.cross_attn, self.ffn)
 
     def guiding_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, heads: PredictionHeads) -> GuidingTokens:
@@ -207,19 +212,26 @@ class BalanceAwareTokensOptimization(nn.Module):
         return self.generator(chosen, chosen_pos, heads)
 
     def forward(
-        self, memory: FeatureTokens, mask_features: torch.Tensor, guide: GuidingTokens
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        self, memory: FeatureTokens, mask_features: Optional[torch.Tensor], guide: GuidingTokens
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """
         Args:
             memory: the encoder tokens T_i (with their sine positions).
-            mask_features: (B, C, h, w) 1/4-resolution mask features.
+            mask_features: (B, C, h, w) 1/4-resolution mask features, or None (detection only).
             guide: the guiding tokens T_g.
 
         Returns:
-            T_bal (B, S, C) and the updated mask features (B, C, h, w).
+            T_bal (B, S, C) and the updated mask features (B, C, h, w) (None without mask features).
         """
         # Eq. 8: T_bal = FFN(MHCA(T_i, T_g))
         balanced = self.ffn(self.cross_attn(memory.tokens, guide.values, pos=memory.pos, memory_pos=guide.key_pos))
+        if self.mask_feature_conv is None or mask_features is None:
+            if mask_features is not None:
+                raise ValueError("BATO was built without the mask-feature update but was given mask features")
+            # NOTE: a detection-only model has no mask features, so there is nothing to update;
+            # T_bal still guides the later decoder layers, and the mask guiding tokens are
+            # still the mask embeddings of Eq. 5 (the mask-embedding head is kept for them).
+            return balanced, None
         # NOTE: the mask-feature update has no equation in the paper; as in the release, the
         # finest level of T_bal, upsampled to the mask features, is added to them and passed
         # through a 3x3 conv + norm + activation.

@@ -12,6 +12,7 @@ the head is MaskDINO's.
 Shape glossary: B batch, N queries, S encoder tokens, C hidden dim, K classes.
 """
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -24,11 +25,27 @@ from .decoder import DecoderOutput, DeformableDecoder
 from .denoising import DenoisingGenerator, DenoisingQueries, denoising_attention_mask
 from .encoder import EncoderOutput
 from .feature_tokens import FeatureTokens
-from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions
+from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions, RawDetections
 from .prediction_heads import PredictionHeads
 from .query_selection import QuerySelection, TokenSet
 
-__all__ = ["DIMaskDINOHead"]
+__all__ = ["DIMaskDINOHead", "HeadState"]
+
+
+@dataclass
+class HeadState:
+    """What the head computed up to the decoder's output: the queries entering the decoder
+    (content (B, N, C), reference boxes (B, N, 4)), the mask features (B, D, h, w) or None,
+    the decoder's output, the encoder and token-interaction predictions and the denoising
+    queries (or None)."""
+
+    content: torch.Tensor
+    reference: torch.Tensor
+    mask_features: Optional[torch.Tensor]
+    decoded: DecoderOutput
+    encoder_prediction: Predictions
+    token_interaction: List[List[Predictions]]
+    denoising: Optional[DenoisingQueries]
 
 
 class DIMaskDINOHead(nn.Module):
@@ -66,7 +83,7 @@ class DIMaskDINOHead(nn.Module):
                     f"BATO guided by {bato.guidance.name} runs before decoder layer {bato.guidance.layer}: "
                     f"the decoder needs more than {bato.guidance.layer} layers, it has {len(decoder.layers)}"
                 )
-            mask_dim = heads.mask_embed.layers[-1].out_features
+            mask_dim = None if heads.mask_embed is None else heads.mask_embed.layers[-1].out_features
             hidden_dim = heads.class_embed.in_features
             if isinstance(bato.generator, MaskBoxGuidingTokens) and mask_dim != hidden_dim:
                 raise ValueError(
@@ -120,23 +137,50 @@ class DIMaskDINOHead(nn.Module):
         attn_mask = denoising_attention_mask(dn.num_groups, dn.group_size, content.shape[1], content.device)
         return torch.cat([dn.content, content], 1), torch.cat([dn.box_logits, box_logits], 1), attn_mask, dn
 
+    def layer_prediction(
+        self, decoded: DecoderOutput, index: int, with_masks: bool
+    ) -> Tuple[Predictions, torch.Tensor]:
+        """The supervised prediction of decoder layer `index` (Eq. 10-11) and its normed
+        output (B, N, C), from which masks of chosen queries can be made later."""
+        # NOTE: as in the release, a layer's output passes the heads' LayerNorm here and
+        # again inside the heads (LayerNorm twice), and its supervised box refines the
+        # layer's reference box from this normed output, whereas the reference box handed
+        # to the next layer was refined from the un-normed output (decoder.py).
+        normed = self.heads.norm(decoded.hidden[index])
+        boxes = refine_boxes(decoded.references[index], self.heads.box_embed(normed))
+        features = decoded.mask_features[index] if with_masks else None
+        # in training the masks stay factored (mask embeddings and mask features, see `Predictions`)
+        return self.heads.predict(normed, boxes, features, factored=self.training), normed
+
     def layer_predictions(self, decoded: DecoderOutput, all_layer_masks: bool) -> List[Predictions]:
-        """The supervised prediction of every decoder layer (Eq. 10-11). In training the masks
-        are kept as their factors (mask embeddings and mask features, see `Predictions`)."""
-        predictions = []
+        """The supervised prediction of every decoder layer (Eq. 10-11); masks at every layer
+        or at the last one only."""
         last = len(decoded.hidden) - 1
-        for index, (hidden, start, mask_features) in enumerate(
-            zip(decoded.hidden, decoded.references, decoded.mask_features)
-        ):
-            # NOTE: as in the release, a layer's output passes the heads' LayerNorm here and
-            # again inside the heads (LayerNorm twice), and its supervised box refines the
-            # layer's reference box from this normed output, whereas the reference box handed
-            # to the next layer was refined from the un-normed output (decoder.py).
-            normed = self.heads.norm(hidden)
-            boxes = refine_boxes(start, self.heads.box_embed(normed))
-            features = mask_features if all_layer_masks or index == last else None
-            predictions.append(self.heads.predict(normed, boxes, features, factored=self.training))
-        return predictions
+        return [self.layer_prediction(decoded, index, all_layer_masks or index == last)[0] for index in range(last + 1)]
+
+    def decode(self, encoder_output: EncoderOutput, targets=None) -> HeadState:
+        """Everything up to and including the decoder: Eq. 1-9."""
+        memory = self.feature_tokens(encoder_output)  # T_i
+        mask_features = encoder_output.mask_features
+        queries, token_sets, encoder_prediction, token_interaction = self.select_queries(memory, mask_features)
+        box_logits = queries.box_logits
+        if self.random_reference_boxes:
+            box_logits = inverse_sigmoid(torch.rand_like(box_logits))
+        num_matching = queries.tokens.shape[1]
+        content, box_logits, attn_mask, dn = self.add_denoising_queries(queries.tokens, box_logits, targets)
+        reference = box_logits.sigmoid()
+        decoded = self.decoder(
+            content,
+            reference,
+            memory,
+            mask_features,
+            self.heads,
+            attn_mask=attn_mask,
+            num_matching=num_matching,
+            bato=self.bato,
+            token_sets=token_sets,
+        )
+        return HeadState(content, reference, mask_features, decoded, encoder_prediction, token_interaction, dn)
 
     def forward(
         self,
@@ -153,32 +197,15 @@ class DIMaskDINOHead(nn.Module):
                 needs only the last layer's masks).
         """
         all_layer_masks = self.training if all_layer_masks is None else all_layer_masks
-        memory = self.feature_tokens(encoder_output)  # T_i
-        mask_features = encoder_output.mask_features
-        queries, token_sets, encoder_prediction, token_interaction = self.select_queries(memory, mask_features)
-        box_logits = queries.box_logits
-        if self.random_reference_boxes:
-            box_logits = inverse_sigmoid(torch.rand_like(box_logits))
-        num_matching = queries.tokens.shape[1]
-        content, box_logits, attn_mask, dn = self.add_denoising_queries(queries.tokens, box_logits, targets)
-
-        reference = box_logits.sigmoid()
+        state = self.decode(encoder_output, targets)
         layers = [
-            self.heads.predict(content, reference, mask_features if all_layer_masks else None, factored=self.training)
+            self.heads.predict(
+                state.content, state.reference, state.mask_features if all_layer_masks else None, factored=self.training
+            )
         ]
-        decoded = self.decoder(
-            content,
-            reference,
-            memory,
-            mask_features,
-            self.heads,
-            attn_mask=attn_mask,
-            num_matching=num_matching,
-            bato=self.bato,
-            token_sets=token_sets,
-        )
-        layers += self.layer_predictions(decoded, all_layer_masks)
+        layers += self.layer_predictions(state.decoded, all_layer_masks)
 
+        dn = state.denoising
         denoising = None
         if dn is not None:
             denoising = DenoisingOutput(dn, [p.slice_queries(0, dn.num_queries) for p in layers])
@@ -188,4 +215,25 @@ class DIMaskDINOHead(nn.Module):
             # Keeps the label embedding in the graph when a batch has no object, so that
             # distributed training sees no unused parameter.
             layers[-1].logits = layers[-1].logits + 0.0 * self.denoising.label_embed.weight.sum()
-        return DIMaskDINOOutput(layers, encoder_prediction, token_interaction, denoising)
+        return DIMaskDINOOutput(layers, state.encoder_prediction, state.token_interaction, denoising)
+
+    def detect(self, encoder_output: EncoderOutput, k: int) -> RawDetections:
+        """Inference: the k best (query, class) pairs of the final layer by class
+        probability, with the mask logits of those queries only.
+
+        The same numbers as the final layer of `forward` in evaluation, restricted to the
+        kept pairs, with static output shapes (k = min(k, N * K)) for `torch.export`."""
+        state = self.decode(encoder_output)
+        final, normed = self.layer_prediction(state.decoded, len(state.decoded.hidden) - 1, with_masks=False)
+        num_classes = final.logits.shape[-1]
+        k = min(k, final.logits.shape[1] * num_classes)
+        scores, index = final.logits.sigmoid().flatten(1).topk(k, dim=1)
+        query = torch.div(index, num_classes, rounding_mode="floor")
+        labels = index % num_classes
+        boxes = final.boxes.gather(1, query[..., None].expand(-1, -1, 4))
+        mask_features = state.decoded.mask_features[-1]
+        mask_logits = None
+        if mask_features is not None:
+            kept = normed.gather(1, query[..., None].expand(-1, -1, normed.shape[-1]))
+            mask_logits = self.heads(kept, mask_features)[1]
+        return RawDetections(scores, labels, boxes, mask_logits)

@@ -7,7 +7,8 @@ It turns backbone maps into the encoder tokens T_i and the 1/4-resolution mask f
 2. `num_layers` deformable self-attention layers over all levels (with sine position and
    learned level embeddings);
 3. an FPN step from the highest-resolution encoder level down to the finest backbone map
-   (res2, stride 4), then a 1x1 conv: the mask features.
+   (res2, stride 4), then a 1x1 conv: the mask features (not built for a detection-only
+   model, `mask_dim=None`).
 
 Shape glossary: B batch, C hidden dim, L levels, S tokens (sum of H_l * W_l).
 
@@ -43,10 +44,10 @@ __all__ = ["MaskDINOEncoder", "EncoderOutput", "EncoderLayer"]
 @dataclass
 class EncoderOutput:
     """features: L maps (B, C, H_l, W_l), highest resolution first (strides 8, 16, 32, 64
-    by default); mask_features: (B, mask_dim, H/4, W/4)."""
+    by default); mask_features: (B, mask_dim, H/4, W/4), or None (detection only)."""
 
     features: List[torch.Tensor]
-    mask_features: torch.Tensor
+    mask_features: Optional[torch.Tensor]
 
 
 class EncoderLayer(nn.Module):
@@ -69,7 +70,8 @@ class MaskDINOEncoder(nn.Module):
         in_strides: stride of every backbone map.
         transformer_in_features: maps that enter the deformable encoder.
         hidden_dim: token width C.
-        mask_dim: channels of the mask features.
+        mask_dim: channels of the mask features; None builds no mask-feature part (a
+            detection-only model).
         num_levels: levels in the encoder (the transformer inputs plus extra stride-2 levels).
         num_layers, num_heads, num_points, ffn_dim, dropout: deformable encoder layers.
         common_stride: stride of the mask features.
@@ -88,7 +90,7 @@ class MaskDINOEncoder(nn.Module):
         *,
         transformer_in_features: Sequence[str] = ("res3", "res4", "res5"),
         hidden_dim: int = 256,
-        mask_dim: int = 256,
+        mask_dim: Optional[int] = 256,
         num_levels: int = 4,
         num_layers: int = 6,
         num_heads: int = 8,
@@ -129,7 +131,7 @@ class MaskDINOEncoder(nn.Module):
         finest_stride = in_strides[self.transformer_in_features[0]]
         num_fpn_levels = max(int(math.log2(finest_stride) - math.log2(common_stride)), 1)
         by_stride = sorted(in_channels, key=lambda f: in_strides[f])
-        self.fpn_in_features = by_stride[:num_fpn_levels][::-1]  # coarse to fine, e.g. ["res2"]
+        self.fpn_in_features = by_stride[:num_fpn_levels][::-1] if mask_dim is not None else []  # e.g. ["res2"]
         self.lateral_convs = nn.ModuleList(
             ConvNormAct(in_channels[f], hidden_dim, 1, norm_layer=norm_layer) for f in self.fpn_in_features
         )
@@ -137,7 +139,7 @@ class MaskDINOEncoder(nn.Module):
             ConvNormAct(hidden_dim, hidden_dim, 3, norm_layer=norm_layer, act_layer=act_layer)
             for _ in self.fpn_in_features
         )
-        self.mask_features = nn.Conv2d(hidden_dim, mask_dim, kernel_size=1)
+        self.mask_features = nn.Conv2d(hidden_dim, mask_dim, kernel_size=1) if mask_dim is not None else None
         self.reset_parameters()
 
     def _input_projections(self, in_channels: Dict[str, int], norm_layer: NormLayer) -> nn.ModuleList:
@@ -165,15 +167,24 @@ class MaskDINOEncoder(nn.Module):
         for projection in self.input_proj:
             nn.init.xavier_uniform_(projection[0].weight, gain=1)
             nn.init.zeros_(projection[0].bias)
-        c2_xavier_fill(self.mask_features)
+        if self.mask_features is not None:
+            c2_xavier_fill(self.mask_features)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> EncoderOutput:
         device_type = next(iter(features.values())).device.type
         # NOTE: like the release, the encoder runs in float32 even under autocast.
         with torch.autocast(device_type=device_type, enabled=False):
             encoded = self.encode(features)
-            mask_features = checkpointed(self.grad_checkpointing, self.mask_feature_map, encoded[0], features)
+            mask_features = (
+                checkpointed(self.grad_checkpointing, self.mask_feature_map, encoded[0], features)
+                if self.predicts_masks
+                else None
+            )
             return EncoderOutput(features=encoded, mask_features=mask_features)
+
+    @property
+    def predicts_masks(self) -> bool:
+        return self.mask_features is not None
 
     def input_levels(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
         """The L projected input maps (B, C, H_l, W_l), highest resolution first."""

@@ -11,7 +11,7 @@ import torch
 
 from ..layers import feature_map_position_embedding
 
-__all__ = ["FeatureTokens", "pixel_centres", "level_start_index_of"]
+__all__ = ["FeatureTokens", "pixel_centres", "level_start_index_of", "shapes_tensor"]
 
 
 def pixel_centres(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -20,6 +20,16 @@ def pixel_centres(height: int, width: int, device: torch.device) -> torch.Tensor
     x = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) / width
     grid_y, grid_x = torch.meshgrid(y, x, indexing="ij")
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
+
+
+def shapes_tensor(shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """(L, 2) int64 tensor of L (H_l, W_l) pairs.
+
+    Built element by element rather than with `torch.as_tensor`, which would freeze the
+    sizes of a dynamic-shape `torch.export` into constants."""
+    return torch.stack(
+        [torch.stack([torch.full((), size, dtype=torch.long, device=device) for size in shape]) for shape in shapes]
+    )
 
 
 def level_start_index_of(spatial_shapes: torch.Tensor) -> torch.Tensor:
@@ -34,7 +44,8 @@ class FeatureTokens:
 
     tokens: (B, S, C); pos: (B, S, C) sine positions of the tokens' pixels;
     spatial_shapes: (L, 2) int64 (H_l, W_l); level_start_index: (L,) int64;
-    shapes: the same (H_l, W_l) as Python ints.
+    shapes: the same (H_l, W_l) as Python ints (symbolic ints under `torch.export`, which
+    is why they are never converted with `int()`).
     """
 
     tokens: torch.Tensor
@@ -47,7 +58,7 @@ class FeatureTokens:
     def from_maps(cls, maps: Sequence[torch.Tensor]) -> "FeatureTokens":
         """Flattens L maps (B, C, H_l, W_l), in the given order, with their sine positions."""
         batch, channels = maps[0].shape[:2]
-        shapes = [(int(m.shape[-2]), int(m.shape[-1])) for m in maps]
+        shapes = [(m.shape[-2], m.shape[-1]) for m in maps]
         tokens = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1)
         pos = torch.cat(
             [
@@ -56,7 +67,7 @@ class FeatureTokens:
             ],
             dim=1,
         )
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=tokens.device)
+        spatial_shapes = shapes_tensor(shapes, tokens.device)
         return cls(tokens, pos, spatial_shapes, level_start_index_of(spatial_shapes), shapes)
 
     @property

@@ -12,8 +12,8 @@ from torch import nn
 
 from .di_maskdino_head import DIMaskDINOHead
 from .encoder import MaskDINOEncoder
-from .outputs import DIMaskDINOOutput, Predictions
-from .postprocess import Detections, instance_inference
+from .outputs import DIMaskDINOOutput, Predictions, RawDetections
+from .postprocess import Detections, detections_from_raw, instance_inference
 
 __all__ = ["DIMaskDINO", "pad_images"]
 
@@ -68,6 +68,11 @@ class DIMaskDINO(nn.Module):
         )
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
+    @property
+    def predicts_masks(self) -> bool:
+        """False for a detection-only model (no mask branch)."""
+        return self.encoder.predicts_masks
+
     def preprocess(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """Normalises (3, H_i, W_i) images and pads them into one batch (the padding is 0
         after normalisation)."""
@@ -93,15 +98,34 @@ class DIMaskDINO(nn.Module):
     def forward(self, batch, targets=None, all_layer_masks=None) -> DIMaskDINOOutput:
         return self.run(batch, targets, all_layer_masks)
 
+    def detect(self, batch: torch.Tensor) -> RawDetections:
+        """Inference on a preprocessed batch (B, 3, H, W): the `test_topk` best (query,
+        class) pairs of every image with their boxes and the mask logits of their queries
+        (see `RawDetections`). Output shapes depend only on the input's, so this is the
+        function `torch.export` captures (`di_maskdino.export`)."""
+        return self.head.detect(self.encoder(self.backbone(batch)), self.test_topk)
+
     @torch.no_grad()
     def predict(
-        self, images: Sequence[torch.Tensor], output_sizes: Optional[Sequence[Tuple[int, int]]] = None
+        self,
+        images: Sequence[torch.Tensor],
+        output_sizes: Optional[Sequence[Tuple[int, int]]] = None,
+        *,
+        score_threshold: float = 0.0,
+        max_detections: Optional[int] = None,
     ) -> List[Detections]:
         """Detections for each (3, H_i, W_i) image, reported at `output_sizes` (default: the
-        input sizes)."""
+        input sizes); see `postprocess.detections_from_raw` for the two filters."""
         batch, sizes = self.preprocess(images)
         output_sizes = sizes if output_sizes is None else output_sizes
-        return self.instances(self.run(batch).final, sizes, tuple(batch.shape[-2:]), output_sizes)
+        return detections_from_raw(
+            self.detect(batch),
+            sizes,
+            tuple(batch.shape[-2:]),
+            output_sizes,
+            score_threshold=score_threshold,
+            max_detections=max_detections,
+        )
 
     def instances(
         self,

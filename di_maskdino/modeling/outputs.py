@@ -11,7 +11,7 @@ import torch
 
 from .denoising import DenoisingQueries
 
-__all__ = ["Predictions", "DenoisingOutput", "DIMaskDINOOutput", "mask_logits"]
+__all__ = ["Predictions", "DenoisingOutput", "DIMaskDINOOutput", "mask_logits", "RawDetections"]
 
 
 def mask_logits(mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
@@ -110,3 +110,39 @@ class DIMaskDINOOutput:
     @property
     def final(self) -> Predictions:
         return self.layers[-1]
+
+
+@dataclass
+class RawDetections:
+    """The k best (query, class) pairs of every image, before post-processing (what the
+    exported model returns).
+
+    scores: (B, k) class probabilities (sigmoid), best first; labels: (B, k) int64;
+    boxes: (B, k, 4) normalised (cx, cy, w, h) of the padded input; mask_logits: (B, k, h, w)
+    mask logits of the pairs' queries at the mask-feature resolution, or None (detection
+    only). `postprocess.detections_from_raw` turns one image's share into `Detections`.
+    """
+
+    scores: torch.Tensor
+    labels: torch.Tensor
+    boxes: torch.Tensor
+    mask_logits: Optional[torch.Tensor]
+
+    def as_tuple(self):
+        return (self.scores, self.labels, self.boxes) + (() if self.mask_logits is None else (self.mask_logits,))
+
+    @classmethod
+    def from_tuple(cls, tensors) -> "RawDetections":
+        tensors = tuple(tensors)
+        if len(tensors) not in (3, 4):
+            raise ValueError(
+                f"RawDetections: expected 3 or 4 tensors (scores, labels, boxes[, masks]), got {len(tensors)}"
+            )
+        return cls(*tensors[:3], tensors[3] if len(tensors) == 4 else None)
+
+    def image(self, index: int) -> "RawDetections":
+        """Image `index`'s share, with a batch dimension of 1."""
+        masks = None if self.mask_logits is None else self.mask_logits[index : index + 1]
+        return RawDetections(
+            self.scores[index : index + 1], self.labels[index : index + 1], self.boxes[index : index + 1], masks
+        )

@@ -28,12 +28,14 @@ class PredictionHeads(nn.Module):
     their reference boxes (see `boxes.refine_boxes`).
     """
 
-    def __init__(self, hidden_dim: int, num_classes: int, mask_dim: int):
+    def __init__(self, hidden_dim: int, num_classes: int, mask_dim: Optional[int]):
+        """mask_dim: D, or None for no mask-embedding head (a detection-only model whose
+        BATO does not generate mask guiding tokens)."""
         super().__init__()
         self.norm = nn.LayerNorm(hidden_dim)
         self.class_embed = nn.Linear(hidden_dim, num_classes)
         self.box_embed = MLP(hidden_dim, hidden_dim, 4, 3)
-        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3) if mask_dim is not None else None
         nn.init.zeros_(self.box_embed.layers[-1].weight)
         nn.init.zeros_(self.box_embed.layers[-1].bias)
 
@@ -50,6 +52,7 @@ class PredictionHeads(nn.Module):
         logits = self.class_embed(x)
         if mask_features is None:
             return logits, None
+        self._check_mask_branch()
         return logits, mask_logits(self.mask_embed(x), mask_features)
 
     def predict(
@@ -67,6 +70,11 @@ class PredictionHeads(nn.Module):
         logits = self.class_embed(x)
         if mask_features is None:
             return Predictions(logits, boxes)
+        self._check_mask_branch()
         if factored:
             return Predictions(logits, boxes, mask_embed=self.mask_embed(x), mask_features=mask_features)
         return Predictions(logits, boxes, mask_logits(self.mask_embed(x), mask_features))
+
+    def _check_mask_branch(self) -> None:
+        if self.mask_embed is None:
+            raise ValueError("PredictionHeads: mask features given to heads built without a mask-embedding head")

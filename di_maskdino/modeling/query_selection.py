@@ -10,7 +10,7 @@ Shape glossary: B batch, S encoder tokens, k selected tokens, C hidden dim.
 """
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -112,10 +112,12 @@ def masks_to_box_logits(mask_logits: torch.Tensor) -> torch.Tensor:
     """
     batch, queries, height, width = mask_logits.shape
     binary = (mask_logits > 0).flatten(0, 1)
-    boxes = box_convert(masks_to_boxes(binary), "xyxy", "cxcywh")
-    boxes = boxes / torch.tensor([width, height, width, height], dtype=boxes.dtype, device=boxes.device)
+    cx, cy, w, h = box_convert(masks_to_boxes(binary), "xyxy", "cxcywh").unbind(-1)
+    # divided by the sizes one by one (not by a tensor made of them), so that a dynamic-shape
+    # torch.export keeps them symbolic
+    boxes = torch.stack([cx / width, cy / height, w / width, h / height], dim=-1)
     empty = ~binary.flatten(1).any(1)
-    boxes[empty] = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=boxes.dtype, device=boxes.device)
+    boxes = torch.where(empty[:, None], boxes.new_tensor([1.0, 1.0, 0.0, 0.0]), boxes)
     # in the logits' precision, at least single (float64 models stay float64)
     return inverse_sigmoid(boxes.view(batch, queries, 4).to(torch.promote_types(mask_logits.dtype, torch.float32)))
 
@@ -138,7 +140,10 @@ class QuerySelection(nn.Module):
         self.memory_proj = nn.Linear(dim, dim)
         self.memory_norm = nn.LayerNorm(dim)
 
-    def forward(self, memory: FeatureTokens, mask_features: torch.Tensor, heads: PredictionHeads) -> SelectedTokens:
+    def forward(
+        self, memory: FeatureTokens, mask_features: Optional[torch.Tensor], heads: PredictionHeads
+    ) -> SelectedTokens:
+        """mask_features: (B, D, h, w), or None for a detection-only model (no masks)."""
         tokens, proposal_logits = encoder_proposals(memory.tokens, memory.shapes)
         tokens = self.memory_norm(self.memory_proj(tokens))
         box_logits = heads.box_embed(tokens) + proposal_logits
@@ -147,6 +152,11 @@ class QuerySelection(nn.Module):
         _, selected, selected_box_logits = select_top_k(scores, self.num_selected, tokens, box_logits)
         # in training the supervised masks stay factored (`Predictions`); the boxes need them whole
         predictions = heads.predict(selected, selected_box_logits.sigmoid(), mask_features, factored=self.training)
+        if self.mask_enhanced_boxes and not predictions.has_masks:
+            raise ValueError(
+                "QuerySelection: mask-enhanced box initialisation needs mask features (the model has no mask "
+                "branch); initialise the boxes from the encoder's boxes (mask_enhanced_boxes=False)"
+            )
         if self.mask_enhanced_boxes and predictions.mask_embed is not None:
             with torch.no_grad():  # a chunk of queries at a time: the whole logits only transiently
                 initial_box_logits = torch.cat(

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from .tiny import NUM_CLASSES, TINY, all_predictions, tiny_images, tiny_model, tiny_targets
+from .tiny import NUM_CLASSES, TINY, all_predictions, perturb, tiny_images, tiny_model, tiny_targets
 
 
 def run(model, train=False, targets=None, images=None, all_layer_masks=None):
@@ -107,3 +107,37 @@ def test_training_masks_are_factored_and_equal_the_evaluation_masks():
         if p.has_masks:
             assert p.mask_embed is not None and q.mask_embed is None, name
             torch.testing.assert_close(p.masks, q.masks, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_detect_is_the_final_layer_restricted_to_its_top_pairs():
+    """detect(): the k best (query, class) pairs of the evaluation forward's final layer, with
+    their boxes and their queries' masks (computed for those queries only)."""
+    model = perturb(tiny_model()).eval()
+    batch, _ = model.preprocess(tiny_images())
+    with torch.no_grad():
+        final = model(batch).final
+        raw = model.detect(batch)
+    k = model.test_topk if model.test_topk < TINY.num_queries * NUM_CLASSES else TINY.num_queries * NUM_CLASSES
+    for image in range(batch.shape[0]):
+        probabilities = final.logits[image].sigmoid()
+        scores, index = probabilities.flatten().sort(descending=True)
+        torch.testing.assert_close(raw.scores[image], scores[:k])
+        query, label = index[:k] // NUM_CLASSES, index[:k] % NUM_CLASSES
+        assert torch.equal(raw.labels[image], label)
+        torch.testing.assert_close(raw.boxes[image], final.boxes[image, query])
+        torch.testing.assert_close(raw.mask_logits[image], final.masks[image, query], rtol=1e-5, atol=1e-5)
+
+
+def test_predict_equals_instance_inference_of_the_forward_output():
+    model = perturb(tiny_model()).eval()
+    model.test_topk = 10
+    images = tiny_images()
+    batch, sizes = model.preprocess(images)
+    with torch.no_grad():
+        expected = model.instances(model(batch).final, sizes, tuple(batch.shape[-2:]), [(70, 100), (56, 80)])
+    found = model.predict(images, output_sizes=[(70, 100), (56, 80)])
+    for mine, theirs in zip(found, expected):
+        assert torch.equal(mine.labels, theirs.labels)
+        torch.testing.assert_close(mine.scores, theirs.scores, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(mine.boxes, theirs.boxes)
+        assert (mine.masks != theirs.masks).float().mean() <= 1e-3

@@ -1,0 +1,46 @@
+"""`Predictor` built from a detectron2 configuration."""
+
+from typing import Optional, Sequence, Union
+
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import build_model
+
+from ..predictor import Predictor
+from .checkpoint import Checkpointer
+from .config import load_config
+
+__all__ = ["predictor_from_config"]
+
+
+def predictor_from_config(
+    config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (), **kwargs
+) -> Predictor:
+    """A `Predictor` of the model a config file (or a loaded config) describes.
+
+    weights: a checkpoint (default MODEL.WEIGHTS; converted release checkpoints only).
+    opts: KEY VALUE overrides of the config.
+    kwargs: `Predictor` arguments; by default the input format is INPUT.FORMAT for the
+        network and RGB for arrays, the resizing INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, the
+        device MODEL.DEVICE, at most TEST.DETECTIONS_PER_IMAGE instances per image, and the
+        class names those of the first test dataset.
+    """
+    cfg = load_config(config, opts) if isinstance(config, str) else config.clone()
+    if not isinstance(config, str) and opts:
+        cfg.merge_from_list(list(opts))
+    model = build_model(cfg).eval()
+    weights = cfg.MODEL.WEIGHTS if weights is None else weights
+    if weights:
+        Checkpointer(model).load(weights)
+    class_names = []
+    if cfg.DATASETS.TEST:
+        class_names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) or [])
+    settings = dict(
+        model_format=cfg.INPUT.FORMAT,
+        min_size=cfg.INPUT.MIN_SIZE_TEST,
+        max_size=cfg.INPUT.MAX_SIZE_TEST,
+        max_detections=cfg.TEST.DETECTIONS_PER_IMAGE,
+        class_names=class_names,
+    )
+    settings.update(kwargs)
+    return Predictor.from_model(model, **settings)

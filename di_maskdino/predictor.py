@@ -1,0 +1,283 @@
+"""Batch inference: images in, instances out, from a model in memory or an exported one.
+
+    from di_maskdino import Predictor
+    predictor = Predictor.from_config("configs/quick_start.yaml", "model_final.pth")   # detectron2
+    predictor = Predictor.from_exported("output/export/model_aoti.pt2")                # no model code
+    results = predictor(["a.jpg", bgr_array, chw_tensor])
+
+Every image is read (paths, EXIF-upright), put in the channel order the network expects,
+resized as at test time (shortest edge, `min_size` / `max_size`), normalised and padded into
+batches of `batch_size`; the results are reported at each image's original size, as
+detectron2 `Instances` when detectron2 is installed (`output="auto"`) and as the core's
+`Detections` otherwise. The same post-processing (`postprocess.detections_from_raw`) serves
+the eager and the exported models, so they give the same instances.
+
+NOTE: like the release, the model has no padding mask: an image batched with larger ones
+is padded further and its predictions change slightly. `batch_size=1` reproduces the
+single-image results exactly.
+"""
+
+import os
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from .images import read_image_rgb, resize_image, shortest_edge_size
+from .modeling.model import pad_images
+from .modeling.outputs import RawDetections
+from .modeling.postprocess import Detections, detections_from_raw
+
+__all__ = ["Predictor", "ImageInput"]
+
+ImageInput = Union[str, "os.PathLike[str]", np.ndarray, torch.Tensor]
+Backend = Callable[[torch.Tensor], RawDetections]
+OUTPUTS = ("auto", "instances", "detections")
+
+
+def _detectron2_available() -> bool:
+    try:
+        import detectron2.structures  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Predictor:
+    """
+    Args:
+        backend: preprocessed batch (B, 3, H, W) -> `RawDetections` (see the constructors).
+        pixel_mean, pixel_std: normalisation, in the network's channel order.
+        size_divisibility: batches are padded to a multiple of it.
+        model_format: channel order the network expects ("RGB" or "BGR").
+        input_format: channel order of the arrays and tensors given to the predictor (files
+            are read as RGB).
+        min_size, max_size: test-time shortest-edge resizing; min_size 0 keeps the size.
+        score_threshold: instances scoring below it are dropped.
+        max_detections: at most this many instances per image (the best by score).
+        batch_size: images per network call.
+        device: where the inputs go (the backend's device).
+        output: "instances" (detectron2), "detections" (the core's type) or "auto".
+        class_names: optional names of the classes (for drawing).
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        size_divisibility: int = 32,
+        model_format: str = "RGB",
+        input_format: str = "RGB",
+        min_size: int = 0,
+        max_size: int = 0,
+        score_threshold: float = 0.0,
+        max_detections: Optional[int] = 100,
+        batch_size: int = 1,
+        device: Union[str, torch.device] = "cpu",
+        output: str = "auto",
+        class_names: Sequence[str] = (),
+    ):
+        for name, value in (("model_format", model_format), ("input_format", input_format)):
+            if value not in ("RGB", "BGR"):
+                raise ValueError(f"Predictor: {name} must be 'RGB' or 'BGR', got {value!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"Predictor: output must be one of {OUTPUTS}, got {output!r}")
+        if batch_size < 1:
+            raise ValueError(f"Predictor: batch_size must be at least 1, got {batch_size}")
+        if max_detections is not None and max_detections < 1:
+            raise ValueError(f"Predictor: max_detections must be at least 1 (or None), got {max_detections}")
+        if output == "instances" and not _detectron2_available():
+            raise ImportError("Predictor: output='instances' needs detectron2; use output='detections'")
+        self.backend = backend
+        self.device = torch.device(device)
+        self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
+        self.size_divisibility = size_divisibility
+        self.model_format = model_format
+        self.input_format = input_format
+        self.min_size = min_size
+        self.max_size = max_size
+        self.score_threshold = score_threshold
+        self.max_detections = max_detections
+        self.batch_size = batch_size
+        self.instances = output == "instances" or (output == "auto" and _detectron2_available())
+        self.class_names = list(class_names)
+
+    # -- constructors ---------------------------------------------------------------------
+
+    @classmethod
+    def from_model(cls, model, **kwargs) -> "Predictor":
+        """A predictor running `model` (a `DIMaskDINO`, put in evaluation mode) eagerly; its
+        normalisation, size divisibility and `test_topk` are the model's."""
+        model.eval()
+
+        def backend(batch: torch.Tensor) -> RawDetections:
+            with torch.inference_mode():
+                return model.detect(batch)
+
+        kwargs.setdefault("device", model.pixel_mean.device)
+        return cls(
+            backend,
+            pixel_mean=model.pixel_mean.flatten().tolist(),
+            pixel_std=model.pixel_std.flatten().tolist(),
+            size_divisibility=model.size_divisibility,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_architecture(
+        cls,
+        architecture,
+        backbone: torch.nn.Module,
+        state_dict: Optional[dict] = None,
+        *,
+        pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
+        pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+        size_divisibility: int = 32,
+        test_topk: int = 100,
+        **kwargs,
+    ) -> "Predictor":
+        """A predictor for the network `architecture` describes on `backbone`, with the
+        weights of `state_dict` (all of them must fit), without detectron2."""
+        from .modeling.architecture import build_model
+
+        model = build_model(
+            architecture,
+            backbone,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            size_divisibility=size_divisibility,
+            test_topk=test_topk,
+        )
+        if state_dict is not None:
+            model.load_state_dict(state_dict.get("model", state_dict), strict=True)
+        return cls.from_model(model, **kwargs)
+
+    @classmethod
+    def from_exported(cls, path: str, *, device: str = "cpu", onnx_threads: Optional[int] = None, **kwargs):
+        """A predictor running an exported model (`tools/export_model.py`: a torch.export
+        archive, an AOTInductor package or an ONNX model); the input convention comes from
+        the metadata stored in it, the other arguments as in the constructor."""
+        from .export.runtime import ExportedDetector
+
+        detector = ExportedDetector(path, device=device, onnx_threads=onnx_threads)
+        meta = detector.metadata
+        settings = dict(
+            model_format=meta.input_format,
+            min_size=meta.min_size,
+            max_size=meta.max_size,
+            max_detections=meta.test_topk,
+            class_names=meta.class_names,
+        )
+        settings.update(kwargs)
+        predictor = cls(
+            detector,
+            pixel_mean=meta.pixel_mean,
+            pixel_std=meta.pixel_std,
+            size_divisibility=meta.size_divisibility,
+            device=device,
+            **settings,
+        )
+        predictor.max_image_size = meta.max_image_size
+        return predictor
+
+    @classmethod
+    def from_config(cls, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = (), **kwargs):
+        """A predictor built from a detectron2 config file (needs detectron2); `weights`
+        (default MODEL.WEIGHTS), test-time resizing, input format, DETECTIONS_PER_IMAGE and
+        the test dataset's class names come from the config. See
+        `di_maskdino.d2.predictor_from_config`."""
+        from .d2.predictor import predictor_from_config
+
+        return predictor_from_config(config_file, weights, opts, **kwargs)
+
+    # -- inference ------------------------------------------------------------------------
+
+    def _prepare(self, image: ImageInput, index: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+        """(3, H', W') float32 tensor in the network's channel order, resized, and the
+        image's original (H, W)."""
+        source_format = self.input_format
+        if isinstance(image, (str, os.PathLike)):
+            image, source_format = read_image_rgb(os.fspath(image)), "RGB"
+        if isinstance(image, np.ndarray):
+            if image.ndim == 2:
+                image = np.repeat(image[:, :, None], 3, axis=2)
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise ValueError(f"Predictor: image {index} must be an (H, W, 3) array, got shape {image.shape}")
+            original = tuple(image.shape[:2])
+            tensor = torch.from_numpy(np.ascontiguousarray(self._resized(image).transpose(2, 0, 1)))
+        elif isinstance(image, torch.Tensor):
+            if image.dim() != 3 or image.shape[0] != 3:
+                raise ValueError(f"Predictor: image tensor {index} must be (3, H, W), got shape {tuple(image.shape)}")
+            original = tuple(image.shape[-2:])
+            tensor = self._resized_tensor(image)
+        else:
+            raise TypeError(
+                f"Predictor: image {index} is a {type(image).__name__}; give file paths, (H, W, 3) numpy arrays "
+                "or (3, H, W) tensors"
+            )
+        if source_format != self.model_format:
+            tensor = tensor.flip(0)
+        return tensor.to(self.device, torch.float32), original
+
+    def _target_size(self, height: int, width: int) -> Tuple[int, int]:
+        return shortest_edge_size(height, width, self.min_size, self.max_size)
+
+    def _resized(self, image: np.ndarray) -> np.ndarray:
+        size = self._target_size(*image.shape[:2])
+        if image.dtype == np.uint8:
+            return resize_image(image, size)
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+        return self._resized_tensor(tensor).numpy().transpose(1, 2, 0)
+
+    def _resized_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        size = self._target_size(*image.shape[-2:])
+        if tuple(size) == tuple(image.shape[-2:]):
+            return image
+        if image.dtype == torch.uint8:
+            resized = resize_image(image.permute(1, 2, 0).cpu().numpy(), size)
+            return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1)))
+        return F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)[0]
+
+    def _run_batch(self, images: List[torch.Tensor], output_sizes: List[Tuple[int, int]]) -> List[Detections]:
+        normalised = [(image - self.pixel_mean) / self.pixel_std for image in images]
+        batch, sizes = pad_images(normalised, self.size_divisibility)
+        limit = getattr(self, "max_image_size", None)
+        if limit is not None and max(batch.shape[-2:]) > limit:
+            raise ValueError(
+                f"Predictor: a padded batch of {tuple(batch.shape[-2:])} exceeds the exported model's largest size "
+                f"{limit}; set a smaller max_size or export with a larger --max-image-size"
+            )
+        raw = self.backend(batch)
+        return detections_from_raw(
+            raw,
+            sizes,
+            tuple(batch.shape[-2:]),
+            output_sizes,
+            score_threshold=self.score_threshold,
+            max_detections=self.max_detections,
+        )
+
+    def __call__(self, images: Sequence[ImageInput]) -> list:
+        """Instances (or Detections) of every image, at its original size."""
+        if isinstance(images, (str, os.PathLike, np.ndarray, torch.Tensor)):
+            raise TypeError("Predictor: give a list of images (wrap a single image in a list)")
+        images = list(images)
+        results = []
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            prepared = [self._prepare(image, start + i) for i, image in enumerate(chunk)]
+            tensors, originals = [p[0] for p in prepared], [p[1] for p in prepared]
+            detections = self._run_batch(tensors, originals)
+            results += [self._output(d, size) for d, size in zip(detections, originals)]
+        return results
+
+    def _output(self, found: Detections, size: Tuple[int, int]):
+        if not self.instances:
+            return found
+        from .d2.structures import detections_to_instances
+
+        return detections_to_instances(found, size)

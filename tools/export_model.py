@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Exports a trained DI-MaskDINO for deployment.
+
+    python tools/export_model.py --config-file configs/quick_start.yaml --output output/export \\
+        --formats export aoti onnx MODEL.WEIGHTS output/quick_start/model_final.pth
+
+Writes into --output:
+  model.pt2        torch.export program (torch.export.load; our deformable-attention operator)
+  model_aoti.pt2   AOTInductor package (torch._inductor.aoti_load_package)
+  model.onnx       ONNX, opset 17+, deformable attention in standard operators (onnxruntime)
+  model_trt.onnx   with --onnx-trt-plugin: one MultiscaleDeformableAttnPlugin_TRT node per
+                   deformable attention, for TensorRT's plugin of that name
+
+Input "images": (B, 3, H, W) float32, normalised and padded to multiples of the size
+divisibility (dynamic B, H, W up to --max-image-size); outputs "scores", "labels", "boxes"
+(normalised cxcywh of the padded input) and "mask_logits" (1/4 resolution) of the
+TEST.DETECTIONS_PER_IMAGE best (query, class) pairs per image. The metadata (normalisation,
+input format, test-time resizing, class names) is stored in each file;
+`di_maskdino.Predictor.from_exported(PATH)` runs any of them with the eager model's
+pre- and post-processing. With --verify every file is run next to the eager model on two
+image sizes and the largest differences are printed.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from di_maskdino.d2 import Checkpointer, load_config  # noqa: E402
+from di_maskdino.export import (  # noqa: E402
+    ExportedDetector,
+    compile_aoti,
+    decompose_deformable_attention,
+    export_onnx,
+    export_program,
+    metadata_for,
+    save_program,
+)
+
+FORMATS = ("export", "aoti", "onnx")
+FILE_NAMES = {"export": "model.pt2", "aoti": "model_aoti.pt2", "onnx": "model.onnx", "trt": "model_trt.onnx"}
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True)
+    parser.add_argument("--output", required=True, help="folder for the exported files")
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--onnx-trt-plugin", action="store_true", help="also write model_trt.onnx")
+    parser.add_argument(
+        "--deformable-attention",
+        choices=("kernel", "decomposed"),
+        default="kernel",
+        help="in model.pt2 / model_aoti.pt2: our operator (needs di_maskdino/_C*.so at run time) or standard "
+        "operators (needs nothing); ONNX is always decomposed",
+    )
+    parser.add_argument("--max-image-size", type=int, default=2048, help="largest padded height / width")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--verify", action="store_true", help="run every file next to the eager model")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
+    return parser.parse_args()
+
+
+def verify(model, path, size_divisibility):
+    """Largest differences of the exported model's raw outputs from the eager model's on a
+    batch of two images of different sizes and on one image of a third size."""
+    detector = ExportedDetector(path)
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        [torch.rand(3, 200, 300, generator=generator) * 255, torch.rand(3, 260, 180, generator=generator) * 255],
+        [torch.rand(3, 330, 410, generator=generator) * 255],
+    ]
+    for images in batches:
+        batch, _ = model.preprocess(images)
+        with torch.no_grad():
+            expected = model.detect(batch).as_tuple()
+        actual = detector(batch).as_tuple()
+        names = ("scores", "labels", "boxes", "mask_logits")
+        diffs = ", ".join(
+            f"{n} {(a.float() - e.float()).abs().max().item():.2e}" for n, a, e in zip(names, actual, expected)
+        )
+        print(f"  {os.path.basename(path)} batch {tuple(batch.shape)}: max |diff| {diffs}")
+
+
+def main() -> int:
+    args = parse_args()
+    cfg = load_config(args.config_file, args.opts)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.freeze()
+    model = build_model(cfg).eval()
+    if cfg.MODEL.WEIGHTS:
+        Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+    else:
+        print("MODEL.WEIGHTS is empty: exporting randomly initialised weights", file=sys.stderr)
+    class_names = []
+    if cfg.DATASETS.TEST:
+        class_names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) or [])
+    os.makedirs(args.output, exist_ok=True)
+
+    def metadata(mode):
+        return metadata_for(
+            model,
+            input_format=cfg.INPUT.FORMAT,
+            min_size=cfg.INPUT.MIN_SIZE_TEST,
+            max_size=cfg.INPUT.MAX_SIZE_TEST,
+            class_names=class_names,
+            deformable_attention=mode,
+            max_image_size=args.max_image_size,
+        )
+
+    start = time.perf_counter()
+    program = export_program(model, max_image_size=args.max_image_size)
+    print(f"torch.export: {time.perf_counter() - start:.0f} s")
+    torch_program = program if args.deformable_attention == "kernel" else decompose_deformable_attention(program)
+    written = []
+    for kind in args.formats + (["trt"] if args.onnx_trt_plugin else []):
+        path = os.path.join(args.output, FILE_NAMES[kind])
+        start = time.perf_counter()
+        if kind == "export":
+            save_program(torch_program, path, metadata(args.deformable_attention))
+        elif kind == "aoti":
+            compile_aoti(torch_program, path, metadata(args.deformable_attention))
+        elif kind == "onnx":
+            export_onnx(program, path, metadata("decomposed"), opset=args.opset)
+        else:
+            export_onnx(program, path, metadata("trt_plugin"), trt_plugin=True, opset=args.opset)
+        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
+        written.append((kind, path))
+    if args.verify:
+        print("verification against the eager model:")
+        for kind, path in written:
+            if kind != "trt":  # only TensorRT runs the plugin node
+                verify(model, path, cfg.MODEL.DI_MASKDINO.SIZE_DIVISIBILITY)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
