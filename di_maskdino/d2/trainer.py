@@ -11,8 +11,8 @@ import detectron2.engine.defaults as d2_defaults
 import detectron2.utils.comm as comm
 from detectron2.data import build_detection_test_loader, build_detection_train_loader
 from detectron2.engine import DefaultTrainer, default_setup
-from detectron2.evaluation import COCOEvaluator
 
+from .box_mask_evaluation import build_instance_evaluator
 from .checkpoint import Checkpointer
 from .config import load_config
 from .data import DIMaskDINODatasetMapper
@@ -52,7 +52,8 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        return COCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder)
+        # COCO box and mask AP; with a box mask head and TEST_MASKS "both", of both kinds of masks
+        return build_instance_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

@@ -9,9 +9,11 @@ composes them and `architecture` builds them from one description.
 from .architecture import (
     Architecture,
     BATOSpec,
+    BoxMaskHeadSpec,
     DeImbalanceSpec,
     DenoisingSpec,
     EncoderSpec,
+    build_box_mask_head,
     build_encoder,
     build_head,
     build_model,
@@ -28,6 +30,8 @@ from .bato import (
     TokenSetGuidance,
     guidance_source,
 )
+from .box_mask_criterion import BoxMaskCriterion, BoxMatches
+from .box_mask_head import BoxHeadFeatures, BoxMaskHead, BoxMasks, MaskQualityHead
 from .de_imbalance import DeImbalance, TokenInteraction
 from .decoder import DecoderOutput, DeformableDecoder
 from .denoising import DenoisingGenerator, DenoisingQueries, denoising_attention_mask
@@ -36,7 +40,7 @@ from .encoder import EncoderOutput, MaskDINOEncoder
 from .feature_tokens import FeatureTokens
 from .model import DIMaskDINO, pad_images
 from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions
-from .postprocess import Detections, instance_inference
+from .postprocess import Detections, box_mask_detections, instance_inference, paste_box_masks, top_pairs
 from .prediction_heads import PredictionHeads
 from .query_selection import QuerySelection, SelectedTokens, TokenSet, select_top_k
 
@@ -46,7 +50,9 @@ __all__ = [
     "DeImbalanceSpec",
     "BATOSpec",
     "DenoisingSpec",
+    "BoxMaskHeadSpec",
     "build_encoder",
+    "build_box_mask_head",
     "build_head",
     "build_model",
     "DIMaskDINO",
@@ -80,6 +86,15 @@ __all__ = [
     "DIMaskDINOOutput",
     "Detections",
     "instance_inference",
+    "top_pairs",
+    "paste_box_masks",
+    "box_mask_detections",
+    "BoxMaskHead",
+    "BoxHeadFeatures",
+    "BoxMasks",
+    "MaskQualityHead",
+    "BoxMaskCriterion",
+    "BoxMatches",
     "TimmBackbone",
     "FeatureSpec",
     "pad_images",

@@ -133,7 +133,8 @@ class DIMaskDINOHead(nn.Module):
             # to the next layer was refined from the un-normed output (decoder.py).
             normed = self.heads.norm(hidden)
             logits, masks = self.heads(normed, mask_features if all_layer_masks or index == last else None)
-            predictions.append(Predictions(logits, refine_boxes(start, self.heads.box_embed(normed)), masks))
+            boxes = refine_boxes(start, self.heads.box_embed(normed))
+            predictions.append(Predictions(logits, boxes, masks, embeddings=normed))
         return predictions
 
     def forward(

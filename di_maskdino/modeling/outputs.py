@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from .box_mask_head import BoxHeadFeatures
 from .denoising import DenoisingQueries
 
 __all__ = ["Predictions", "DenoisingOutput", "DIMaskDINOOutput"]
@@ -17,15 +18,18 @@ __all__ = ["Predictions", "DenoisingOutput", "DIMaskDINOOutput"]
 @dataclass
 class Predictions:
     """logits: (B, N, K) class logits (sigmoid, no background class); boxes: (B, N, 4);
-    masks: (B, N, h, w) mask logits, or None where a stage predicts no masks."""
+    masks: (B, N, h, w) mask logits, or None where a stage predicts no masks;
+    embeddings: (B, N, C) the query embeddings the heads read (decoder layers), or None."""
 
     logits: torch.Tensor
     boxes: torch.Tensor
     masks: Optional[torch.Tensor] = None
+    embeddings: Optional[torch.Tensor] = None
 
     def slice_queries(self, start: int, end: Optional[int] = None) -> "Predictions":
         masks = None if self.masks is None else self.masks[:, start:end]
-        return Predictions(self.logits[:, start:end], self.boxes[:, start:end], masks)
+        embeddings = None if self.embeddings is None else self.embeddings[:, start:end]
+        return Predictions(self.logits[:, start:end], self.boxes[:, start:end], masks, embeddings)
 
 
 @dataclass
@@ -49,12 +53,15 @@ class DIMaskDINOOutput:
     encoder: the two-stage prediction of the k1 first-selected tokens T_s1.
     token_interaction: per DI stage, per token-interaction layer (no masks).
     denoising: present in training when the model has denoising queries.
+    box_features: the box-conditioned mask head's per-image features, when the model has
+        that head.
     """
 
     layers: List[Predictions]
     encoder: Optional[Predictions] = None
     token_interaction: List[List[Predictions]] = field(default_factory=list)
     denoising: Optional[DenoisingOutput] = None
+    box_features: Optional[BoxHeadFeatures] = None
 
     @property
     def final(self) -> Predictions:

@@ -22,7 +22,7 @@ SIZE = 96
 ITERATIONS = 300
 
 
-def overfit_model():
+def overfit_model(box_mask_head=None):
     dim = 64
     architecture = Architecture(
         num_classes=len(SHAPE_CLASSES),
@@ -37,6 +37,7 @@ def overfit_model():
         de_imbalance=DeImbalanceSpec(selection_sizes=(20, 10), token_interaction_layers=1),
         bato=BATOSpec(num_guiding_tokens=5),
         denoising=DenoisingSpec(num_queries=20),
+        box_mask_head=box_mask_head,
     )
     backbone = TinyBackbone(channels=(32, 64, 96, 128), deep=True)
     return build_model(architecture, backbone, pixel_mean=(20.0, 20.0, 20.0), pixel_std=(60.0, 60.0, 60.0))
@@ -68,7 +69,8 @@ def rle(mask):
 
 
 def coco_ap(scenes, results):
-    """pycocotools box and mask AP@[.5:.95] of `results` (Instances per image)."""
+    """pycocotools box and mask AP@[.5:.95] ("bbox", "segm") and AP75 ("bbox75", "segm75") of
+    `results` (Instances per image)."""
     ground_truth = {
         "images": [],
         "annotations": [],
@@ -115,6 +117,7 @@ def coco_ap(scenes, results):
             evaluation.accumulate()
             evaluation.summarize()
             ap[kind] = float(evaluation.stats[0])
+            ap[kind + "75"] = float(evaluation.stats[2])
     return ap
 
 
