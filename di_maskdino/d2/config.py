@@ -19,6 +19,7 @@ from ..modeling.architecture import (
     ActivationCheckpointing,
     Architecture,
     BATOSpec,
+    BoxMaskHeadSpec,
     DeImbalanceSpec,
     DenoisingSpec,
     EncoderSpec,
@@ -72,6 +73,7 @@ def architecture_from_config(cfg: CN) -> Architecture:
             decoder=m.ACTIVATION_CHECKPOINTING.DECODER,
         ),
         mask_branch=cfg.MODEL.MASK_ON,
+        box_mask_head=box_mask_head_spec(m.BOX_MASK_HEAD),
     )
 
 
@@ -119,6 +121,7 @@ def add_di_maskdino_config(cfg: CN) -> None:
     _add_backbone_keys(cfg)
     _add_input_and_solver_keys(cfg)
     _add_memory_keys(cfg.MODEL.DI_MASKDINO)
+    _add_box_mask_head_keys(cfg)
 
 
 def _add_model_keys(cfg: CN) -> None:
@@ -247,3 +250,47 @@ def _add_memory_keys(m: CN) -> None:
     m.ACTIVATION_CHECKPOINTING.ENCODER = False  # deformable encoder layers and the mask-feature FPN
     m.ACTIVATION_CHECKPOINTING.TOKEN_INTERACTION = False  # token-interaction layers of the DI module
     m.ACTIVATION_CHECKPOINTING.DECODER = False  # decoder layers and BATO
+
+
+# --- The box-conditioned mask head (modeling/box_mask_head.py) and MODEL.FREEZE ---
+
+TEST_MASKS = ("refined", "detector", "both")
+
+
+def box_mask_head_spec(node: CN):
+    """MODEL.DI_MASKDINO.BOX_MASK_HEAD as a `BoxMaskHeadSpec`, or None when not ENABLED."""
+    spec = BoxMaskHeadSpec(
+        hidden_dim=node.HIDDEN_DIM,
+        roi_size=node.ROI_SIZE,
+        mask_size=node.MASK_SIZE,
+        image_encoder_layers=node.IMAGE_ENCODER_LAYERS,
+        box_encoder_layers=node.BOX_ENCODER_LAYERS,
+        fine_feature=node.FINE_FEATURE or None,
+        mask_prior=node.MASK_PRIOR,
+        box_expansion=node.BOX_EXPANSION,
+        mask_quality=node.MASK_QUALITY,
+    )
+    return spec if node.ENABLED else None
+
+
+def _add_box_mask_head_keys(cfg: CN) -> None:
+    # parameter-name prefixes whose parameters do not train (e.g. ["backbone."]); a prefix
+    # that matches no parameter is an error
+    cfg.MODEL.FREEZE = []
+
+    b = cfg.MODEL.DI_MASKDINO.BOX_MASK_HEAD = CN()
+    b.ENABLED = False
+    b.HIDDEN_DIM = 128
+    b.ROI_SIZE = 28  # RoIAlign resolution inside each box
+    b.MASK_SIZE = 56  # mask logits per box: ROI_SIZE times a power of 2
+    b.IMAGE_ENCODER_LAYERS = 1
+    b.BOX_ENCODER_LAYERS = 4
+    b.FINE_FEATURE = ""  # fused into the box features: a backbone map ("res2"), "image", or "" (none)
+    b.MASK_PRIOR = True  # start from the detector's own mask inside the box
+    b.BOX_EXPANSION = 1.0  # the RoI is the predicted box with width and height times this
+    b.MASK_QUALITY = True  # predicted mask IoU rescales the instance score
+    b.TEST_MASKS = "refined"  # "refined", "detector" or "both" (both evaluated, see README)
+    b.MASK_WEIGHT = 5.0
+    b.DICE_WEIGHT = 5.0
+    b.QUALITY_WEIGHT = 1.0
+    b.NUM_POINTS = 3136  # points per box for the mask losses

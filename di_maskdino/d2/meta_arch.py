@@ -2,21 +2,27 @@
 (training) or `Instances` (inference) out. It is the core network
 (`di_maskdino.modeling.DIMaskDINO`, whose parameter names it keeps) plus the objective
 (`SetCriterion`) and the translation from and to detectron2's structures.
+
+With a box-conditioned mask head (MODEL.DI_MASKDINO.BOX_MASK_HEAD) the objective has two
+parts, each charged only when its parameters train (MODEL.FREEZE): the detector's
+`SetCriterion` and the head's `BoxMaskCriterion`. A frozen detector therefore costs one
+inference pass per iteration (see `DIMaskDINO.run`) and no loss of its own.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torchvision.ops import box_convert
 
-from ..modeling import DIMaskDINO, Predictions, build_encoder, build_head
+from ..modeling import DIMaskDINO, Predictions, build_box_mask_head, build_encoder, build_head
+from ..modeling.box_mask_criterion import BoxMaskCriterion
 from ..modeling.criterion import SetCriterion
 from ..modeling.matcher import HungarianMatcher
 from ..modeling.postprocess import detections_from_raw
 from .backbone import checkpoint_backbone
-from .config import architecture_from_config
+from .config import TEST_MASKS, architecture_from_config
 from .structures import detections_to_instances
 
 __all__ = ["DIMaskDINOArch", "build_criterion"]
@@ -55,7 +61,20 @@ def build_criterion(cfg) -> SetCriterion:
 class DIMaskDINOArch(DIMaskDINO):
     @configurable
     def __init__(
-        self, *, backbone, encoder, head, criterion: SetCriterion, pixel_mean, pixel_std, size_divisibility, test_topk
+        self,
+        *,
+        backbone,
+        encoder,
+        head,
+        criterion: SetCriterion,
+        pixel_mean,
+        pixel_std,
+        size_divisibility,
+        test_topk,
+        box_mask_head=None,
+        fine_feature=None,
+        box_mask_criterion: Optional[BoxMaskCriterion] = None,
+        test_masks: str = "refined",
     ):
         super().__init__(
             backbone,
@@ -65,8 +84,12 @@ class DIMaskDINOArch(DIMaskDINO):
             pixel_std=pixel_std,
             size_divisibility=size_divisibility,
             test_topk=test_topk,
+            box_mask_head=box_mask_head,
+            fine_feature=fine_feature,
         )
         self.criterion = criterion
+        self.box_mask_criterion = box_mask_criterion
+        self.test_masks = test_masks
 
     @classmethod
     def from_config(cls, cfg):
@@ -74,11 +97,13 @@ class DIMaskDINOArch(DIMaskDINO):
         backbone = build_backbone(cfg)
         if architecture.checkpointing.backbone:
             checkpoint_backbone(backbone)
+        criterion = build_criterion(cfg)
         return {
             "backbone": backbone,
             "encoder": build_encoder(architecture, backbone.output_shape()),
             "head": build_head(architecture),
-            "criterion": build_criterion(cfg),
+            "criterion": criterion,
+            **box_mask_head_arguments(cfg, architecture, backbone, criterion),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.MODEL.DI_MASKDINO.SIZE_DIVISIBILITY,
@@ -122,10 +147,33 @@ class DIMaskDINOArch(DIMaskDINO):
         batch, sizes = self.preprocess([x["image"] for x in batched_inputs])
         if self.training:
             targets = self.targets(batched_inputs, batch.shape[-2:])
-            return self.criterion(self.run(batch, targets=targets), targets)
+            return self.losses(self.run(batch, targets=targets), targets)
         output_sizes = self.output_sizes(batched_inputs, sizes)
-        found = detections_from_raw(self.detect(batch), sizes, tuple(batch.shape[-2:]), output_sizes)
-        return [{"instances": detections_to_instances(f, s)} for f, s in zip(found, output_sizes)]
+        padded_size = tuple(batch.shape[-2:])
+        if self.box_mask_head is None or self.test_masks == "detector":
+            found = detections_from_raw(self.detect(batch), sizes, padded_size, output_sizes)
+            return [{"instances": detections_to_instances(f, s)} for f, s in zip(found, output_sizes)]
+        output = self.run(batch)
+        results = self.detectron2_results(output.final, batched_inputs, sizes, padded_size)
+        refined = self.refined_instances(output, sizes, padded_size, output_sizes)
+        for result, found, size in zip(results, refined, output_sizes):
+            if self.test_masks == "both":
+                result["detector_instances"] = result["instances"]
+            result["instances"] = detections_to_instances(found, size)
+        return results
+
+    def losses(self, output, targets) -> Dict[str, torch.Tensor]:
+        """The detector's losses if any of its parameters trains, the box mask head's if any
+        of its parameters trains."""
+        losses = self.criterion(output, targets) if self.detector_trains else {}
+        head = self.box_mask_head
+        if head is not None and self.box_mask_criterion is not None and any(p.requires_grad for p in head.parameters()):
+            matches = self.box_mask_criterion.match(output.final, targets)
+            masks = self.box_masks(output, matches.image, matches.query)
+            losses.update(self.box_mask_criterion(masks, targets, matches))
+        if not losses:
+            raise ValueError("no parameter trains: MODEL.FREEZE freezes the whole model")
+        return losses
 
     @staticmethod
     def output_sizes(batched_inputs: List[Dict], sizes) -> List:
@@ -138,3 +186,29 @@ class DIMaskDINOArch(DIMaskDINO):
         output_sizes = self.output_sizes(batched_inputs, sizes)
         found = self.instances(prediction, sizes, padded_size, output_sizes)
         return [{"instances": detections_to_instances(f, s)} for f, s in zip(found, output_sizes)]
+
+
+def box_mask_head_arguments(cfg, architecture, backbone, criterion: SetCriterion) -> Dict:
+    """DIMaskDINOArch's box-mask-head arguments (MODEL.DI_MASKDINO.BOX_MASK_HEAD): the head,
+    the backbone map it fuses, its criterion (sharing the detector's matcher), test masks."""
+    b = cfg.MODEL.DI_MASKDINO.BOX_MASK_HEAD
+    if b.TEST_MASKS not in TEST_MASKS:
+        raise ValueError(
+            f"MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS must be one of {list(TEST_MASKS)}, got {b.TEST_MASKS!r}"
+        )
+    box_mask_criterion = BoxMaskCriterion(
+        criterion.matcher,
+        mask_weight=b.MASK_WEIGHT,
+        dice_weight=b.DICE_WEIGHT,
+        quality_weight=b.QUALITY_WEIGHT,
+        num_points=b.NUM_POINTS,
+        oversample_ratio=cfg.MODEL.DI_MASKDINO.LOSS.OVERSAMPLE_RATIO,
+        importance_sample_ratio=cfg.MODEL.DI_MASKDINO.LOSS.IMPORTANCE_SAMPLE_RATIO,
+    )
+    head = build_box_mask_head(architecture, backbone.output_shape())
+    return {
+        "box_mask_head": head,
+        "fine_feature": architecture.box_mask_head.fine_feature if head is not None else None,
+        "box_mask_criterion": box_mask_criterion if head is not None else None,
+        "test_masks": b.TEST_MASKS,
+    }

@@ -1,12 +1,14 @@
 """The optimizer of the paper's recipe: AdamW with a backbone learning-rate multiplier,
-per-kind weight decay and gradient clipping of the whole model's norm."""
+per-kind weight decay and gradient clipping of the whole model's norm; parameters frozen by
+MODEL.FREEZE are left out."""
 
-from typing import Any, Dict, List
+import logging
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 
-__all__ = ["build_optimizer", "full_model_gradient_clipping", "optimizer_param_groups"]
+__all__ = ["build_optimizer", "full_model_gradient_clipping", "optimizer_param_groups", "freeze_parameters"]
 
 NORM_TYPES = (
     torch.nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, detectron2's NaiveSyncBatchNorm
@@ -17,6 +19,29 @@ NORM_TYPES = (
 )
 # Swin's position tables are not decayed (timm's and the release's convention)
 NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+
+logger = logging.getLogger("di_maskdino")
+
+
+def freeze_parameters(model: torch.nn.Module, prefixes: Sequence[str]) -> Tuple[int, int]:
+    """Sets requires_grad False on every parameter whose name starts with one of `prefixes`
+    (MODEL.FREEZE, e.g. "backbone."); returns (trainable, total) parameter counts. A prefix
+    that matches no parameter is an error naming it."""
+    prefixes = tuple(prefixes)
+    names = [name for name, _ in model.named_parameters()]
+    unknown = [prefix for prefix in prefixes if not any(name.startswith(prefix) for name in names)]
+    if unknown:
+        tops = sorted({name.split(".")[0] + "." for name in names})
+        raise ValueError(
+            f"MODEL.FREEZE: {unknown} match no parameter name; names start with {tops} "
+            "(a prefix is matched against full names such as 'head.decoder.layers.0.')"
+        )
+    for name, parameter in model.named_parameters():
+        if name.startswith(prefixes):
+            parameter.requires_grad_(False)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())
+
 
 OPTIMIZERS = {"ADAMW": torch.optim.AdamW, "SGD": torch.optim.SGD}
 
@@ -71,7 +96,22 @@ def optimizer_param_groups(
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SOLVER.OPTIMIZER (ADAMW or SGD) over `optimizer_param_groups` (SOLVER.BASE_LR,
     BACKBONE_MULTIPLIER, WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_EMBED), with
-    SOLVER.CLIP_GRADIENTS."""
+    SOLVER.CLIP_GRADIENTS.
+
+    First freezes MODEL.FREEZE's parameters (`freeze_parameters`): they are in no group, so
+    they get no optimizer state; the log says how many parameters train."""
+    trainable, total = freeze_parameters(model, cfg.MODEL.FREEZE)
+    if trainable == 0:
+        raise ValueError(f"MODEL.FREEZE {list(cfg.MODEL.FREEZE)} freezes every parameter: nothing would train")
+    if cfg.MODEL.FREEZE and not cfg.MODEL.WEIGHTS:
+        raise ValueError(
+            f"MODEL.FREEZE {list(cfg.MODEL.FREEZE)} freezes parameters but MODEL.WEIGHTS is empty: they would keep "
+            "their random initialisation; set MODEL.WEIGHTS to a trained checkpoint"
+        )
+    logger.info(
+        f"training {trainable:,} of {total:,} parameters ({total - trainable:,} frozen by MODEL.FREEZE "
+        f"{list(cfg.MODEL.FREEZE)})"
+    )
     solver = cfg.SOLVER
     if solver.OPTIMIZER not in OPTIMIZERS:
         raise ValueError(f"SOLVER.OPTIMIZER must be one of {sorted(OPTIMIZERS)}, got {solver.OPTIMIZER!r}")

@@ -24,13 +24,13 @@ import torch
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.data.build import build_batch_data_loader, build_detection_test_loader
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, default_setup, hooks
-from detectron2.evaluation import COCOEvaluator
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import Checkpointer, PeriodicCheckpointer
 from .config import load_config, use_available_device
 from .data import DIMaskDINODatasetMapper
 from .datasets import check_dataset_classes, check_images_exist
+from .evaluation import build_instance_evaluator
 from .resume import ResumableTrainingSampler, ResumeState, SeededMapDataset, preserved_rng
 from .solver import build_optimizer
 
@@ -101,33 +101,6 @@ class _CheckedSimpleTrainer(_NonFiniteLossCheck, SimpleTrainer):
 
 class _CheckedAMPTrainer(_NonFiniteLossCheck, AMPTrainer):
     pass
-
-
-class _Evaluator(COCOEvaluator):
-    """COCOEvaluator that scores an evaluation without any prediction as pycocotools would:
-    AP 0 where the dataset has objects (detectron2 reports NaN), NaN where it has none."""
-
-    def _derive_coco_results(self, coco_eval, iou_type, class_names=None):
-        if coco_eval is None and getattr(self, "_do_evaluation", False):
-            coco_eval = _empty_coco_eval(self._coco_api, iou_type, self._max_dets_per_image)
-        return super()._derive_coco_results(coco_eval, iou_type, class_names=class_names)
-
-
-def _empty_coco_eval(coco_gt, iou_type: str, max_dets=None):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    detections = COCO()
-    detections.dataset = {"images": list(coco_gt.dataset["images"]), "categories": coco_gt.dataset["categories"]}
-    detections.dataset["annotations"] = []
-    detections.createIndex()
-    evaluation = COCOeval(coco_gt, detections, iou_type)
-    if max_dets is not None:
-        evaluation.params.maxDets = list(max_dets)
-    evaluation.evaluate()
-    evaluation.accumulate()
-    evaluation.summarize()
-    return evaluation
 
 
 def finite_or_null(value):
@@ -256,8 +229,9 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        tasks = ("bbox", "segm") if cfg.MODEL.MASK_ON else ("bbox",)
-        return _Evaluator(dataset_name, tasks=tasks, output_dir=output_folder)
+        # COCO box AP, and mask AP unless detection-only; with a box mask head and TEST_MASKS
+        # "both", of both kinds of masks
+        return build_instance_evaluator(cfg, dataset_name, output_folder)
 
     @classmethod
     def build_optimizer(cls, cfg, model):

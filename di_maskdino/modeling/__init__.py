@@ -10,9 +10,11 @@ from .architecture import (
     ActivationCheckpointing,
     Architecture,
     BATOSpec,
+    BoxMaskHeadSpec,
     DeImbalanceSpec,
     DenoisingSpec,
     EncoderSpec,
+    build_box_mask_head,
     build_encoder,
     build_head,
     build_model,
@@ -29,6 +31,8 @@ from .bato import (
     TokenSetGuidance,
     guidance_source,
 )
+from .box_mask_criterion import BoxMaskCriterion, BoxMatches
+from .box_mask_head import BoxHeadFeatures, BoxMaskHead, BoxMasks, MaskQualityHead
 from .de_imbalance import DeImbalance, TokenInteraction
 from .decoder import DecoderOutput, DeformableDecoder
 from .denoising import DenoisingGenerator, DenoisingQueries, denoising_attention_mask
@@ -37,7 +41,15 @@ from .encoder import EncoderOutput, MaskDINOEncoder
 from .feature_tokens import FeatureTokens
 from .model import DIMaskDINO, pad_images
 from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions, RawDetections
-from .postprocess import Detections, detections_from_raw, instance_inference, paste_masks
+from .postprocess import (
+    Detections,
+    box_mask_detections,
+    detections_from_raw,
+    instance_inference,
+    paste_box_masks,
+    paste_masks,
+    top_pairs,
+)
 from .prediction_heads import PredictionHeads
 from .query_selection import QuerySelection, SelectedTokens, TokenSet, select_top_k
 
@@ -48,7 +60,9 @@ __all__ = [
     "DeImbalanceSpec",
     "BATOSpec",
     "DenoisingSpec",
+    "BoxMaskHeadSpec",
     "build_encoder",
+    "build_box_mask_head",
     "build_head",
     "build_model",
     "DIMaskDINO",
@@ -85,6 +99,15 @@ __all__ = [
     "instance_inference",
     "detections_from_raw",
     "paste_masks",
+    "top_pairs",
+    "paste_box_masks",
+    "box_mask_detections",
+    "BoxMaskHead",
+    "BoxHeadFeatures",
+    "BoxMasks",
+    "MaskQualityHead",
+    "BoxMaskCriterion",
+    "BoxMatches",
     "TimmBackbone",
     "FeatureSpec",
     "pad_images",

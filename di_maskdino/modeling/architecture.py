@@ -6,7 +6,8 @@
 (`tools/compare_with_release.py`) all describe a model with it, and `build_encoder`,
 `build_head` and `build_model` are the only places that turn a description into modules.
 
-An optional part is a spec or None: `de_imbalance=None` and `bato=None` describe MaskDINO.
+An optional part is a spec or None: `de_imbalance=None` and `bato=None` describe MaskDINO;
+`box_mask_head=BoxMaskHeadSpec()` adds the box-conditioned mask head (refined masks).
 `checkpointing` says which parts trade time for memory in training (activation
 checkpointing); it changes no result.
 """
@@ -19,6 +20,7 @@ from torch import nn
 from ..layers import group_norm
 from .backbone import FeatureSpec, enable_backbone_checkpointing
 from .bato import BalanceAwareTokensOptimization, MaskBoxGuidingTokens, QueryGuidingTokens, guidance_source
+from .box_mask_head import BoxMaskHead, MaskQualityHead
 from .de_imbalance import DeImbalance
 from .decoder import DeformableDecoder
 from .denoising import DenoisingGenerator
@@ -35,7 +37,9 @@ __all__ = [
     "DeImbalanceSpec",
     "BATOSpec",
     "DenoisingSpec",
+    "BoxMaskHeadSpec",
     "build_encoder",
+    "build_box_mask_head",
     "build_head",
     "build_model",
 ]
@@ -104,6 +108,26 @@ class ActivationCheckpointing:
 
 
 @dataclass(frozen=True)
+class BoxMaskHeadSpec:
+    """The box-conditioned mask head (MODEL.DI_MASKDINO.BOX_MASK_HEAD; modeling/box_mask_head.py).
+
+    fine_feature: a backbone map fused into the box features (e.g. "res2"), "image" for the
+        normalised input image itself (stride 1), or None.
+    mask_quality: add the mask-quality (predicted IoU) branch.
+    """
+
+    hidden_dim: int = 128
+    roi_size: int = 28
+    mask_size: int = 56
+    image_encoder_layers: int = 1
+    box_encoder_layers: int = 4
+    fine_feature: Optional[str] = None
+    mask_prior: bool = True
+    box_expansion: float = 1.0
+    mask_quality: bool = True
+
+
+@dataclass(frozen=True)
 class Architecture:
     """Every size and part of the network; defaults are the paper's R50 model.
 
@@ -139,6 +163,7 @@ class Architecture:
     random_position_token: bool = False
     checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
     mask_branch: bool = True
+    box_mask_head: Optional[BoxMaskHeadSpec] = None
 
     def __post_init__(self):
         checks = [
@@ -159,6 +184,12 @@ class Architecture:
                 "a detection-only model (no mask branch) cannot initialise its boxes from masks: set "
                 "mask_enhanced_boxes=False (MODEL.DI_MASKDINO.MASK_ENHANCED_BOXES False)",
             ),
+            (
+                self.mask_branch or self.box_mask_head is None or not self.box_mask_head.mask_prior,
+                "the box mask head's mask prior is the detector's own mask, which a detection-only model "
+                "(no mask branch) does not make: set MODEL.DI_MASKDINO.BOX_MASK_HEAD.MASK_PRIOR False or "
+                "MODEL.MASK_ON True",
+            ),
         ]
         if self.de_imbalance is not None:
             sizes = tuple(self.de_imbalance.selection_sizes)
@@ -172,6 +203,15 @@ class Architecture:
                 (
                     all(a >= b for a, b in zip(sizes, sizes[1:])),
                     f"selection sizes must not grow from one selection to the next, got {list(sizes)}",
+                )
+            )
+        if self.box_mask_head is not None:
+            spec = self.box_mask_head
+            checks.append(
+                (
+                    spec.hidden_dim % self.num_groups == 0,
+                    f"the box mask head's hidden_dim ({spec.hidden_dim}) must be divisible by num_groups "
+                    f"({self.num_groups})",
                 )
             )
         for ok, message in checks:
@@ -281,6 +321,37 @@ def build_head(arch: Architecture) -> DIMaskDINOHead:
     )
 
 
+def build_box_mask_head(arch: Architecture, backbone_shapes: Dict[str, FeatureSpec]) -> Optional[BoxMaskHead]:
+    """The box-conditioned mask head, or None; `backbone_shapes` gives the fused map's channels."""
+    spec = arch.box_mask_head
+    if spec is None:
+        return None
+    fine_channels = None
+    if spec.fine_feature == "image":
+        fine_channels = 3
+    elif spec.fine_feature is not None:
+        if spec.fine_feature not in backbone_shapes:
+            raise ValueError(
+                f"the box mask head fuses backbone map {spec.fine_feature!r}, which the backbone does not give; "
+                f"it gives {sorted(backbone_shapes)} (or 'image', the input image)"
+            )
+        fine_channels = backbone_shapes[spec.fine_feature].channels
+    return BoxMaskHead(
+        mask_dim=arch.mask_dim,
+        query_dim=arch.hidden_dim,
+        dim=spec.hidden_dim,
+        roi_size=spec.roi_size,
+        mask_size=spec.mask_size,
+        image_encoder_layers=spec.image_encoder_layers,
+        box_encoder_layers=spec.box_encoder_layers,
+        fine_channels=fine_channels,
+        mask_prior=spec.mask_prior,
+        box_expansion=spec.box_expansion,
+        quality=MaskQualityHead(spec.hidden_dim) if spec.mask_quality else None,
+        norm_layer=group_norm(arch.num_groups),
+    )
+
+
 def build_model(
     arch: Architecture,
     backbone: nn.Module,
@@ -295,12 +366,15 @@ def build_model(
     `TimmBackbone` has)."""
     if arch.checkpointing.backbone:
         enable_backbone_checkpointing(backbone)
+    shapes = backbone.output_shape()
     return DIMaskDINO(
         backbone,
-        build_encoder(arch, backbone.output_shape()),
+        build_encoder(arch, shapes),
         build_head(arch),
         pixel_mean=pixel_mean,
         pixel_std=pixel_std,
         size_divisibility=size_divisibility,
         test_topk=test_topk,
+        box_mask_head=build_box_mask_head(arch, shapes),
+        fine_feature=arch.box_mask_head.fine_feature if arch.box_mask_head is not None else None,
     )

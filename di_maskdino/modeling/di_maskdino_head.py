@@ -150,7 +150,9 @@ class DIMaskDINOHead(nn.Module):
         boxes = refine_boxes(decoded.references[index], self.heads.box_embed(normed))
         features = decoded.mask_features[index] if with_masks else None
         # in training the masks stay factored (mask embeddings and mask features, see `Predictions`)
-        return self.heads.predict(normed, boxes, features, factored=self.training), normed
+        prediction = self.heads.predict(normed, boxes, features, factored=self.training)
+        prediction.embeddings = normed  # what the box mask head reads of each query
+        return prediction, normed
 
     def layer_predictions(self, decoded: DecoderOutput, all_layer_masks: bool) -> List[Predictions]:
         """The supervised prediction of every decoder layer (Eq. 10-11); masks at every layer

@@ -1,19 +1,21 @@
 """The whole DI-MaskDINO network, independent of detectron2: normalisation and padding,
-backbone, encoder, head, and inference.
+backbone, encoder, head, the optional box-conditioned mask head, and inference.
 
 Shape glossary: B batch, 3 x H x W images (RGB, 0-255 unless the pixel statistics say
 otherwise), K classes.
 """
 
+import contextlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .box_mask_head import BoxMaskHead, BoxMasks
 from .di_maskdino_head import DIMaskDINOHead
 from .encoder import MaskDINOEncoder
 from .outputs import DIMaskDINOOutput, Predictions, RawDetections
-from .postprocess import Detections, detections_from_raw, instance_inference
+from .postprocess import Detections, box_mask_detections, detections_from_raw, instance_inference, top_pairs
 
 __all__ = ["DIMaskDINO", "pad_images"]
 
@@ -44,6 +46,14 @@ class DIMaskDINO(nn.Module):
         pixel_mean, pixel_std: per-channel normalisation of the input images.
         size_divisibility: inputs are padded to a multiple of this.
         test_topk: instances kept per image at inference.
+        box_mask_head: the box-conditioned mask head (refined masks), or None.
+        fine_feature: the backbone map the box mask head fuses (e.g. "res2"), "image" for the
+            preprocessed input itself, or None.
+
+    The detector is everything but `box_mask_head`. In training, a detector none of whose
+    parameters requires grad (frozen) runs as at inference - eval mode, no denoising
+    queries, masks of the final layer only - without autograd, so that training only the
+    box mask head costs little more than inference.
     """
 
     def __init__(
@@ -56,11 +66,17 @@ class DIMaskDINO(nn.Module):
         pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
         size_divisibility: int = 32,
         test_topk: int = 100,
+        box_mask_head: Optional[BoxMaskHead] = None,
+        fine_feature: Optional[str] = None,
     ):
         super().__init__()
+        if (fine_feature is not None) != (box_mask_head is not None and box_mask_head.fine_projection is not None):
+            raise ValueError("DIMaskDINO: fine_feature names the backbone map a box mask head fuses, and only that")
         self.backbone = backbone
         self.encoder = encoder
         self.head = head
+        self.box_mask_head = box_mask_head
+        self.fine_feature = fine_feature
         self.size_divisibility = size_divisibility
         self.test_topk = test_topk
         self.register_buffer(
@@ -92,8 +108,48 @@ class DIMaskDINO(nn.Module):
 
         (`forward` does the same here; detectron2's meta-architecture overrides `forward` to
         take detectron2's batched inputs and keeps this.)"""
-        features = self.backbone(batch)
-        return self.head(self.encoder(features), targets=targets, all_layer_masks=all_layer_masks)
+        frozen = self.training and not self.detector_trains
+        with self.detector_frozen() if frozen else contextlib.nullcontext():
+            features = self.backbone(batch)
+            encoded = self.encoder(features)
+            output = self.head(encoded, targets=None if frozen else targets, all_layer_masks=all_layer_masks)
+        if self.box_mask_head is not None:
+            fine = batch if self.fine_feature == "image" else features.get(self.fine_feature)
+            output.box_features = self.box_mask_head.encode_image(encoded.mask_features, fine)
+        return output
+
+    def detector_parameters(self):
+        """(name, parameter) of the detector: every parameter but the box mask head's."""
+        return ((n, p) for n, p in self.named_parameters() if not n.startswith("box_mask_head."))
+
+    @property
+    def detector_trains(self) -> bool:
+        return any(p.requires_grad for _, p in self.detector_parameters())
+
+    @contextlib.contextmanager
+    def detector_frozen(self):
+        """The detector in eval mode and without autograd, for the duration."""
+        parts = [self.backbone, self.encoder, self.head]
+        modes = [part.training for part in parts]
+        try:
+            for part in parts:
+                part.eval()
+            with torch.no_grad():
+                yield
+        finally:
+            for part, mode in zip(parts, modes):
+                part.train(mode)
+
+    def box_masks(self, output: DIMaskDINOOutput, image: torch.Tensor, query: torch.Tensor) -> BoxMasks:
+        """The box mask head's masks for queries `query` (n,) of images `image` (n,) of the
+        final layer of `output` (whose boxes are the RoIs, without gradient)."""
+        if self.box_mask_head is None or output.box_features is None:
+            raise ValueError("DIMaskDINO.box_masks: the model has no box-conditioned mask head")
+        final = output.final
+        prior = final.masks[image, query] if self.box_mask_head.mask_prior else None
+        return self.box_mask_head(
+            output.box_features, image, final.boxes[image, query].detach(), final.embeddings[image, query], prior
+        )
 
     def forward(self, batch, targets=None, all_layer_masks=None) -> DIMaskDINOOutput:
         return self.run(batch, targets, all_layer_masks)
@@ -115,9 +171,13 @@ class DIMaskDINO(nn.Module):
         max_detections: Optional[int] = None,
     ) -> List[Detections]:
         """Detections for each (3, H_i, W_i) image, reported at `output_sizes` (default: the
-        input sizes); see `postprocess.detections_from_raw` for the two filters."""
+        input sizes); see `postprocess.detections_from_raw` for the two filters. With a box
+        mask head, its masks."""
         batch, sizes = self.preprocess(images)
         output_sizes = sizes if output_sizes is None else output_sizes
+        if self.box_mask_head is not None:
+            found = self.refined_instances(self.run(batch), sizes, tuple(batch.shape[-2:]), output_sizes)
+            return [d.filtered(score_threshold, max_detections) for d in found]
         return detections_from_raw(
             self.detect(batch),
             sizes,
@@ -126,6 +186,39 @@ class DIMaskDINO(nn.Module):
             score_threshold=score_threshold,
             max_detections=max_detections,
         )
+
+    def refined_instances(
+        self,
+        output: DIMaskDINOOutput,
+        image_sizes: Sequence[Tuple[int, int]],
+        padded_size: Tuple[int, int],
+        output_sizes: Sequence[Tuple[int, int]],
+    ) -> List[Detections]:
+        """Detections of the final layer with the box mask head's masks: the same (query,
+        class) pairs as `instances` keeps, one head pass for all images of the batch."""
+        final = output.final
+        pairs = [top_pairs(final.logits[i], self.test_topk) for i in range(final.logits.shape[0])]
+        image = torch.cat([torch.full_like(query, i) for i, (_, query, _) in enumerate(pairs)])
+        query = torch.cat([query for _, query, _ in pairs])
+        masks = self.box_masks(output, image, query)
+        results, start = [], 0
+        for i, (scores, kept, labels) in enumerate(pairs):
+            part = slice(start, start + kept.shape[0])
+            start += kept.shape[0]
+            results.append(
+                box_mask_detections(
+                    scores,
+                    labels,
+                    final.boxes[i, kept],
+                    masks.logits[part],
+                    masks.boxes[part],
+                    None if masks.quality is None else masks.quality[part],
+                    tuple(image_sizes[i]),
+                    tuple(padded_size),
+                    tuple(output_sizes[i]),
+                )
+            )
+        return results
 
     def instances(
         self,

@@ -9,6 +9,7 @@ from typing import List, Optional
 
 import torch
 
+from .box_mask_head import BoxHeadFeatures
 from .denoising import DenoisingQueries
 
 __all__ = ["Predictions", "DenoisingOutput", "DIMaskDINOOutput", "mask_logits", "RawDetections"]
@@ -32,6 +33,9 @@ class Predictions:
     need the logits only at sampled points (see `point_sampling.mask_logits_at_points`),
     and (B, N, h, w) logits for every supervised output would be the largest tensors of a
     training step. `masks` then computes the product on first access (and keeps it).
+
+    embeddings: (B, N, C) the query embeddings the heads read (decoder layers; the box mask
+    head reads them too), or None.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class Predictions:
         *,
         mask_embed: Optional[torch.Tensor] = None,
         mask_features: Optional[torch.Tensor] = None,
+        embeddings: Optional[torch.Tensor] = None,
     ):
         if (mask_embed is None) != (mask_features is None):
             raise ValueError("Predictions: mask_embed and mask_features go together")
@@ -52,6 +57,7 @@ class Predictions:
         self._masks = masks
         self.mask_embed = mask_embed
         self.mask_features = mask_features
+        self.embeddings = embeddings
 
     @property
     def has_masks(self) -> bool:
@@ -64,15 +70,17 @@ class Predictions:
         return self._masks
 
     def slice_queries(self, start: int, end: Optional[int] = None) -> "Predictions":
+        embeddings = None if self.embeddings is None else self.embeddings[:, start:end]
         if self.mask_embed is not None and self._masks is None:
             return Predictions(
                 self.logits[:, start:end],
                 self.boxes[:, start:end],
                 mask_embed=self.mask_embed[:, start:end],
                 mask_features=self.mask_features,
+                embeddings=embeddings,
             )
         masks = None if self._masks is None else self._masks[:, start:end]
-        return Predictions(self.logits[:, start:end], self.boxes[:, start:end], masks)
+        return Predictions(self.logits[:, start:end], self.boxes[:, start:end], masks, embeddings=embeddings)
 
     def __repr__(self) -> str:
         masks = "factored" if self._masks is None and self.mask_embed is not None else self._masks is not None
@@ -100,12 +108,15 @@ class DIMaskDINOOutput:
     encoder: the two-stage prediction of the k1 first-selected tokens T_s1.
     token_interaction: per DI stage, per token-interaction layer (no masks).
     denoising: present in training when the model has denoising queries.
+    box_features: the box-conditioned mask head's per-image features, when the model has
+        that head.
     """
 
     layers: List[Predictions]
     encoder: Optional[Predictions] = None
     token_interaction: List[List[Predictions]] = field(default_factory=list)
     denoising: Optional[DenoisingOutput] = None
+    box_features: Optional[BoxHeadFeatures] = None
 
     @property
     def final(self) -> Predictions:

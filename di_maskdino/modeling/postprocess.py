@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch.nn import functional as F
-from torchvision.ops import box_convert
+from torchvision.ops import box_convert, roi_align
 
 from .outputs import RawDetections
 
@@ -41,6 +41,15 @@ class Detections:
 
     def __len__(self) -> int:
         return self.scores.shape[0]
+
+    def filtered(self, score_threshold: float = 0.0, max_detections: Optional[int] = None) -> "Detections":
+        """The detections scoring at least `score_threshold`, at most `max_detections` of them
+        (the best), in their order."""
+        keep = (self.scores >= score_threshold).nonzero()[:, 0]
+        if max_detections is not None and keep.shape[0] > max_detections:
+            keep = keep[self.scores[keep].topk(max_detections).indices.sort().values]
+        masks = None if self.masks is None else self.masks[keep]
+        return Detections(self.scores[keep], self.labels[keep], self.boxes[keep], masks)
 
 
 @dataclass
@@ -319,3 +328,86 @@ def instance_inference(
     labels = index % num_classes
     masks = None if mask_logits is None else mask_logits[query]
     return _finish(scores, labels, boxes[query], masks, image_size, padded_size, output_size, 0.0, None)
+
+
+# --- Box-conditioned masks (modeling/box_mask_head.py): selection, pasting, scoring ---
+
+__all__ += ["top_pairs", "paste_box_masks", "box_mask_detections"]
+
+
+def top_pairs(logits: torch.Tensor, topk: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `topk` (query, class) pairs of (N, K) logits by sigmoid score, as
+    `instance_inference` keeps them: (scores, query indices, labels), each (n,)."""
+    num_queries, num_classes = logits.shape
+    scores, index = logits.sigmoid().flatten().topk(min(topk, num_queries * num_classes))
+    return scores, index // num_classes, index % num_classes
+
+
+def paste_box_masks(probabilities: torch.Tensor, boxes: torch.Tensor, output_size: Tuple[int, int]) -> torch.Tensor:
+    """Pastes (n, M, M) box-frame masks into an image: (n, 4) absolute xyxy boxes of that
+    image, output_size (H, W) -> (n, H, W) values.
+
+    Pixel (y, x) reads the mask at box-frame position ((x + 0.5 - x0) / (x1 - x0) * M, ...),
+    bilinearly, zero outside the mask: the inverse of RoIAlign with aligned=True, and the
+    same geometry as detectron2's `paste_masks_in_image` (tests compare the two). It is
+    torchvision's `roi_align` run backwards: each mask (zero-padded by one cell, so that
+    roi_align's border replication reads zeros) is the "image" and the whole output image,
+    in the mask's cell units, is the "box", sampled once per output pixel.
+
+    NOTE: torchvision's own `paste_masks_in_image` rounds boxes to integers and widens them
+    by one pixel (the legacy "+1" box convention); this keeps sub-pixel box geometry.
+    """
+    height, width = output_size
+    count, size = probabilities.shape[0], probabilities.shape[-1]
+    padded = F.pad(probabilities[:, None].float(), (1, 1, 1, 1))
+    x0, y0, x1, y1 = boxes.float().unbind(1)
+    cells_x = size / (x1 - x0).clamp(min=1e-3)  # mask cells per image pixel
+    cells_y = size / (y1 - y0).clamp(min=1e-3)
+    rois = torch.stack(
+        [
+            torch.arange(count, dtype=padded.dtype, device=padded.device),
+            1.0 - x0 * cells_x,
+            1.0 - y0 * cells_y,
+            1.0 + (width - x0) * cells_x,
+            1.0 + (height - y0) * cells_y,
+        ],
+        dim=1,
+    )
+    return roi_align(padded, rois, (height, width), spatial_scale=1.0, sampling_ratio=1, aligned=True)[:, 0]
+
+
+def box_mask_detections(
+    scores: torch.Tensor,
+    labels: torch.Tensor,
+    boxes: torch.Tensor,
+    mask_logits: torch.Tensor,
+    mask_boxes: torch.Tensor,
+    quality: Optional[torch.Tensor],
+    image_size: Tuple[int, int],
+    padded_size: Tuple[int, int],
+    output_size: Tuple[int, int],
+) -> Detections:
+    """Detections of one image from box-frame masks.
+
+    Args:
+        scores, labels: (n,) of the kept pairs (`top_pairs`); boxes: (n, 4) their queries'
+        normalised cxcywh boxes of the padded input; mask_logits: (n, M, M) logits in the
+        frames of `mask_boxes` (n, 4, normalised cxcywh; the head's RoI boxes);
+        quality: (n,) predicted-IoU logits or None; sizes as in `instance_inference`.
+
+    A mask is its pasted probability > 0.5; the score is the class score times the mean
+    probability inside the mask (as for the detector's masks), times the predicted IoU when
+    the head has a quality branch.
+    """
+    scale = boxes.new_tensor(
+        [padded_size[1] / image_size[1] * output_size[1], padded_size[0] / image_size[0] * output_size[0]] * 2
+    )
+    absolute = _scaled_boxes(boxes, image_size, padded_size, output_size)  # clipped, as the detector's
+    frames = box_convert(mask_boxes.float(), "cxcywh", "xyxy") * scale  # not clipped: the masks' frames
+    probability = paste_box_masks(mask_logits.sigmoid(), frames, output_size)
+    binary = probability > 0.5
+    inside = binary.flatten(1)
+    scores = scores * (probability.flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
+    if quality is not None:
+        scores = scores * quality.sigmoid()
+    return Detections(scores=scores, labels=labels, boxes=absolute, masks=binary)

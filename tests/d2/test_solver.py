@@ -1,5 +1,8 @@
-"""The optimizer of the paper's recipe: every parameter's learning rate and weight decay."""
+"""The optimizer of the paper's recipe: every parameter's learning rate and weight decay.
+MODEL.FREEZE: frozen parameters get requires_grad False, no optimizer state and do not
+change; the rest trains; the log says how many parameters train; bad prefixes are errors."""
 
+import logging
 import os
 
 import pytest
@@ -8,10 +11,117 @@ import torch
 pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
 
 from detectron2.modeling import build_model  # noqa: E402
+from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 from di_maskdino.d2 import build_optimizer, load_config  # noqa: E402
 
+from .conftest import QUICK  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DETECTOR = ["backbone.", "encoder.", "head."]
+
+
+def quick_model(freeze, box_mask_head=True):
+    cfg = load_config(
+        QUICK,
+        [
+            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED",
+            str(box_mask_head),
+            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.HIDDEN_DIM",
+            "16",
+            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ROI_SIZE",
+            "7",
+            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.MASK_SIZE",
+            "14",
+            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.NUM_POINTS",
+            "196",
+            "MODEL.DI_MASKDINO.ENCODER.NUM_LAYERS",
+            "1",
+            "MODEL.WEIGHTS",
+            "trained.pth",  # not loaded here; freezing needs a checkpoint named
+        ],
+    )
+    cfg.MODEL.FREEZE = freeze
+    torch.manual_seed(0)
+    return cfg, build_model(cfg)
+
+
+def batched_inputs():
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for _ in range(2):
+        image = (torch.rand(3, 64, 64, generator=generator) * 255).to(torch.uint8)
+        masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+        masks[0, 10:30, 20:50] = True
+        masks[1, 35:60, 5:40] = True
+        instances = Instances((64, 64))
+        instances.gt_classes = torch.tensor([0, 2])
+        instances.gt_boxes = Boxes(torch.tensor([[20.0, 10.0, 50.0, 30.0], [5.0, 35.0, 40.0, 60.0]]))
+        instances.gt_masks = BitMasks(masks)
+        inputs.append({"image": image, "instances": instances})
+    return inputs
+
+
+def train_step(model, optimizer):
+    model.train()
+    losses = model(batched_inputs())
+    optimizer.zero_grad()
+    sum(losses.values()).backward()
+    optimizer.step()
+    return losses
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_frozen_detector_trains_only_the_head(caplog):
+    cfg, model = quick_model(DETECTOR)
+    with caplog.at_level(logging.INFO, logger="di_maskdino"):
+        optimizer = build_optimizer(cfg, model)
+    head = sum(p.numel() for p in model.box_mask_head.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    assert f"training {head:,} of {total:,} parameters" in caplog.text
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.box_mask_head.parameters()}
+
+    before = snapshot(model)
+    losses = train_step(model, optimizer)
+    assert set(losses) == {"loss_box_mask", "loss_box_dice", "loss_box_quality"}  # no detector loss computed
+    for name, parameter in model.named_parameters():
+        if name.startswith("box_mask_head."):
+            continue
+        assert not parameter.requires_grad and parameter.grad is None, name
+        assert parameter not in optimizer.state, name
+        assert torch.equal(parameter, before[name]), name
+    changed = [n for n, p in model.box_mask_head.named_parameters() if not torch.equal(p, before["box_mask_head." + n])]
+    assert changed and all(p in optimizer.state for p in model.box_mask_head.parameters())
+
+
+@pytest.mark.slow  # a full training step
+def test_frozen_backbone_fine_tuning():
+    cfg, model = quick_model(["backbone."], box_mask_head=False)
+    optimizer = build_optimizer(cfg, model)
+    before = snapshot(model)
+    losses = train_step(model, optimizer)
+    assert "loss_ce" in losses and "loss_mask" in losses
+    for name, parameter in model.named_parameters():
+        if name.startswith("backbone."):
+            assert torch.equal(parameter, before[name]) and parameter not in optimizer.state, name
+    assert not torch.equal(model.encoder.mask_features.weight, before["encoder.mask_features.weight"])
+
+
+def test_bad_freeze_lists_are_errors():
+    cfg, model = quick_model(["backbone.", "decoder.", "no_such_part"])
+    with pytest.raises(ValueError, match=r"\['decoder\.', 'no_such_part'\] match no parameter"):
+        build_optimizer(cfg, model)
+    cfg, model = quick_model(DETECTOR + ["box_mask_head."])
+    with pytest.raises(ValueError, match="freezes every parameter"):
+        build_optimizer(cfg, model)
+    cfg, model = quick_model(DETECTOR)
+    cfg.MODEL.WEIGHTS = ""
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty"):
+        build_optimizer(cfg, model)
 
 
 def test_paper_config_gives_each_parameter_the_release_lr_and_weight_decay():

@@ -15,7 +15,8 @@ from detectron2.structures import Boxes, Instances  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
 from di_maskdino.d2 import NonFiniteLossError  # noqa: E402
-from di_maskdino.d2.trainer import _CheckedSimpleTrainer, _Evaluator, finite_or_null  # noqa: E402
+from di_maskdino.d2.evaluation import InstanceEvaluator  # noqa: E402
+from di_maskdino.d2.trainer import _CheckedSimpleTrainer, finite_or_null  # noqa: E402
 
 from .test_datasets import coco, register  # noqa: E402
 
@@ -79,7 +80,7 @@ def evaluate_without_predictions(evaluator_class, tmp_path):
 def test_an_evaluation_without_predictions_scores_zero_where_the_data_has_objects(tmp_path):
     """Both objects are small (10 x 10 px): pycocotools gives AP 0 overall and for small
     objects, and -1 (no objects) for medium and large, which detectron2 writes as NaN."""
-    metrics = evaluate_without_predictions(_Evaluator, tmp_path)
+    metrics = evaluate_without_predictions(InstanceEvaluator, tmp_path)
     for task in ("bbox", "segm"):
         assert metrics[task]["AP"] == 0.0 and metrics[task]["AP50"] == 0.0 and metrics[task]["APs"] == 0.0
         assert math.isnan(metrics[task]["APm"]) and math.isnan(metrics[task]["APl"])

@@ -69,7 +69,8 @@ def rle(mask):
 
 
 def coco_ap(scenes, results, kinds=("bbox", "segm")):
-    """pycocotools box and mask AP@[.5:.95] of `results` (Detections per image)."""
+    """pycocotools box and mask AP@[.5:.95] ("bbox", "segm") and AP75 ("bbox75", "segm75") of
+    `results` (Detections per image)."""
     ground_truth = {
         "images": [],
         "annotations": [],
@@ -116,6 +117,7 @@ def coco_ap(scenes, results, kinds=("bbox", "segm")):
             evaluation.accumulate()
             evaluation.summarize()
             ap[kind] = float(evaluation.stats[0])
+            ap[kind + "75"] = float(evaluation.stats[2])
     return ap
 
 
