@@ -36,6 +36,17 @@ from .encoder import EncoderOutput, MaskDINOEncoder
 from .feature_tokens import FeatureTokens
 from .model import DIMaskDINO, pad_images
 from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions
+from .panoptic import (
+    PanopticSegmentation,
+    Segment,
+    SegmentationInference,
+    SegmentationResult,
+    panoptic_inference,
+    predict_segmentation,
+    resize_mask_logits,
+    semantic_inference,
+    thing_detections,
+)
 from .postprocess import Detections, instance_inference
 from .prediction_heads import PredictionHeads
 from .query_selection import QuerySelection, SelectedTokens, TokenSet, select_top_k
@@ -80,6 +91,15 @@ __all__ = [
     "DIMaskDINOOutput",
     "Detections",
     "instance_inference",
+    "Segment",
+    "PanopticSegmentation",
+    "SegmentationResult",
+    "SegmentationInference",
+    "panoptic_inference",
+    "semantic_inference",
+    "resize_mask_logits",
+    "thing_detections",
+    "predict_segmentation",
     "TimmBackbone",
     "FeatureSpec",
     "pad_images",

@@ -12,7 +12,15 @@ construction for denoising) and charged
     loss_dice  dice loss on the same points
 
 each summed and divided by the number of target objects (averaged over workers, at least
-1), then multiplied by its weight. Loss names: "loss_ce" (final layer), "loss_ce_{i}"
+1), then multiplied by its weight. Panoptic and semantic targets may mark each target as a
+thing or not ("is_thing"); unless `stuff_box_loss`, the box terms (L1, GIoU, and the box
+costs of the matcher) then cover things only (MaskDINO), normalised as before.
+NOTE: the token-interaction outputs of the DI module predict no masks, so there a stuff target
+is matched on its class alone; their class loss still covers stuff, which the second
+selection (Eq. 3, by class score) needs in order to keep stuff tokens. Denoising queries are
+made from stuff targets too, as in MaskDINO's release.
+
+Loss names: "loss_ce" (final layer), "loss_ce_{i}"
 (layer i, 0 being the initial prediction), "loss_ce_interm" (encoder),
 "loss_ce_ti{s}_{i}" (DI stage s, token-interaction layer i), "loss_ce_dn" / "loss_ce_dn_{i}"
 (denoising).
@@ -51,6 +59,8 @@ class SetCriterion(nn.Module):
         class_weight, box_weight, giou_weight, mask_weight, dice_weight: loss weights.
         detection_loss_factor: multiplies the detection weights (class, L1, GIoU); 0.1 is
             the paper's loss-weight constraint of the imbalance tolerance test (Tab. 3).
+        stuff_box_loss: also charge box losses for targets marked `is_thing = False` (stuff
+            regions); by default only things get them. Targets without "is_thing" are things.
         num_points, oversample_ratio, importance_sample_ratio: mask point sampling.
         focal_alpha, focal_gamma: of the class loss.
 
@@ -74,9 +84,11 @@ class SetCriterion(nn.Module):
         importance_sample_ratio: float = 0.75,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        stuff_box_loss: bool = False,
     ):
         super().__init__()
         self.matcher = matcher
+        self.stuff_box_loss = stuff_box_loss
         self.weights = {
             "loss_ce": class_weight * detection_loss_factor,
             "loss_bbox": box_weight * detection_loss_factor,
@@ -104,6 +116,9 @@ class SetCriterion(nn.Module):
         }
         boxes = prediction.boxes[batch, source].float()
         target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(boxes)
+        has_box = self._matched_has_box(targets, indices, boxes.device)
+        if has_box is not None:  # panoptic / semantic targets: no box loss for stuff
+            boxes, target_boxes = boxes[has_box], target_boxes[has_box]
         losses["loss_bbox"] = F.l1_loss(boxes, target_boxes, reduction="sum") / num_objects
         losses["loss_giou"] = (
             generalized_box_iou_loss(
@@ -113,10 +128,29 @@ class SetCriterion(nn.Module):
         )
         if prediction.masks is not None:
             losses.update(self.mask_losses(prediction, targets, indices, batch, source, num_objects))
-        if source.numel() == 0:  # keep the box and mask heads in the graph
+        if boxes.shape[0] == 0:  # keep the box and mask heads in the graph
             for key in ("loss_bbox", "loss_giou"):
                 losses[key] = losses[key] + 0.0 * prediction.boxes.sum()
         return losses
+
+    @staticmethod
+    def _matched_has_box(targets, indices: Indices, device) -> "torch.Tensor | None":
+        """(n,) bool over the matched pairs: does the target have a box loss; None when no
+        target says (all do)."""
+        if not any("has_box" in t for t in targets):
+            return None
+        flags = [
+            t["has_box"][tgt] if "has_box" in t else torch.ones(len(tgt), dtype=torch.bool)
+            for t, (_, tgt) in zip(targets, indices)
+        ]
+        return torch.cat([f.to(device=device, dtype=torch.bool) for f in flags])
+
+    def with_box_flags(self, targets: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+        """The targets, each with "has_box" (M,) bool where it marks things ("is_thing") and
+        stuff boxes are not supervised; the matcher and the box losses read it."""
+        if self.stuff_box_loss:
+            return targets
+        return [{**t, "has_box": t["is_thing"].bool()} if "is_thing" in t else t for t in targets]
 
     def mask_losses(self, prediction, targets, indices, batch, source, num_objects) -> Dict[str, torch.Tensor]:
         predicted = prediction.masks[batch, source].float()[:, None]  # (n, 1, h, w)
@@ -146,9 +180,11 @@ class SetCriterion(nn.Module):
         """Weighted losses of every supervised output.
 
         targets: per image "labels" (M,) int64, "boxes" (M, 4) normalised cxcywh of the padded
-        input, "masks" (M, H, W) at the padded input resolution.
+        input, "masks" (M, H, W) at the padded input resolution, and optionally "is_thing"
+        (M,) bool (panoptic and semantic targets).
         """
         device = output.final.logits.device
+        targets = self.with_box_flags(targets)
         num_objects = _num_objects(targets, device)
         # (loss-name suffix, description for error messages, output)
         named: List[Tuple[str, str, Predictions]] = [("", "the final layer", output.final)]
