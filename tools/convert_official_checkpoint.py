@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from di_maskdino.modeling import build_encoder, build_head  # noqa: E402
 from di_maskdino.release_conversion import (  # noqa: E402
+    RELEASE_TASKS,
     ConversionError,
     check_against_model,
     convert_release_state_dict,
@@ -99,6 +100,9 @@ def main() -> int:
     )
     torch.save({"model": converted, "__source__": os.path.basename(args.input)}, args.output)
     print(f"wrote {args.output}")
+    task, config = RELEASE_TASKS.get(architecture.num_classes, ("", ""))
+    if config:
+        print(f"a {task.replace('_', ' ')} checkpoint: evaluate it with {config}")
     return 0
 
 

@@ -10,6 +10,9 @@ from .config import add_di_maskdino_config, architecture_from_config, load_confi
 from .data import DIMaskDINODatasetMapper, ImageReadError, build_augmentation, read_image_rgb
 from .datasets import BDD100K_CLASSES, DatasetError, register_builtin_datasets, register_coco_instances_checked
 from .meta_arch import DIMaskDINOArch, build_criterion
+from .panoptic import PanopticEvaluator, build_segmentation_evaluators, build_segmentation_inference
+from .panoptic_data import PanopticDatasetMapper, SemanticDatasetMapper, build_mapper
+from .panoptic_datasets import register_coco_panoptic_checked
 from .solver import build_optimizer
 from .trainer import Trainer, setup
 
@@ -36,4 +39,12 @@ __all__ = [
     "build_optimizer",
     "Trainer",
     "setup",
+    # panoptic and semantic segmentation
+    "build_segmentation_inference",
+    "build_segmentation_evaluators",
+    "PanopticEvaluator",
+    "PanopticDatasetMapper",
+    "SemanticDatasetMapper",
+    "build_mapper",
+    "register_coco_panoptic_checked",
 ]

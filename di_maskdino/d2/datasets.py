@@ -75,3 +75,7 @@ def register_builtin_datasets(root: str) -> None:
                 how_to_create=f"Convert the BDD100K labels with: python datasets/prepare_bdd100k.py --root {bdd}",
                 thing_classes=list(BDD100K_CLASSES),
             )
+    # panoptic datasets (COCO panoptic format with semantic maps): panoptic_datasets.py
+    from .panoptic_datasets import register_builtin_panoptic_datasets
+
+    register_builtin_panoptic_datasets(root)

@@ -4,7 +4,7 @@
 (`SetCriterion`) and the translation from and to detectron2's structures.
 """
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.config import configurable
@@ -15,7 +15,9 @@ from torchvision.ops import box_convert
 from ..modeling import DIMaskDINO, Predictions, build_encoder, build_head
 from ..modeling.criterion import SetCriterion
 from ..modeling.matcher import HungarianMatcher
+from ..modeling.panoptic import SegmentationInference
 from .config import architecture_from_config
+from .panoptic import build_segmentation_inference, segmentation_results
 
 __all__ = ["DIMaskDINOArch", "build_criterion"]
 
@@ -46,6 +48,7 @@ def build_criterion(cfg) -> SetCriterion:
         importance_sample_ratio=m.LOSS.IMPORTANCE_SAMPLE_RATIO,
         focal_alpha=m.LOSS.FOCAL_ALPHA,
         focal_gamma=m.LOSS.FOCAL_GAMMA,
+        stuff_box_loss=m.LOSS.STUFF_BOX_LOSS,
     )
 
 
@@ -53,7 +56,17 @@ def build_criterion(cfg) -> SetCriterion:
 class DIMaskDINOArch(DIMaskDINO):
     @configurable
     def __init__(
-        self, *, backbone, encoder, head, criterion: SetCriterion, pixel_mean, pixel_std, size_divisibility, test_topk
+        self,
+        *,
+        backbone,
+        encoder,
+        head,
+        criterion: SetCriterion,
+        pixel_mean,
+        pixel_std,
+        size_divisibility,
+        test_topk,
+        segmentation: Optional[SegmentationInference] = None,
     ):
         super().__init__(
             backbone,
@@ -65,6 +78,8 @@ class DIMaskDINOArch(DIMaskDINO):
             test_topk=test_topk,
         )
         self.criterion = criterion
+        # panoptic / semantic inference (MODEL.DI_MASKDINO.TEST); None: instances only
+        self.segmentation = segmentation
 
     @classmethod
     def from_config(cls, cfg):
@@ -79,6 +94,7 @@ class DIMaskDINOArch(DIMaskDINO):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.MODEL.DI_MASKDINO.SIZE_DIVISIBILITY,
             "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "segmentation": build_segmentation_inference(cfg),
         }
 
     @property
@@ -101,7 +117,10 @@ class DIMaskDINOArch(DIMaskDINO):
             padded = masks.new_zeros((masks.shape[0], height, width))
             padded[:, : masks.shape[1], : masks.shape[2]] = masks
             boxes = box_convert(instances.gt_boxes.tensor, "xyxy", "cxcywh") / scale
-            targets.append({"labels": instances.gt_classes, "boxes": boxes, "masks": padded.float()})
+            target = {"labels": instances.gt_classes, "boxes": boxes, "masks": padded.float()}
+            if instances.has("gt_is_thing"):  # panoptic / semantic targets: things and stuff
+                target["is_thing"] = instances.gt_is_thing
+            targets.append(target)
         return targets
 
     def forward(self, batched_inputs: List[Dict]):
@@ -109,7 +128,12 @@ class DIMaskDINOArch(DIMaskDINO):
         if self.training:
             targets = self.targets(batched_inputs, batch.shape[-2:])
             return self.criterion(self.run(batch, targets=targets), targets)
-        return self.detectron2_results(self.run(batch).final, batched_inputs, sizes, tuple(batch.shape[-2:]))
+        prediction = self.run(batch).final
+        if self.segmentation is not None:  # panoptic and / or semantic outputs
+            return segmentation_results(
+                self, self.segmentation, prediction, batched_inputs, sizes, tuple(batch.shape[-2:])
+            )
+        return self.detectron2_results(prediction, batched_inputs, sizes, tuple(batch.shape[-2:]))
 
     def detectron2_results(self, prediction: Predictions, batched_inputs: List[Dict], sizes, padded_size) -> List[Dict]:
         """[{"instances": detectron2 Instances}] of one output, at each input's "height" x

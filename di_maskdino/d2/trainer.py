@@ -15,7 +15,8 @@ from detectron2.evaluation import COCOEvaluator
 
 from .checkpoint import Checkpointer
 from .config import load_config
-from .data import DIMaskDINODatasetMapper
+from .panoptic import build_segmentation_evaluators
+from .panoptic_data import build_mapper
 from .solver import build_optimizer
 
 __all__ = ["Trainer", "setup"]
@@ -43,15 +44,19 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DIMaskDINODatasetMapper(cfg, True))
+        return build_detection_train_loader(cfg, mapper=build_mapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        return build_detection_test_loader(cfg, dataset_name, mapper=DIMaskDINODatasetMapper(cfg, False))
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        # panoptic / semantic inference on: COCO AP, PQ and mIoU as MODEL.DI_MASKDINO.TEST asks
+        segmentation = build_segmentation_evaluators(cfg, dataset_name, output_folder)
+        if segmentation is not None:
+            return segmentation
         return COCOEvaluator(dataset_name, tasks=("bbox", "segm"), output_dir=output_folder)
 
     @classmethod

@@ -221,22 +221,38 @@ class SegmentationInference:
     ) -> SegmentationResult:
         """The outputs of one image from its (N, K) logits, (N, 4) boxes (normalised cxcywh
         of the padded input) and (N, h, w) mask logits; sizes as in `resize_mask_logits`."""
+        result = self.segmentation(logits, mask_logits, image_size, padded_size, output_size)
+        if self.instance:
+            found = instance_inference(logits, boxes, mask_logits, image_size, padded_size, output_size, self.topk)
+            result.instances = thing_detections(found, self.is_thing) if self.has_stuff else found
+        return result
+
+    def segmentation(
+        self,
+        logits: torch.Tensor,
+        mask_logits: torch.Tensor,
+        image_size: Tuple[int, int],
+        padded_size: Tuple[int, int],
+        output_size: Tuple[int, int],
+    ) -> SegmentationResult:
+        """The panoptic and semantic outputs of one image (no instances)."""
         if logits.shape[-1] != self.is_thing.numel():
             raise ValueError(
                 f"SegmentationInference: the model predicts {logits.shape[-1]} classes but is_thing describes "
                 f"{self.is_thing.numel()}"
             )
-        is_thing = self.is_thing.to(logits.device)
         result = SegmentationResult()
-        if self.instance:
-            found = instance_inference(logits, boxes, mask_logits, image_size, padded_size, output_size, self.topk)
-            result.instances = thing_detections(found, is_thing) if self.has_stuff else found
         if self.panoptic:
             # only the queries that can pass the threshold are resized
             keep = logits.float().sigmoid().max(-1).values > self.object_mask_threshold
             resized = resize_mask_logits(mask_logits[keep], image_size, padded_size, output_size)
             result.panoptic = panoptic_inference(
-                logits[keep], resized, is_thing, self.object_mask_threshold, self.overlap_threshold, self.temperature
+                logits[keep],
+                resized,
+                self.is_thing.to(logits.device),
+                self.object_mask_threshold,
+                self.overlap_threshold,
+                self.temperature,
             )
         if self.semantic:
             resized = resize_mask_logits(mask_logits, image_size, padded_size, output_size)

@@ -10,7 +10,14 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (install i
 
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 
-from di_maskdino.d2 import DIMaskDINOArch, DIMaskDINODatasetMapper, add_di_maskdino_config, build_optimizer  # noqa: E402
+from di_maskdino.d2 import (  # noqa: E402
+    DIMaskDINOArch,
+    DIMaskDINODatasetMapper,
+    PanopticDatasetMapper,
+    SemanticDatasetMapper,
+    add_di_maskdino_config,
+    build_optimizer,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -59,6 +66,8 @@ def test_every_declared_key_is_read():
     model = DIMaskDINOArch(view)
     DIMaskDINODatasetMapper(view, True)
     DIMaskDINODatasetMapper(view, False)
+    PanopticDatasetMapper(view, True)  # panoptic / semantic recipes
+    SemanticDatasetMapper(view, True)
     build_optimizer(view, model)
     timm_cfg = cfg.clone()
     timm_cfg.MODEL.BACKBONE.NAME = "build_timm_backbone"
