@@ -3,6 +3,7 @@ perfect and of a hand-computed partial prediction, with panopticapi and with hot
 
 import importlib.util
 import json
+import os
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from di_maskdino.d2 import (  # noqa: E402
 )
 from di_maskdino.data import id_to_rgb  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CATEGORIES = [
     {"id": 1, "name": "a", "isthing": 1},
     {"id": 2, "name": "b", "isthing": 1},
@@ -234,3 +236,42 @@ def test_missing_panoptic_files_are_named(tmp_path):
     )
     with pytest.raises(DatasetError, match=r"panoptic annotation file .*panoptic.json does not exist. Create it"):
         DatasetCatalog.get("test_panoptic_missing")
+
+
+def test_the_model_gives_every_output_and_trains_on_things_and_stuff():
+    """The panoptic quick-start model (random weights): instances of thing classes only, a
+    panoptic id map with its segments and per-pixel class scores at the input's size; its
+    training losses charge stuff targets with class and mask losses, things also with boxes."""
+    from detectron2.structures import BitMasks, Instances
+
+    from di_maskdino.d2 import DIMaskDINOArch, load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "quick_start_panoptic.yaml"), ["MODEL.DEVICE", "cpu"])
+    torch.manual_seed(0)
+    model = DIMaskDINOArch(cfg).eval()
+    assert model.segmentation.is_thing.tolist() == [True, True, True, False, False]
+    image = torch.randint(0, 255, (3, 64, 96), dtype=torch.uint8)
+    with torch.no_grad():
+        (result,) = model([{"image": image, "height": 32, "width": 48}])
+    assert set(result) == {"instances", "panoptic_seg", "sem_seg"}
+    assert result["instances"].image_size == (32, 48)
+    assert set(result["instances"].pred_classes.tolist()) <= {0, 1, 2}
+    ids, segments = result["panoptic_seg"]
+    assert ids.shape == (32, 48) and ids.dtype == torch.int32
+    assert sorted(set(ids.unique().tolist()) - {0}) == [s["id"] for s in segments]
+    assert all(s["isthing"] == (s["category_id"] < 3) for s in segments)
+    assert result["sem_seg"].shape == (5, 32, 48)
+
+    model.train()
+    masks = torch.zeros(2, 64, 96, dtype=torch.bool)
+    masks[0, :20] = True  # sky (stuff)
+    masks[1, 30:50, 10:40] = True  # a rectangle (thing)
+    instances = Instances((64, 96))
+    instances.gt_classes = torch.tensor([3, 0])
+    instances.gt_masks = BitMasks(masks)
+    instances.gt_boxes = instances.gt_masks.get_bounding_boxes()
+    instances.gt_is_thing = torch.tensor([False, True])
+    targets = model.targets([{"image": image, "instances": instances}], (64, 96))
+    assert targets[0]["is_thing"].tolist() == [False, True]
+    losses = model([{"image": image, "instances": instances}])
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss_bbox"] > 0
