@@ -226,12 +226,13 @@ def build_segmentation_evaluators(cfg, dataset_name: str, output_folder: Optiona
     if t.PANOPTIC_ON:
         evaluators.append(PanopticEvaluator(dataset_name, output_folder))
     if t.SEMANTIC_ON:
-        if not hasattr(metadata, "sem_seg_root"):
+        try:
+            evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+        except KeyError as error:  # records without "sem_seg_file_name"
             raise ValueError(
-                f"dataset {dataset_name!r} has no semantic maps ('sem_seg_root') for mIoU: evaluate on a dataset with "
-                "them (e.g. coco_2017_val_panoptic_with_sem_seg) or set MODEL.DI_MASKDINO.TEST.SEMANTIC_ON False"
-            )
-        evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
+                f"dataset {dataset_name!r} has no semantic maps ('sem_seg_file_name') for mIoU: evaluate on a dataset "
+                "with them (e.g. coco_2017_val_panoptic_with_sem_seg) or set MODEL.DI_MASKDINO.TEST.SEMANTIC_ON False"
+            ) from error
     return DatasetEvaluators(evaluators)
 
 

@@ -26,7 +26,7 @@ Loss names: "loss_ce" (final layer), "loss_ce_{i}"
 (denoising).
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -134,7 +134,7 @@ class SetCriterion(nn.Module):
         return losses
 
     @staticmethod
-    def _matched_has_box(targets, indices: Indices, device) -> "torch.Tensor | None":
+    def _matched_has_box(targets, indices: Indices, device) -> Optional[torch.Tensor]:
         """(n,) bool over the matched pairs: does the target have a box loss; None when no
         target says (all do)."""
         if not any("has_box" in t for t in targets):

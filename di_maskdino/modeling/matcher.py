@@ -5,9 +5,9 @@ cost = w_class * focal class cost + w_box * L1(cxcywh) + w_giou * (-GIoU)
 
 the mask terms on `num_points` points drawn uniformly once per image and shared by all
 predictions and targets. Targets marked without a box (stuff regions of panoptic data) get no
-box terms: they are matched on class and mask alone. Outputs without masks (the token-interaction outputs of the DI
-module) are matched on the class and box terms only. The assignment is scipy's
-`linear_sum_assignment`.
+box terms: they are matched on class and mask alone. Outputs without masks (the
+token-interaction outputs of the DI module) are matched on the class and box terms only. The
+assignment is scipy's `linear_sum_assignment`.
 
 Shape glossary: N predictions, M targets of one image, K classes, P points.
 """
