@@ -22,6 +22,8 @@ __all__ = [
     "ConversionError",
     "RELEASE_RULES",
     "DROPPED_RELEASE_KEYS",
+    "RELEASE_TASKS",
+    "release_task",
 ]
 
 _P = r"sem_seg_head\.pixel_decoder\."
@@ -158,6 +160,20 @@ def _count(names: Iterable[str], pattern: str) -> int:
     return len({m.group(1) for m in map(regex.match, names) if m})
 
 
+# The task of a released MaskDINO / DI-MaskDINO model, read from its number of classes (the
+# only trace the task leaves in the weights), and the config of this project to evaluate it.
+RELEASE_TASKS = {
+    80: ("coco_instance", ""),
+    133: ("coco_panoptic", "configs/coco/panoptic/maskdino_r50_50ep.yaml"),
+}
+
+
+def release_task(num_classes: int) -> str:
+    """The task of a release with `num_classes` classes: "coco_instance" (80), "coco_panoptic"
+    (133: 80 things + 53 stuff) or "unknown"."""
+    return RELEASE_TASKS.get(num_classes, ("unknown", ""))[0]
+
+
 def infer_architecture(converted: Dict[str, torch.Tensor]) -> Tuple[Architecture, Dict[str, FeatureSpec]]:
     """Reads the architecture of a converted (R50-style) checkpoint from its parameters.
 
@@ -165,6 +181,10 @@ def infer_architecture(converted: Dict[str, torch.Tensor]) -> Tuple[Architecture
     res(2 + number of transformer inputs), as a backbone's `output_shape()`). Sizes that
     leave no trace in the weights (number of heads and points, selection sizes, guidance
     source) take the paper's values.
+
+    NOTE: a COCO panoptic checkpoint (133 classes) is MaskDINO's panoptic release, whose
+    decoder boxes start from the selected tokens' predicted boxes (INITIALIZE_BOX_TYPE "no"),
+    not from their masks; the others use mask-enhanced boxes.
     """
     names = list(converted)
     num_classes, hidden_dim = converted["head.heads.class_embed.weight"].shape
@@ -184,6 +204,7 @@ def infer_architecture(converted: Dict[str, torch.Tensor]) -> Tuple[Architecture
         )
     arch = Architecture(
         num_classes=num_classes,
+        mask_enhanced_boxes=release_task(num_classes) != "coco_panoptic",
         hidden_dim=hidden_dim,
         mask_dim=converted["encoder.mask_features.weight"].shape[0],
         ffn_dim=converted["head.decoder.layers.0.ffn.linear1.weight"].shape[0],

@@ -24,6 +24,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MANIFESTS = {
     "dimaskdino": os.path.join(DATA, "official_dimaskdino_r50_state_dict.txt"),
     "maskdino": os.path.join(DATA, "official_maskdino_r50_state_dict.txt"),
+    # MaskDINO's panoptic R50 (release config configs/coco/panoptic-segmentation/
+    # maskdino_R50_bs16_50ep_3s_dowsample1_2048.yaml), read from the model its code builds
+    "maskdino_panoptic": os.path.join(DATA, "official_maskdino_r50_panoptic_state_dict.txt"),
 }
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 
@@ -80,7 +83,7 @@ def detectron2_resnet50():
     return build_resnet_backbone(cfg, ShapeSpec(channels=3))
 
 
-@pytest.mark.parametrize("kind", ["dimaskdino", "maskdino"])
+@pytest.mark.parametrize("kind", ["dimaskdino", "maskdino", "maskdino_panoptic"])
 def test_every_released_parameter_lands_in_our_model(kind):
     release = release_state_dict(kind)
     converted = convert_release_state_dict(release)
@@ -219,6 +222,8 @@ def test_conversion_tool(tmp_path):
 RELEASES = [
     ("DIMASKDINO_RELEASE_SOURCE", "configs/dimaskdino_r50_4scale_bs16_12ep.yaml"),
     ("MASKDINO_RELEASE_SOURCE", "configs/coco/instance-segmentation/maskdino_R50_bs16_50ep_3s_dowsample1_2048.yaml"),
+    # panoptic, semantic and thing-instance outputs (panoptic_on, semantic_on, instance_on)
+    ("MASKDINO_RELEASE_SOURCE", "configs/coco/panoptic-segmentation/maskdino_R50_bs16_50ep_3s_dowsample1_2048.yaml"),
 ]
 
 
@@ -306,3 +311,19 @@ def test_shipped_release_configs_fit_the_released_weights(kind):
             model = build_model(cfg)
         shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         assert shapes == {k: tuple(v.shape) for k, v in converted.items()}, config
+
+
+def test_the_panoptic_release_converts_to_the_panoptic_config():
+    """MaskDINO's released panoptic R50 converts, and the architecture its weights describe is
+    the one configs/coco/panoptic/maskdino_r50_50ep.yaml builds."""
+    converted = convert_release_state_dict(release_state_dict("maskdino_panoptic"))
+    architecture, _ = infer_architecture(converted)
+    assert architecture.num_classes == 133 and not architecture.mask_enhanced_boxes
+    if not HAS_DETECTRON2:
+        pytest.skip("reading the config needs detectron2, which is not installed")
+    from di_maskdino.d2 import architecture_from_config, load_config
+
+    configured = architecture_from_config(
+        load_config(os.path.join(ROOT, "configs/coco/panoptic/maskdino_r50_50ep.yaml"))
+    )
+    assert configured == architecture

@@ -8,6 +8,11 @@ token-interaction outputs, all in one evaluation pass.
 
 Writes OUTPUT/imbalance.json, OUTPUT/imbalance.md (a table) and OUTPUT/imbalance.png (box vs
 mask AP per layer). --dataset picks a dataset other than the config's first test set.
+
+With panoptic or semantic inference on (MODEL.DI_MASKDINO.TEST.PANOPTIC_ON / SEMANTIC_ON, e.g.
+configs/coco/panoptic/dimaskdino_r50_50ep.yaml), every layer also gets PQ (things PQ_th,
+stuff PQ_st) and mIoU, and box / mask AP count things only: the paper's imbalance question
+asked of panoptic segmentation.
 """
 
 import argparse
@@ -25,11 +30,12 @@ from detectron2.modeling import build_model  # noqa: E402
 from di_maskdino.d2 import (  # noqa: E402
     Checkpointer,
     CheckpointError,
-    DIMaskDINODatasetMapper,
+    build_mapper,
     load_config,
     use_available_device,
 )
 from di_maskdino.d2.layer_evaluation import evaluate_every_layer  # noqa: E402
+from di_maskdino.d2.panoptic import evaluate_every_layer_segmentation  # noqa: E402
 
 
 def markdown_table(table) -> str:
@@ -64,6 +70,50 @@ def bar_plot(table, path: str) -> None:
     plt.close(figure)
 
 
+SEGMENTATION_COLUMNS = [
+    ("bbox", "box AP (things)"),
+    ("segm", "mask AP (things)"),
+    ("PQ", "PQ"),
+    ("PQ_th", "PQ things"),
+    ("PQ_st", "PQ stuff"),
+    ("mIoU", "mIoU"),
+]
+
+
+def markdown_table_segmentation(table) -> str:
+    """The per-layer table of a panoptic / semantic model: the metrics its tasks give."""
+    columns = [(key, title) for key, title in SEGMENTATION_COLUMNS if any(key in row for row in table.values())]
+    lines = ["| output | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for name, row in table.items():
+        cells = [f"{row[key]:.1f}" if key in row else "" for key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_plot_segmentation(table, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [n for n in table if n.startswith("layer")]
+    metrics = [(k, t) for k, t in SEGMENTATION_COLUMNS if k in ("bbox", "segm", "PQ", "mIoU") and k in table[layers[0]]]
+    width = 0.8 / len(metrics)
+    figure, axis = plt.subplots(figsize=(max(4, 1.3 * len(layers)), 3.2))
+    for index, (key, title) in enumerate(metrics):
+        offsets = [i - 0.4 + width * (index + 0.5) for i in range(len(layers))]
+        axis.bar(offsets, [table[n][key] for n in layers], width=width, label=title)
+    axis.set_xticks(list(range(len(layers))))
+    axis.set_xticklabels(layers)
+    axis.set_title("Detection vs segmentation per decoder layer")
+    highest = max(table[n][k] for n in layers for k, _ in metrics)
+    axis.set_ylim(0, max(highest, 1.0) * 1.3)
+    axis.legend(loc="upper center", ncol=len(metrics), fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
@@ -87,16 +137,20 @@ def main() -> int:
         Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
     except CheckpointError as error:
         raise SystemExit(str(error)) from error
-    loader = build_detection_test_loader(cfg, dataset, mapper=DIMaskDINODatasetMapper(cfg, False))
-    table = evaluate_every_layer(model, loader, dataset)
+    loader = build_detection_test_loader(cfg, dataset, mapper=build_mapper(cfg, False))
+    segmentation = model.segmentation is not None  # panoptic / semantic inference on
+    if segmentation:
+        table = evaluate_every_layer_segmentation(model, loader, dataset)
+    else:
+        table = evaluate_every_layer(model, loader, dataset)
 
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "imbalance.json"), "w") as handle:
         json.dump(table, handle, indent=2)
-    text = markdown_table(table)
+    text = markdown_table_segmentation(table) if segmentation else markdown_table(table)
     with open(os.path.join(args.output, "imbalance.md"), "w") as handle:
         handle.write(text)
-    bar_plot(table, os.path.join(args.output, "imbalance.png"))
+    (bar_plot_segmentation if segmentation else bar_plot)(table, os.path.join(args.output, "imbalance.png"))
     print(text)
     print(f"wrote imbalance.json, imbalance.md and imbalance.png to {args.output}")
     return 0

@@ -144,6 +144,26 @@ class Comparison:
             self.failures.append(name)
         print(f"  {name:<40} {differing} of {ours.numel()} pixels differ  {'ok' if ok else 'MISMATCH'}")
 
+    def segments(self, name, ours, theirs):
+        """Lists that must be equal (panoptic segments: id, class, thing)."""
+        ok = list(ours) == list(theirs)
+        if not ok:
+            self.failures.append(name)
+        print(f"  {name:<40} {'equal' if ok else f'{ours} vs release {theirs}'}  {'ok' if ok else 'MISMATCH'}")
+
+    def labels(self, name, ours, theirs, max_fraction: float = 1e-4):
+        """Integer maps (panoptic ids): pixels whose owner is decided within rounding may differ."""
+        ours, theirs = ours.long(), theirs.long()
+        if ours.shape != theirs.shape:
+            self.failures.append(name)
+            print(f"  {name:<40} shape {tuple(ours.shape)} vs release {tuple(theirs.shape)}  MISMATCH")
+            return
+        differing = (ours != theirs).sum().item()
+        ok = differing <= max_fraction * ours.numel()
+        if not ok:
+            self.failures.append(name)
+        print(f"  {name:<40} {differing} of {ours.numel()} pixels differ  {'ok' if ok else 'MISMATCH'}")
+
     def __call__(self, name, ours, theirs):
         ours, theirs = ours.detach().float(), theirs.detach().float()
         if ours.shape != theirs.shape:
@@ -181,6 +201,16 @@ def parse_args():
     parser.add_argument("--loss-atol", type=float, default=3e-6, help="--train: loss difference allowed ...")
     parser.add_argument("--loss-rtol", type=float, default=1e-6, help="--train: ... plus this times the loss")
     parser.add_argument("--grad-rtol", type=float, default=1e-3, help="--train: largest relative gradient difference")
+    # panoptic configs: random weights give few confident queries; lower thresholds (for both
+    # models) exercise more segments, stuff merging included
+    parser.add_argument("--object-mask-threshold", type=float, help="override the config's OBJECT_MASK_THRESHOLD")
+    parser.add_argument("--overlap-threshold", type=float, help="override the config's OVERLAP_THRESHOLD")
+    parser.add_argument(
+        "--class-bias-spread",
+        type=float,
+        default=0.0,
+        help="add N(0, spread^2) noise to the class bias of both models (more varied classes: stuff segments)",
+    )
     return parser.parse_args()
 
 
@@ -256,6 +286,105 @@ def compare_instances(compare, release, ours, images):
         compare.binary(f"image {index} masks", mine.masks[order_mine], theirs.pred_masks[order_theirs])
 
 
+# --- panoptic and semantic outputs (release configs with PANOPTIC_ON or SEMANTIC_ON) ---
+
+
+def release_cfg_for(args):
+    """The release configuration of --config (the release is imported already)."""
+    _, add_config = import_release(os.path.abspath(args.release_source))
+    config_file = args.config if os.path.isabs(args.config) else os.path.join(args.release_source, args.config)
+    return release_config(add_config, config_file)
+
+
+def release_segmentation_inference(cfg):
+    """Our `SegmentationInference` with the release configuration's test settings, or None
+    for an instance-only configuration. Thing classes come from the metadata of the release's
+    first training set, as the release reads them."""
+    from detectron2.data import MetadataCatalog
+
+    from di_maskdino.modeling import SegmentationInference
+
+    t = cfg.MODEL.MaskDINO.TEST
+    if not (t.PANOPTIC_ON or t.SEMANTIC_ON):
+        return None
+    if cfg.MODEL.MaskDINO.SEMANTIC_CE_LOSS and not t.PANOPTIC_ON:
+        raise SystemExit("this release config classifies with softmax cross-entropy (SEMANTIC_CE_LOSS): not supported")
+    things = MetadataCatalog.get(cfg.DATASETS.TRAIN[0]).thing_dataset_id_to_contiguous_id.values()
+    is_thing = torch.zeros(cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, dtype=torch.bool)
+    is_thing[list(things)] = True
+    return SegmentationInference(
+        is_thing,
+        instance=t.INSTANCE_ON,
+        panoptic=t.PANOPTIC_ON,
+        semantic=t.SEMANTIC_ON,
+        object_mask_threshold=t.OBJECT_MASK_THRESHOLD,
+        overlap_threshold=t.OVERLAP_THRESHOLD,
+        temperature=t.PANO_TEMPERATURE if t.PANO_TRANSFORM_EVAL else None,
+        topk=cfg.TEST.DETECTIONS_PER_IMAGE,
+    )
+
+
+def override_thresholds(release, inference, args):
+    """Applies --object-mask-threshold / --overlap-threshold to the release model and to ours."""
+    import dataclasses
+
+    changes = {}
+    if args.object_mask_threshold is not None:
+        release.object_mask_threshold = changes["object_mask_threshold"] = args.object_mask_threshold
+    if args.overlap_threshold is not None:
+        release.overlap_threshold = changes["overlap_threshold"] = args.overlap_threshold
+    inference = dataclasses.replace(inference, **changes)
+    print(
+        f"segmentation inference: object-mask threshold {inference.object_mask_threshold}, overlap threshold "
+        f"{inference.overlap_threshold}, temperature {inference.temperature}"
+    )
+    return inference
+
+
+def spread_class_bias(release, ours, args):
+    """--class-bias-spread: the same noise on the class bias of both models (the release's
+    class head is one module, shared by its decoder)."""
+    if not args.class_bias_spread:
+        return
+    theirs, mine = release.sem_seg_head.predictor.class_embed.bias, ours.head.heads.class_embed.bias
+    noise = torch.randn(theirs.shape, generator=torch.Generator().manual_seed(args.seed + 2)) * args.class_bias_spread
+    with torch.no_grad():
+        theirs.add_(noise)
+        mine.copy_(theirs)
+    print(f"class bias of both models spread by N(0, {args.class_bias_spread}^2)")
+
+
+def compare_segmentation(compare, release, ours, images, inference):
+    """End to end with panoptic / semantic inference: thing instances, panoptic segments and
+    id maps, per-pixel class scores, at the original image sizes."""
+    from di_maskdino.modeling import predict_segmentation
+
+    their_results = release([{"image": image, "height": image.shape[1], "width": image.shape[2]} for image in images])
+    for index, (mine, theirs) in enumerate(zip(predict_segmentation(ours, images, inference), their_results)):
+        if inference.instance:
+            found, expected = mine.instances, theirs["instances"]
+            order_mine = canonical_order(found.scores, found.labels, found.boxes)
+            order_theirs = canonical_order(expected.scores, expected.pred_classes, expected.pred_boxes.tensor)
+            print(f"  image {index}: {len(found)} thing instances (release {len(expected)})")
+            compare(f"image {index} scores", found.scores[order_mine], expected.scores[order_theirs])
+            compare(f"image {index} classes", found.labels[order_mine], expected.pred_classes[order_theirs])
+            compare(f"image {index} boxes", found.boxes[order_mine], expected.pred_boxes.tensor[order_theirs])
+            compare.binary(f"image {index} masks", found.masks[order_mine], expected.pred_masks[order_theirs])
+        if inference.panoptic:
+            ids, segments = theirs["panoptic_seg"]
+            ours_segments = [(s.id, s.category_id, s.isthing) for s in mine.panoptic.segments]
+            their_segments = [(s["id"], s["category_id"], s["isthing"]) for s in segments]
+            things = sum(s[2] for s in their_segments)
+            print(
+                f"  image {index}: {len(their_segments)} panoptic segments in the release ({things} things, "
+                f"{len(their_segments) - things} stuff), {len(ours_segments)} here"
+            )
+            compare.segments(f"image {index} panoptic segments", ours_segments, their_segments)
+            compare.labels(f"image {index} panoptic ids", mine.panoptic.ids, ids)
+        if inference.semantic:
+            compare(f"image {index} semantic scores", mine.semantic, theirs["sem_seg"])
+
+
 def main() -> int:
     args = parse_args()
     release, ours, cfg = build_pair(args)
@@ -273,11 +402,18 @@ def main() -> int:
             return 1
         print("all losses and gradients agree")
         return 0
+    segmentation = release_segmentation_inference(release_cfg_for(args))
+    if segmentation is not None:
+        segmentation = override_thresholds(release, segmentation, args)
+        spread_class_bias(release, ours, args)
     generator = torch.Generator().manual_seed(args.seed + 1)
     images = [torch.rand(3, h, w, generator=generator) * 255 for h, w in sizes]
     with torch.no_grad():
         compare_head_outputs(compare, release, ours, ours.preprocess(images)[0])
-        compare_instances(compare, release, ours, images)
+        if segmentation is None:
+            compare_instances(compare, release, ours, images)
+        else:
+            compare_segmentation(compare, release, ours, images, segmentation)
     if compare.failures:
         print(f"{len(compare.failures)} comparisons failed: {', '.join(compare.failures)}")
         return 1

@@ -9,6 +9,7 @@
 # Environment:
 #   DETECTRON2_SOURCE=/path/to/detectron2   install detectron2 from this local checkout
 #                                           (for machines that cannot reach its repository)
+#   PANOPTICAPI_SOURCE=/path/to/panopticapi the same for panopticapi (COCO PQ)
 #   FORCE_CUDA=1                            compile the CUDA kernels without a visible GPU
 #   TORCH_CUDA_ARCH_LIST="8.0;9.0"          GPU architectures to compile for
 #   TORCH_VARIANT=cpu | cuda | auto         torch/torchvision build (default auto: cpu when no
@@ -51,6 +52,17 @@ elif [ -n "${DETECTRON2_SOURCE:-}" ]; then
 elif ! "$PYTHON" -m pip install --no-build-isolation "git+https://github.com/facebookresearch/detectron2.git"; then
     detectron2_missing=1
 fi
+
+# --- panopticapi (COCO PQ for panoptic segmentation; not on PyPI): from its repository, or
+# PANOPTICAPI_SOURCE=/path/to/panopticapi; without it PQ is computed by hotcoco (requirements.txt)
+if ! "$PYTHON" -c "import panopticapi" 2>/dev/null; then
+    if [ -n "${PANOPTICAPI_SOURCE:-}" ]; then
+        "$PYTHON" -m pip install --no-build-isolation "$PANOPTICAPI_SOURCE"
+    elif ! "$PYTHON" -m pip install --no-build-isolation "git+https://github.com/cocodataset/panopticapi.git"; then
+        echo "panopticapi could not be installed (no access to its repository?): PQ will use hotcoco" >&2
+    fi
+fi
+# ---
 
 echo "== [4/5] self-check"
 "$PYTHON" tools/check_install.py

@@ -24,6 +24,9 @@ from .datasets import (
     register_coco_instances_checked,
 )
 from .meta_arch import DIMaskDINOArch, build_criterion
+from .panoptic import PanopticEvaluator, build_segmentation_evaluators, build_segmentation_inference
+from .panoptic_data import PanopticDatasetMapper, SemanticDatasetMapper, build_mapper
+from .panoptic_datasets import register_coco_panoptic_checked
 from .solver import build_optimizer
 from .trainer import NonFiniteLossError, Trainer, setup
 from .validation import ConfigError, validate_config
@@ -58,4 +61,12 @@ __all__ = [
     "build_optimizer",
     "Trainer",
     "setup",
+    # panoptic and semantic segmentation
+    "build_segmentation_inference",
+    "build_segmentation_evaluators",
+    "PanopticEvaluator",
+    "PanopticDatasetMapper",
+    "SemanticDatasetMapper",
+    "build_mapper",
+    "register_coco_panoptic_checked",
 ]

@@ -122,6 +122,7 @@ def add_di_maskdino_config(cfg: CN) -> None:
     _add_input_and_solver_keys(cfg)
     _add_memory_keys(cfg.MODEL.DI_MASKDINO)
     _add_box_mask_head_keys(cfg)
+    _add_segmentation_keys(cfg)
 
 
 def _add_model_keys(cfg: CN) -> None:
@@ -294,3 +295,29 @@ def _add_box_mask_head_keys(cfg: CN) -> None:
     b.DICE_WEIGHT = 5.0
     b.QUALITY_WEIGHT = 1.0
     b.NUM_POINTS = 3136  # points per box for the mask losses
+
+
+def _add_segmentation_keys(cfg: CN) -> None:
+    """Panoptic and semantic segmentation (di_maskdino/modeling/panoptic.py,
+    di_maskdino/d2/panoptic.py, di_maskdino/d2/panoptic_data.py)."""
+    m = cfg.MODEL.DI_MASKDINO
+    # which outputs inference makes, in any combination, evaluated together
+    m.TEST = CN()
+    m.TEST.INSTANCE_ON = True
+    m.TEST.PANOPTIC_ON = False
+    m.TEST.SEMANTIC_ON = False
+    m.TEST.OBJECT_MASK_THRESHOLD = 0.25  # panoptic: queries whose best class score is not above it are dropped
+    m.TEST.OVERLAP_THRESHOLD = 0.8  # panoptic: a query must win this fraction of its own mask
+    # NOTE: MaskDINO sharpens the sigmoid class scores with softmax(sigmoid / T) for panoptic
+    # and semantic inference; 0 turns the sharpening off.
+    m.TEST.TEMPERATURE = 0.06
+    # NOTE: False (MaskDINO's paper): box losses and box matching costs for thing targets only,
+    # a stuff region's box means little; True also supervises the boxes of stuff (and of
+    # semantic-segmentation class regions), as the release's configs train (PANO_BOX_LOSS False).
+    m.LOSS.STUFF_BOX_LOSS = False
+
+    # the semantic-segmentation recipe (INPUT.DATASET_MAPPER_NAME "semantic"): shortest-edge
+    # resize, then INPUT.CROP (detectron2's keys), retried until no class covers more than this
+    # fraction of the crop
+    cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    cfg.INPUT.COLOR_AUG_SSD = False  # SSD's colour jitter

@@ -120,14 +120,15 @@ def check_images_exist(dataset_dicts: List[dict], name: str, image_root: str = "
         )
 
 
-def check_dataset_classes(name: str, num_classes: int, training: bool) -> None:
+def check_dataset_classes(name: str, num_classes: int, training: bool, segmentation: bool = False) -> None:
     """The categories of dataset `name` (loaded) against MODEL.DI_MASKDINO.NUM_CLASSES: a
     training set may not have more categories than the model predicts; an evaluation set
     must have exactly as many (detectron2's evaluator maps every predicted class back to one
-    of the dataset's categories)."""
+    of the dataset's categories). With `segmentation` (panoptic / semantic recipes) the
+    categories are the metadata's "stuff_classes", which in detectron2 list things and stuff."""
     dicts = DatasetCatalog.get(name)
     metadata = MetadataCatalog.get(name)
-    classes = list(metadata.get("thing_classes", []))
+    classes = list(metadata.get("stuff_classes" if segmentation else "thing_classes", []))
     used = {a["category_id"] for d in dicts for a in d.get("annotations", [])}
     count = len(classes) if classes else (max(used) + 1 if used else 0)
     listing = f" ({', '.join(map(str, classes[:20]))}{', ...' if len(classes) > 20 else ''})" if classes else ""
@@ -183,3 +184,7 @@ def register_builtin_datasets(root: str) -> None:
                 how_to_create=f"Convert the BDD100K labels with: python datasets/prepare_bdd100k.py --root {bdd}",
                 thing_classes=list(BDD100K_CLASSES),
             )
+    # panoptic datasets (COCO panoptic format with semantic maps): panoptic_datasets.py
+    from .panoptic_datasets import register_builtin_panoptic_datasets
+
+    register_builtin_panoptic_datasets(root)

@@ -20,9 +20,11 @@ from ..modeling import DIMaskDINO, Predictions, build_box_mask_head, build_encod
 from ..modeling.box_mask_criterion import BoxMaskCriterion
 from ..modeling.criterion import SetCriterion
 from ..modeling.matcher import HungarianMatcher
+from ..modeling.panoptic import SegmentationInference
 from ..modeling.postprocess import detections_from_raw
 from .backbone import checkpoint_backbone
 from .config import TEST_MASKS, architecture_from_config
+from .panoptic import build_segmentation_inference, segmentation_results
 from .structures import detections_to_instances
 
 __all__ = ["DIMaskDINOArch", "build_criterion"]
@@ -54,6 +56,7 @@ def build_criterion(cfg) -> SetCriterion:
         importance_sample_ratio=m.LOSS.IMPORTANCE_SAMPLE_RATIO,
         focal_alpha=m.LOSS.FOCAL_ALPHA,
         focal_gamma=m.LOSS.FOCAL_GAMMA,
+        stuff_box_loss=m.LOSS.STUFF_BOX_LOSS,
     )
 
 
@@ -75,6 +78,7 @@ class DIMaskDINOArch(DIMaskDINO):
         fine_feature=None,
         box_mask_criterion: Optional[BoxMaskCriterion] = None,
         test_masks: str = "refined",
+        segmentation: Optional[SegmentationInference] = None,
     ):
         super().__init__(
             backbone,
@@ -90,6 +94,8 @@ class DIMaskDINOArch(DIMaskDINO):
         self.criterion = criterion
         self.box_mask_criterion = box_mask_criterion
         self.test_masks = test_masks
+        # panoptic / semantic inference (MODEL.DI_MASKDINO.TEST); None: instances only
+        self.segmentation = segmentation
 
     @classmethod
     def from_config(cls, cfg):
@@ -108,6 +114,7 @@ class DIMaskDINOArch(DIMaskDINO):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "size_divisibility": cfg.MODEL.DI_MASKDINO.SIZE_DIVISIBILITY,
             "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "segmentation": build_segmentation_inference(cfg),
         }
 
     @property
@@ -140,6 +147,8 @@ class DIMaskDINOArch(DIMaskDINO):
                 padded = masks.new_zeros((masks.shape[0], height, width))
                 padded[:, : masks.shape[1], : masks.shape[2]] = masks
                 target["masks"] = padded.float()
+            if instances.has("gt_is_thing"):  # panoptic / semantic targets: things and stuff
+                target["is_thing"] = instances.gt_is_thing
             targets.append(target)
         return targets
 
@@ -150,6 +159,9 @@ class DIMaskDINOArch(DIMaskDINO):
             return self.losses(self.run(batch, targets=targets), targets)
         output_sizes = self.output_sizes(batched_inputs, sizes)
         padded_size = tuple(batch.shape[-2:])
+        if self.segmentation is not None:  # panoptic and / or semantic outputs
+            prediction = self.run(batch).final
+            return segmentation_results(self, self.segmentation, prediction, batched_inputs, sizes, padded_size)
         if self.box_mask_head is None or self.test_masks == "detector":
             found = detections_from_raw(self.detect(batch), sizes, padded_size, output_sizes)
             return [{"instances": detections_to_instances(f, s)} for f, s in zip(found, output_sizes)]

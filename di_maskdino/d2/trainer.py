@@ -28,9 +28,10 @@ from detectron2.utils.logger import setup_logger
 
 from .checkpoint import Checkpointer, PeriodicCheckpointer
 from .config import load_config, use_available_device
-from .data import DIMaskDINODatasetMapper
 from .datasets import check_dataset_classes, check_images_exist
 from .evaluation import build_instance_evaluator
+from .panoptic import build_segmentation_evaluators
+from .panoptic_data import SEGMENTATION_MAPPERS, build_mapper
 from .resume import ResumableTrainingSampler, ResumeState, SeededMapDataset, preserved_rng
 from .solver import build_optimizer
 
@@ -135,8 +136,9 @@ def data_seed(cfg) -> int:
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
+        segmentation = cfg.INPUT.DATASET_MAPPER_NAME in SEGMENTATION_MAPPERS  # panoptic / semantic recipes
         for name in cfg.DATASETS.TEST:  # fail now, not after the training, on a broken evaluation set
-            check_dataset_classes(name, cfg.MODEL.DI_MASKDINO.NUM_CLASSES, training=False)
+            check_dataset_classes(name, cfg.MODEL.DI_MASKDINO.NUM_CLASSES, training=False, segmentation=segmentation)
         super().__init__(cfg)
         inner = self._trainer
         checked = _CheckedAMPTrainer if isinstance(inner, AMPTrainer) else _CheckedSimpleTrainer
@@ -192,8 +194,9 @@ class Trainer(DefaultTrainer):
                 f"DATALOADER.SAMPLER_TRAIN {cfg.DATALOADER.SAMPLER_TRAIN!r} is not supported: this trainer's sampler "
                 "resumes exactly and follows detectron2's TrainingSampler; set DATALOADER.SAMPLER_TRAIN TrainingSampler"
             )
+        segmentation = cfg.INPUT.DATASET_MAPPER_NAME in SEGMENTATION_MAPPERS  # panoptic / semantic recipes
         for name in cfg.DATASETS.TRAIN:
-            check_dataset_classes(name, cfg.MODEL.DI_MASKDINO.NUM_CLASSES, training=True)
+            check_dataset_classes(name, cfg.MODEL.DI_MASKDINO.NUM_CLASSES, training=True, segmentation=segmentation)
         dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         check_images_exist(dicts, ", ".join(cfg.DATASETS.TRAIN))
         world = comm.get_world_size()
@@ -209,7 +212,7 @@ class Trainer(DefaultTrainer):
             seed,
             aspect_ratios=[d["width"] > d["height"] for d in dicts] if grouping else None,
         )
-        dataset = SeededMapDataset(dicts, DIMaskDINODatasetMapper(cfg, True))
+        dataset = SeededMapDataset(dicts, build_mapper(cfg, True))
         loader = build_batch_data_loader(
             dataset,
             sampler,
@@ -223,13 +226,22 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        check_dataset_classes(dataset_name, cfg.MODEL.DI_MASKDINO.NUM_CLASSES, training=False)
-        return build_detection_test_loader(cfg, dataset_name, mapper=DIMaskDINODatasetMapper(cfg, False))
+        check_dataset_classes(
+            dataset_name,
+            cfg.MODEL.DI_MASKDINO.NUM_CLASSES,
+            training=False,
+            segmentation=cfg.INPUT.DATASET_MAPPER_NAME in SEGMENTATION_MAPPERS,
+        )
+        return build_detection_test_loader(cfg, dataset_name, mapper=build_mapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
         output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
-        # COCO box AP, and mask AP unless detection-only; with a box mask head and TEST_MASKS
+        # panoptic / semantic inference on: COCO AP, PQ and mIoU as MODEL.DI_MASKDINO.TEST asks
+        segmentation = build_segmentation_evaluators(cfg, dataset_name, output_folder)
+        if segmentation is not None:
+            return segmentation
+        # otherwise COCO box AP, and mask AP unless detection-only; with a box mask head and TEST_MASKS
         # "both", of both kinds of masks
         return build_instance_evaluator(cfg, dataset_name, output_folder)
 

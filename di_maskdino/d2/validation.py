@@ -93,7 +93,12 @@ def _rules(cfg) -> List[Tuple[str, Callable[[object], bool], str]]:
             "positive when SOLVER.CLIP_GRADIENTS.ENABLED",
         ),
         ("DATALOADER.NUM_WORKERS", lambda v: v >= 0, "at least 0"),
-        ("INPUT.DATASET_MAPPER_NAME", lambda v: v in ("lsj", "resize"), "lsj or resize"),
+        # the names of panoptic_data.build_mapper (instance recipes, then the segmentation ones)
+        (
+            "INPUT.DATASET_MAPPER_NAME",
+            lambda v: v in ("lsj", "resize", "panoptic_lsj", "semantic"),
+            "lsj, resize, panoptic_lsj or semantic",
+        ),
         ("INPUT.FORMAT", lambda v: v in ("RGB", "BGR"), "RGB or BGR"),
         ("INPUT.IMAGE_SIZE", positive, "at least 1"),
         ("INPUT.MIN_SCALE", lambda v: v > 0, "positive"),

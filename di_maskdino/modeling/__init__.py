@@ -41,6 +41,17 @@ from .encoder import EncoderOutput, MaskDINOEncoder
 from .feature_tokens import FeatureTokens
 from .model import DIMaskDINO, pad_images
 from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions, RawDetections
+from .panoptic import (
+    PanopticSegmentation,
+    Segment,
+    SegmentationInference,
+    SegmentationResult,
+    panoptic_inference,
+    predict_segmentation,
+    resize_mask_logits,
+    semantic_inference,
+    thing_detections,
+)
 from .postprocess import (
     Detections,
     box_mask_detections,
@@ -108,6 +119,15 @@ __all__ = [
     "MaskQualityHead",
     "BoxMaskCriterion",
     "BoxMatches",
+    "Segment",
+    "PanopticSegmentation",
+    "SegmentationResult",
+    "SegmentationInference",
+    "panoptic_inference",
+    "semantic_inference",
+    "resize_mask_logits",
+    "thing_detections",
+    "predict_segmentation",
     "TimmBackbone",
     "FeatureSpec",
     "pad_images",

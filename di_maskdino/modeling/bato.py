@@ -206,6 +206,9 @@ class BalanceAwareTokensOptimization(nn.Module):
 
         NOTE: as in the released weights, the scores are computed on the candidates without
         the prediction heads' LayerNorm (and so are the mask embeddings of Eq. 5).
+        NOTE (panoptic): the best candidates guide whatever their class, thing or stuff; the
+        box guiding tokens of stuff queries come from boxes that are supervised only with
+        MODEL.DI_MASKDINO.LOSS.STUFF_BOX_LOSS (see criterion.py).
         """
         scores = heads.class_embed(tokens).max(-1).values
         _, chosen, chosen_pos = select_top_k(scores, self.num_guiding_tokens, tokens, pos)

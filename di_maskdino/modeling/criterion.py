@@ -12,20 +12,28 @@ construction for denoising) and charged
     loss_dice  dice loss on the same points
 
 each summed and divided by the number of target objects (averaged over workers, at least
-1), then multiplied by its weight.
+1), then multiplied by its weight. Panoptic and semantic targets may mark each target as a
+thing or not ("is_thing"); unless `stuff_box_loss`, the box terms (L1, GIoU, and the box
+costs of the matcher) then cover things only (MaskDINO), normalised as before.
+NOTE: the token-interaction outputs of the DI module predict no masks, so there a stuff target
+is matched on its class alone; their class loss still covers stuff, which the second
+selection (Eq. 3, by class score) needs in order to keep stuff tokens. Denoising queries are
+made from stuff targets too, as in MaskDINO's release.
 
 Memory: the mask losses need the mask logits of the matched queries only, at the sampled
 points. Outputs whose masks are factored (mask embeddings and mask features, as the model
 gives them in training) have the logits of their matched queries computed per image; the
 point losses run under activation checkpointing, so that backward keeps only the points and
 their labels, not the (n, h, w) logits; the labels are sampled from each target mask in
-place, without copying it per match. Loss names: "loss_ce" (final layer), "loss_ce_{i}"
+place, without copying it per match.
+
+Loss names: "loss_ce" (final layer), "loss_ce_{i}"
 (layer i, 0 being the initial prediction), "loss_ce_interm" (encoder),
 "loss_ce_ti{s}_{i}" (DI stage s, token-interaction layer i), "loss_ce_dn" / "loss_ce_dn_{i}"
 (denoising).
 """
 
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -59,6 +67,8 @@ class SetCriterion(nn.Module):
         class_weight, box_weight, giou_weight, mask_weight, dice_weight: loss weights.
         detection_loss_factor: multiplies the detection weights (class, L1, GIoU); 0.1 is
             the paper's loss-weight constraint of the imbalance tolerance test (Tab. 3).
+        stuff_box_loss: also charge box losses for targets marked `is_thing = False` (stuff
+            regions); by default only things get them. Targets without "is_thing" are things.
         num_points, oversample_ratio, importance_sample_ratio: mask point sampling.
         focal_alpha, focal_gamma: of the class loss.
 
@@ -82,9 +92,11 @@ class SetCriterion(nn.Module):
         importance_sample_ratio: float = 0.75,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        stuff_box_loss: bool = False,
     ):
         super().__init__()
         self.matcher = matcher
+        self.stuff_box_loss = stuff_box_loss
         self.weights = {
             "loss_ce": class_weight * detection_loss_factor,
             "loss_bbox": box_weight * detection_loss_factor,
@@ -112,6 +124,9 @@ class SetCriterion(nn.Module):
         }
         boxes = at_least_float32(prediction.boxes[batch, source])
         target_boxes = torch.cat([t["boxes"][tgt] for t, (_, tgt) in zip(targets, indices)]).to(boxes)
+        has_box = self._matched_has_box(targets, indices, boxes.device)
+        if has_box is not None:  # panoptic / semantic targets: no box loss for stuff
+            boxes, target_boxes = boxes[has_box], target_boxes[has_box]
         losses["loss_bbox"] = F.l1_loss(boxes, target_boxes, reduction="sum") / num_objects
         giou = generalized_box_iou(
             box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"), pairwise=False
@@ -119,7 +134,7 @@ class SetCriterion(nn.Module):
         losses["loss_giou"] = (1 - giou).sum() / num_objects
         if prediction.has_masks:
             losses.update(self.mask_losses(prediction, targets, indices, batch, source, num_objects))
-        if source.numel() == 0:  # keep the box and mask heads in the graph
+        if boxes.shape[0] == 0:  # keep the box and mask heads in the graph
             for key in ("loss_bbox", "loss_giou"):
                 losses[key] = losses[key] + 0.0 * prediction.boxes.sum()
         return losses
@@ -154,6 +169,25 @@ class SetCriterion(nn.Module):
                 labels[chosen] = point_sample(mask, points[chosen].reshape(1, -1, 2)).view(len(chosen), -1)
             offset += len(tgt)
         return labels
+
+    @staticmethod
+    def _matched_has_box(targets, indices: Indices, device) -> Optional[torch.Tensor]:
+        """(n,) bool over the matched pairs: does the target have a box loss; None when no
+        target says (all do)."""
+        if not any("has_box" in t for t in targets):
+            return None
+        flags = [
+            t["has_box"][tgt] if "has_box" in t else torch.ones(len(tgt), dtype=torch.bool)
+            for t, (_, tgt) in zip(targets, indices)
+        ]
+        return torch.cat([f.to(device=device, dtype=torch.bool) for f in flags])
+
+    def with_box_flags(self, targets: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+        """The targets, each with "has_box" (M,) bool where it marks things ("is_thing") and
+        stuff boxes are not supervised; the matcher and the box losses read it."""
+        if self.stuff_box_loss:
+            return targets
+        return [{**t, "has_box": t["is_thing"].bool()} if "is_thing" in t else t for t in targets]
 
     def mask_losses(self, prediction, targets, indices, batch, source, num_objects) -> Dict[str, torch.Tensor]:
         if source.numel() == 0:
@@ -197,9 +231,11 @@ class SetCriterion(nn.Module):
         """Weighted losses of every supervised output.
 
         targets: per image "labels" (M,) int64, "boxes" (M, 4) normalised cxcywh of the padded
-        input, "masks" (M, H, W) at the padded input resolution.
+        input, "masks" (M, H, W) at the padded input resolution, and optionally "is_thing"
+        (M,) bool (panoptic and semantic targets).
         """
         device = output.final.logits.device
+        targets = self.with_box_flags(targets)
         num_objects = _num_objects(targets, device)
         # (loss-name suffix, description for error messages, output)
         named: List[Tuple[str, str, Predictions]] = [("", "the final layer", output.final)]

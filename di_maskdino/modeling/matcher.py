@@ -4,9 +4,10 @@ cost = w_class * focal class cost + w_box * L1(cxcywh) + w_giou * (-GIoU)
        + w_mask * sigmoid BCE + w_dice * dice,
 
 the mask terms on `num_points` points drawn uniformly once per image and shared by all
-predictions and targets. Outputs without masks (the token-interaction outputs of the DI
-module) are matched on the class and box terms only. The assignment is scipy's
-`linear_sum_assignment`.
+predictions and targets. Targets marked without a box (stuff regions of panoptic data) get no
+box terms: they are matched on class and mask alone. Outputs without masks (the
+token-interaction outputs of the DI module) are matched on the class and box terms only. The
+assignment is scipy's `linear_sum_assignment`.
 
 GIoU follows the release: IoU = inter / (union + eps) and the enclosing-box term
 (hull - union) / (hull + eps), eps = 1e-6, in the matching cost and in the loss.
@@ -124,8 +125,12 @@ class HungarianMatcher(nn.Module):
         boxes = at_least_float32(prediction.boxes[image])
         labels, target_boxes = target["labels"], target["boxes"].to(boxes.dtype)
         cost = self.class_weight * focal_class_cost(logits, labels, self.focal_alpha, self.focal_gamma)
-        cost = cost + self.box_weight * torch.cdist(boxes, target_boxes, p=1)
+        l1 = torch.cdist(boxes, target_boxes, p=1)
         giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(target_boxes, "cxcywh", "xyxy"))
+        if "has_box" in target:  # panoptic / semantic targets: stuff is matched without box costs
+            l1 = l1 * target["has_box"].to(l1)[None, :]
+            giou = giou * target["has_box"].to(giou)[None, :]
+        cost = cost + self.box_weight * l1
         cost = cost - self.giou_weight * giou
         if prediction.has_masks:
             cost = cost + self.mask_cost(prediction, image, target["masks"])
@@ -160,7 +165,8 @@ class HungarianMatcher(nn.Module):
         Args:
             prediction: one output of the model (B images).
             targets: per image "labels" (M,), "boxes" (M, 4) normalised cxcywh and, for
-                outputs with masks, "masks" (M, H, W).
+                outputs with masks, "masks" (M, H, W); optionally "has_box" (M,) bool: targets
+                without a box (stuff, see `SetCriterion.with_box_flags`) get no box costs.
             name: names the output in error messages (e.g. "decoder layer 3").
 
         Returns:

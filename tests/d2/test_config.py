@@ -14,6 +14,8 @@ from di_maskdino.d2 import (  # noqa: E402
     Checkpointer,
     DIMaskDINOArch,
     DIMaskDINODatasetMapper,
+    PanopticDatasetMapper,
+    SemanticDatasetMapper,
     add_di_maskdino_config,
     build_optimizer,
 )
@@ -66,6 +68,8 @@ def test_every_declared_key_is_read():
     model = DIMaskDINOArch(view)
     DIMaskDINODatasetMapper(view, True)
     DIMaskDINODatasetMapper(view, False)
+    PanopticDatasetMapper(view, True)  # panoptic / semantic recipes
+    SemanticDatasetMapper(view, True)
     build_optimizer(view, model)
     weights_load_mode(view, resuming=False)
     build_periodic_checkpointer(view, Checkpointer(model))

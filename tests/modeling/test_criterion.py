@@ -238,3 +238,68 @@ def test_point_labels_sample_each_target_for_all_its_matches():
     labels = SetCriterion.point_labels(targets, indices, points)
     copies = torch.cat([t["masks"][tgt] for t, (_, tgt) in zip(targets, indices)])[:, None]
     torch.testing.assert_close(labels, point_sample(copies, points), rtol=0, atol=0)
+
+
+# --- panoptic / semantic targets: box losses for things only (issue 15) ---
+
+
+def thing_and_stuff_case():
+    """Query 0 matched to a thing, query 1 to a stuff region. Thing pair: L1 0.2, GIoU loss
+    0.5 (boxes (.4,.4,.6,.6) vs (.4,.3,.6,.7): inter .04 = union, hull .08). Stuff pair: L1
+    1.2, GIoU loss 1 - 1/9 ((.2,.2,.4,.4) inside (.2,.2,.8,.8): inter .04, union = hull .36)."""
+    prediction = Predictions(
+        torch.zeros(1, 3, 2),
+        torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.2, 0.2], [0.7, 0.7, 0.1, 0.1]]]),
+        torch.zeros(1, 3, 4, 4),
+    )
+    target = dict(
+        labels=torch.tensor([0, 1]),
+        boxes=torch.tensor([[0.5, 0.5, 0.2, 0.4], [0.5, 0.5, 0.6, 0.6]]),
+        masks=torch.ones(2, 16, 16),
+        is_thing=torch.tensor([True, False]),
+    )
+    return prediction, target, [(torch.tensor([0, 1]), torch.tensor([0, 1]))]
+
+
+@pytest.mark.parametrize("stuff_box_loss", [False, True])
+def test_box_losses_for_things_only(stuff_box_loss):
+    prediction, target, indices = thing_and_stuff_case()
+    criterion = SetCriterion(HungarianMatcher(num_points=16), num_points=16, stuff_box_loss=stuff_box_loss)
+    targets = criterion.with_box_flags([target])
+    losses = criterion.losses(prediction, targets, indices, num_objects=2.0)
+    # GIoU losses with the release's epsilon (the docstring's figures, exact without it)
+    thing = 1 - release_giou_float64((0.4, 0.4, 0.6, 0.6), (0.4, 0.3, 0.6, 0.7))
+    stuff = 1 - release_giou_float64((0.2, 0.2, 0.4, 0.4), (0.2, 0.2, 0.8, 0.8))
+    assert thing == pytest.approx(0.5, rel=1e-4) and stuff == pytest.approx(8 / 9, rel=1e-4)
+    l1, giou = (0.2 + 1.2, thing + stuff) if stuff_box_loss else (0.2, thing)
+    assert losses["loss_bbox"].item() == pytest.approx(l1 / 2, rel=1e-5)  # normalised by all targets
+    assert losses["loss_giou"].item() == pytest.approx(giou / 2, rel=1e-5)
+    # the class and mask losses still cover the stuff target
+    without_flags = SetCriterion(HungarianMatcher(num_points=16), num_points=16, stuff_box_loss=True)
+    plain = {k: v for k, v in target.items() if k != "is_thing"}
+    torch.manual_seed(0)
+    reference = without_flags.losses(prediction, [plain], indices, num_objects=2.0)
+    assert losses["loss_ce"].item() == pytest.approx(reference["loss_ce"].item())
+    torch.manual_seed(0)
+    again = criterion.losses(prediction, targets, indices, num_objects=2.0)
+    assert again["loss_mask"].item() == pytest.approx(reference["loss_mask"].item())
+
+
+def test_is_thing_everywhere_equals_no_flags():
+    """Instance targets (no "is_thing") and all-thing targets give the same losses; with only
+    stuff, the box losses are zero but the box head stays in the graph."""
+    targets = tiny_mask_targets()
+    torch.manual_seed(0)
+    _, plain = model_losses(targets)
+    flagged = [{**t, "is_thing": torch.ones(len(t["labels"]), dtype=torch.bool)} for t in targets]
+    torch.manual_seed(0)
+    _, with_flags = model_losses(flagged)
+    assert plain.keys() == with_flags.keys()
+    for key in plain:
+        assert torch.equal(plain[key], with_flags[key]), key
+    stuff = [{**t, "is_thing": torch.zeros(len(t["labels"]), dtype=torch.bool)} for t in targets]
+    model, losses = model_losses(stuff)
+    box_terms = [k for k in losses if k.startswith(("loss_bbox", "loss_giou"))]
+    assert all(losses[k] == 0 for k in box_terms) and losses["loss_mask"] > 0
+    sum(losses.values()).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

@@ -129,3 +129,19 @@ def test_factored_masks_give_the_plain_cost(chunk_size):
     assert (rows.tolist(), cols.tolist()) == tuple(
         x.tolist() for x in matcher(Predictions(logits, boxes, factored.masks), [target, target])[1]
     )
+
+
+def test_stuff_targets_are_matched_without_box_costs():
+    """Two predictions, one target. By class alone prediction 1 is cheaper; by box, prediction
+    0 (whose box equals the target's) wins. A stuff target ("has_box" False) ignores the box."""
+    prediction = Predictions(
+        logits=torch.tensor([[[-0.5, -3.0], [0.5, -3.0]]]),
+        boxes=torch.tensor([[[0.5, 0.5, 0.4, 0.4], [0.2, 0.2, 0.1, 0.1]]]),
+    )
+    target = dict(labels=torch.tensor([0]), boxes=torch.tensor([[0.5, 0.5, 0.4, 0.4]]))
+    matcher = HungarianMatcher()
+    assert matcher(prediction, [target])[0][0].tolist() == [0]
+    assert matcher(prediction, [{**target, "has_box": torch.tensor([True])}])[0][0].tolist() == [0]
+    assert matcher(prediction, [{**target, "has_box": torch.tensor([False])}])[0][0].tolist() == [1]
+    cost = matcher.cost_matrix(prediction, 0, {**target, "has_box": torch.tensor([False])})
+    torch.testing.assert_close(cost, 4.0 * focal_class_cost(prediction.logits[0], target["labels"]))
