@@ -23,11 +23,12 @@ from di_maskdino.d2.checkpoint import (  # noqa: E402
 from .conftest import QUICK, ROOT, run_tool  # noqa: E402
 
 SAVER = """
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {root!r})
 from detectron2.checkpoint import DetectionCheckpointer
 from di_maskdino.d2.checkpoint import Checkpointer
 kind, folder = sys.argv[1:]
+os.makedirs(folder)  # detectron2's checkpointer does not create it
 model = torch.nn.Linear(4096, 8192)  # 128 MB: a save takes a while
 checkpointer = (Checkpointer if kind == "ours" else DetectionCheckpointer)(model, folder)
 for i in range(1000):
@@ -52,8 +53,8 @@ def kill_during_a_save(kind, folder, delay):
 
 
 def tagged_checkpoint_loads(folder):
-    name = (folder / "last_checkpoint").read_text().strip()
     try:
+        name = (folder / "last_checkpoint").read_text().strip()
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any failure to read is the failure tested for
         return False
