@@ -133,7 +133,9 @@ class Comparison:
 
     def binary(self, name, ours, theirs, max_fraction: float = 1e-4):
         """Binary masks: pixels whose logit is within rounding of the 0 threshold may flip."""
-        ours, theirs = ours.bool(), theirs.bool()
+        self._pixels(name, ours.bool(), theirs.bool(), max_fraction)
+
+    def _pixels(self, name, ours, theirs, max_fraction: float):
         if ours.shape != theirs.shape:
             self.failures.append(name)
             print(f"  {name:<40} shape {tuple(ours.shape)} vs release {tuple(theirs.shape)}  MISMATCH")
@@ -153,16 +155,7 @@ class Comparison:
 
     def labels(self, name, ours, theirs, max_fraction: float = 1e-4):
         """Integer maps (panoptic ids): pixels whose owner is decided within rounding may differ."""
-        ours, theirs = ours.long(), theirs.long()
-        if ours.shape != theirs.shape:
-            self.failures.append(name)
-            print(f"  {name:<40} shape {tuple(ours.shape)} vs release {tuple(theirs.shape)}  MISMATCH")
-            return
-        differing = (ours != theirs).sum().item()
-        ok = differing <= max_fraction * ours.numel()
-        if not ok:
-            self.failures.append(name)
-        print(f"  {name:<40} {differing} of {ours.numel()} pixels differ  {'ok' if ok else 'MISMATCH'}")
+        self._pixels(name, ours.long(), theirs.long(), max_fraction)
 
     def __call__(self, name, ours, theirs):
         ours, theirs = ours.detach().float(), theirs.detach().float()

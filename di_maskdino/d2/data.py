@@ -20,9 +20,25 @@ from detectron2.structures import BitMasks
 
 from ..images import ImageReadError, read_image_rgb
 
-__all__ = ["DIMaskDINODatasetMapper", "read_image_rgb", "ImageReadError", "build_augmentation"]
+__all__ = ["DIMaskDINODatasetMapper", "read_image_rgb", "ImageReadError", "build_augmentation", "lsj_augmentation"]
 
 logger = logging.getLogger(__name__)
+
+
+def lsj_augmentation(cfg):
+    """Large-scale jitter of INPUT.IMAGE_SIZE, INPUT.MIN_SCALE, INPUT.MAX_SCALE: flip, rescale,
+    crop (or pad) to IMAGE_SIZE x IMAGE_SIZE."""
+    size = cfg.INPUT.IMAGE_SIZE
+    return [
+        T.RandomFlip(horizontal=True),
+        T.ResizeScale(
+            min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size, target_width=size
+        ),
+        # NOTE: detectron2 pads segmentations with 255 (the semantic "ignore" label), which would
+        # turn the padding into foreground of instance masks; 0 is background for instance
+        # masks and void (id 0) for panoptic PNGs.
+        T.FixedSizeCrop(crop_size=(size, size), seg_pad_value=0),
+    ]
 
 
 def build_augmentation(cfg, is_train: bool):
@@ -33,16 +49,7 @@ def build_augmentation(cfg, is_train: bool):
     if not is_train:
         return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)]
     if name == "lsj":
-        size = cfg.INPUT.IMAGE_SIZE
-        return [
-            T.RandomFlip(horizontal=True),
-            T.ResizeScale(
-                min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size, target_width=size
-            ),
-            # NOTE: detectron2 pads segmentations with 255 (the semantic "ignore" label),
-            # which would turn the padding into foreground of RLE / bitmask instance masks.
-            T.FixedSizeCrop(crop_size=(size, size), seg_pad_value=0),
-        ]
+        return lsj_augmentation(cfg)
     return [
         T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING),
         T.RandomFlip(horizontal=True),

@@ -43,19 +43,26 @@ class DatasetError(ValueError):
     """A dataset that cannot be loaded; the message names the file and the fix."""
 
 
+def read_coco_json(path: str, name: str, kind: str) -> dict:
+    """The content of a COCO `kind` ("instance", "panoptic") annotation file of dataset
+    `name`; invalid JSON and missing top-level keys are DatasetErrors naming the file."""
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"dataset {name!r}: {path} is not valid JSON ({error})") from error
+    missing = [key for key in ("images", "annotations", "categories") if key not in content]
+    if missing:
+        raise DatasetError(f"dataset {name!r}: {path} is not a COCO {kind} file: no {', '.join(missing)}")
+    return content
+
+
 def _load_checked(json_file: str, image_root: str, name: str, how_to_create: str):
     if not os.path.isfile(json_file):
         raise DatasetError(f"dataset {name!r}: annotation file {json_file} does not exist. {how_to_create}")
     if not os.path.isdir(image_root):
         raise DatasetError(f"dataset {name!r}: image folder {image_root} does not exist. {how_to_create}")
-    try:
-        with open(json_file) as handle:
-            content = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"dataset {name!r}: {json_file} is not valid JSON ({error})") from error
-    missing = [key for key in ("images", "annotations", "categories") if key not in content]
-    if missing:
-        raise DatasetError(f"dataset {name!r}: {json_file} is not a COCO instance file: no {', '.join(missing)}")
+    content = read_coco_json(json_file, name, "instance")
     check_coco_annotations(content, json_file, name)
     dicts = load_coco_json(json_file, image_root, name)
     check_images_exist(dicts, name, image_root)

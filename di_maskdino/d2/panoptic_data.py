@@ -34,31 +34,17 @@ from detectron2.structures import BitMasks, Instances
 from PIL import Image
 
 from ..data.panoptic import IGNORE_LABEL, rgb_to_id
-from .data import DIMaskDINODatasetMapper, ImageReadError, read_image_rgb
+from .data import DIMaskDINODatasetMapper, ImageReadError, lsj_augmentation, read_image_rgb
 
 __all__ = [
     "PanopticDatasetMapper",
     "SemanticDatasetMapper",
     "SEGMENTATION_MAPPERS",
     "build_mapper",
-    "panoptic_lsj_augmentation",
     "semantic_augmentation",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def panoptic_lsj_augmentation(cfg):
-    """Large-scale jitter of INPUT.IMAGE_SIZE, INPUT.MIN_SCALE, INPUT.MAX_SCALE."""
-    size = cfg.INPUT.IMAGE_SIZE
-    return [
-        T.RandomFlip(horizontal=True),
-        T.ResizeScale(
-            min_scale=cfg.INPUT.MIN_SCALE, max_scale=cfg.INPUT.MAX_SCALE, target_height=size, target_width=size
-        ),
-        # padding becomes id 0 of the panoptic PNG: void
-        T.FixedSizeCrop(crop_size=(size, size), seg_pad_value=0),
-    ]
 
 
 def _train_metadata(cfg):
@@ -145,7 +131,7 @@ class PanopticDatasetMapper(_SegmentationMapper):
     def from_config(cls, cfg, is_train: bool = True):
         return {
             "is_train": is_train,
-            "augmentations": panoptic_lsj_augmentation(cfg),
+            "augmentations": lsj_augmentation(cfg),
             "image_format": cfg.INPUT.FORMAT,
             "num_classes": cfg.MODEL.DI_MASKDINO.NUM_CLASSES,
         }

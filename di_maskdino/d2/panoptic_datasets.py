@@ -15,7 +15,6 @@ COCO_CATEGORIES, things 0-79 then stuff 80-132, the indices of MaskDINO's releas
 "stuff_classes" every class (semantic evaluation).
 """
 
-import json
 import os
 from typing import Dict, List, Sequence
 
@@ -23,7 +22,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from ..data.synthetic_panoptic import PANOPTIC_CATEGORIES
-from .datasets import DatasetError
+from .datasets import DatasetError, read_coco_json
 
 __all__ = ["register_coco_panoptic_checked", "register_builtin_panoptic_datasets", "panoptic_metadata"]
 
@@ -47,14 +46,7 @@ def _load_panoptic(name, panoptic_json, image_root, panoptic_root, sem_seg_root,
     for path, what in ((panoptic_json, "annotation file"), (image_root, "image folder"), (panoptic_root, "PNG folder")):
         if not os.path.exists(path):
             raise DatasetError(f"dataset {name!r}: panoptic {what} {path} does not exist. {how_to_create}")
-    try:
-        with open(panoptic_json) as handle:
-            content = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise DatasetError(f"dataset {name!r}: {panoptic_json} is not valid JSON ({error})") from error
-    missing = [key for key in ("images", "annotations", "categories") if key not in content]
-    if missing:
-        raise DatasetError(f"dataset {name!r}: {panoptic_json} is not a COCO panoptic file: no {', '.join(missing)}")
+    content = read_coco_json(panoptic_json, name, "panoptic")
     things = metadata["thing_dataset_id_to_contiguous_id"]
     classes = metadata["stuff_dataset_id_to_contiguous_id"]
     images = {image["id"]: image for image in content["images"]}
