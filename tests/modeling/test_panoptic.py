@@ -131,6 +131,11 @@ def test_semantic_inference_hand_computation():
     )
 
 
+def test_resize_mask_logits_of_no_query():
+    resized = resize_mask_logits(torch.zeros(0, 8, 8), image_size=(6, 4), padded_size=(8, 8), output_size=(12, 8))
+    assert resized.shape == (0, 12, 8)
+
+
 def test_resize_mask_logits_undoes_padding():
     # an image of 6 x 4 inside an 8 x 8 padded input; mask logits at 1/4 of the padded input
     mask_logits = torch.arange(4.0).view(1, 2, 2)
