@@ -161,6 +161,7 @@ class Predictor:
         """A predictor running an exported model (`tools/export_model.py`: a torch.export
         archive, an AOTInductor package or an ONNX model); the input convention comes from
         the metadata stored in it, the other arguments as in the constructor."""
+        from .export.metadata import MIN_IMAGE_SIZE
         from .export.runtime import ExportedDetector
 
         detector = ExportedDetector(path, device=device, onnx_threads=onnx_threads)
@@ -182,6 +183,7 @@ class Predictor:
             **settings,
         )
         predictor.max_image_size = meta.max_image_size
+        predictor.min_padded_size = MIN_IMAGE_SIZE
         return predictor
 
     @classmethod
@@ -251,6 +253,14 @@ class Predictor:
                 f"Predictor: a padded batch of {tuple(batch.shape[-2:])} exceeds the exported model's largest size "
                 f"{limit}; set a smaller max_size or export with a larger --max-image-size"
             )
+        divisor = max(self.size_divisibility, 1)
+        small = -(-getattr(self, "min_padded_size", 0) // divisor) * divisor
+        if min(batch.shape[-2:]) < small:
+            # NOTE: an exported model takes batches from MIN_IMAGE_SIZE pixels on; a smaller
+            # image is padded further (as in a batch with a larger image), which changes its
+            # predictions slightly against the eager model on the smaller padding.
+            grow = [0, max(small - batch.shape[-1], 0), 0, max(small - batch.shape[-2], 0)]
+            batch = F.pad(batch, grow)
         raw = self.backend(batch)
         return detections_from_raw(
             raw,

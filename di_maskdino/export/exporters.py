@@ -27,7 +27,7 @@ from torch.export import Dim, ExportedProgram
 
 from ..modeling.model import DIMaskDINO
 from ..ops.decomposed import ms_deform_attn_gather
-from .metadata import METADATA_KEY, ExportMetadata
+from .metadata import METADATA_KEY, MIN_IMAGE_SIZE, ExportMetadata
 
 __all__ = [
     "DetectorGraph",
@@ -44,7 +44,6 @@ __all__ = [
 
 OUTPUT_NAMES = ("scores", "labels", "boxes", "mask_logits")
 DEFORMABLE_ATTENTION_MODES = ("kernel", "decomposed", "trt_plugin")
-MIN_IMAGE_SIZE = 128  # every level (down to stride 64) at least 2 x 2
 MAX_BATCH = 64
 
 
@@ -159,7 +158,7 @@ def _trt_plugin_translation():
     (inputs value, int32 spatial_shapes, int32 level_start_index, sampling_locations,
     attention_weights; output (B, Q, heads, C_h), reshaped to our (B, Q, heads * C_h))."""
     import onnxscript
-    from onnxscript import opset17 as op
+    from onnxscript import opset18 as op
 
     trt = onnxscript.values.Opset("trt", 1)
 
@@ -182,7 +181,7 @@ def export_onnx(
     metadata: ExportMetadata,
     *,
     trt_plugin: bool = False,
-    opset: int = 17,
+    opset: int = 18,
     optimize: bool = True,
 ) -> str:
     """ONNX model of an exported program (from `export_program`, with the kernel operator):
