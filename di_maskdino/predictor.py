@@ -111,7 +111,15 @@ class Predictor:
     @classmethod
     def from_model(cls, model, **kwargs) -> "Predictor":
         """A predictor running `model` (a `DIMaskDINO`, put in evaluation mode) eagerly; its
-        normalisation, size divisibility and `test_topk` are the model's."""
+        normalisation, size divisibility and `test_topk` are the model's. It runs the
+        detector's inference (`model.detect`): a model whose box mask head refines the masks
+        is refused unless it tests the detector's own masks."""
+        if getattr(model, "box_mask_head", None) is not None and getattr(model, "test_masks", None) != "detector":
+            raise ValueError(
+                "Predictor runs the detector's inference (masks of the detector), but this model has a box mask "
+                "head whose refined masks it would not use: set MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS detector, "
+                "or run the detectron2 model (tools/train_net.py --eval-only)"
+            )
         model.eval()
 
         def backend(batch: torch.Tensor) -> RawDetections:
@@ -189,9 +197,9 @@ class Predictor:
     @classmethod
     def from_config(cls, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = (), **kwargs):
         """A predictor built from a detectron2 config file (needs detectron2); `weights`
-        (default MODEL.WEIGHTS), test-time resizing, input format, DETECTIONS_PER_IMAGE and
-        the test dataset's class names come from the config. See
-        `di_maskdino.d2.predictor_from_config`."""
+        (default MODEL.WEIGHTS; without any it raises unless allow_random_weights=True),
+        test-time resizing, input format, DETECTIONS_PER_IMAGE and the test dataset's class
+        names come from the config. See `di_maskdino.d2.predictor_from_config`."""
         from .d2.predictor import predictor_from_config
 
         return predictor_from_config(config_file, weights, opts, **kwargs)

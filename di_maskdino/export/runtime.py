@@ -109,7 +109,8 @@ class ExportedDetector:
             import onnxruntime
         except ImportError as error:
             raise ImportError(
-                "running an ONNX model needs onnx and onnxruntime: pip install onnx onnxruntime (listed in requirements.txt)"
+                "running an ONNX model needs onnx and onnxruntime: pip install onnx onnxruntime "
+                "(listed in requirements.txt)"
             ) from error
         model = onnx.load(self.path, load_external_data=False)
         props = {p.key: p.value for p in model.metadata_props}

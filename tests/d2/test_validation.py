@@ -31,7 +31,10 @@ from .conftest import QUICK, ROOT  # noqa: E402
         (["SOLVER.IMS_PER_BATCH", "0"], "SOLVER.IMS_PER_BATCH = 0"),
         (["SOLVER.BASE_LR", "0.0"], "SOLVER.BASE_LR = 0.0: must be positive"),
         (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD = 0"),
-        (["INPUT.DATASET_MAPPER_NAME", "crop"], "INPUT.DATASET_MAPPER_NAME = 'crop': must be lsj, resize, panoptic_lsj or semantic"),
+        (
+            ["INPUT.DATASET_MAPPER_NAME", "crop"],
+            "INPUT.DATASET_MAPPER_NAME = 'crop': must be lsj, resize, panoptic_lsj or semantic",
+        ),
         (["MODEL.DI_MASKDINO.LOSS.IMPORTANCE_SAMPLE_RATIO", "1.5"], "IMPORTANCE_SAMPLE_RATIO = 1.5"),
     ],
 )
