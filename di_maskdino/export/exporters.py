@@ -40,6 +40,8 @@ __all__ = [
     "compile_aoti",
     "export_onnx",
     "DEFORMABLE_ATTENTION_MODES",
+    "TRT_PLUGIN",
+    "TRT_DOMAIN",
 ]
 
 OUTPUT_NAMES = ("scores", "labels", "boxes", "mask_logits")
@@ -153,6 +155,38 @@ def compile_aoti(program: ExportedProgram, path: str, metadata: ExportMetadata) 
     return torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path), inductor_configs=options)
 
 
+TRT_PLUGIN = "MultiscaleDeformableAttnPlugin_TRT"
+TRT_DOMAIN = "trt"
+
+
+def _register_trt_plugin_schema() -> None:
+    """Declares TensorRT's plugin node to onnx (once), so that onnxscript can write it:
+    inputs value (N, S, M, D), spatial_shapes (L, 2) int32, level_start_index (L,) int32,
+    sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P); one output;
+    no attributes."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    if onnx.defs.has_schema(TRT_PLUGIN, domain=TRT_DOMAIN):
+        return
+    parameter = OpSchema.FormalParameter
+    schema = OpSchema(
+        TRT_PLUGIN,
+        TRT_DOMAIN,
+        1,
+        inputs=[
+            parameter("value", "T"),
+            parameter("spatial_shapes", "I"),
+            parameter("level_start_index", "I"),
+            parameter("sampling_locations", "T"),
+            parameter("attention_weights", "T"),
+        ],
+        outputs=[parameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("I", ["tensor(int32)"], "")],
+    )
+    onnx.defs.register_schema(schema)
+
+
 def _trt_plugin_translation():
     """onnxscript translation of our operator into TensorRT's MultiscaleDeformableAttnPlugin_TRT
     (inputs value, int32 spatial_shapes, int32 level_start_index, sampling_locations,
@@ -160,10 +194,11 @@ def _trt_plugin_translation():
     import onnxscript
     from onnxscript import opset18 as op
 
-    trt = onnxscript.values.Opset("trt", 1)
+    _register_trt_plugin_schema()
+    trt = onnxscript.values.Opset(TRT_DOMAIN, 1)
 
     def ms_deform_attn_trt(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        output = trt.MultiscaleDeformableAttnPlugin_TRT(
+        output = getattr(trt, TRT_PLUGIN)(
             value,
             op.Cast(spatial_shapes, to=onnxscript.INT32.dtype),
             op.Cast(level_start_index, to=onnxscript.INT32.dtype),
