@@ -62,7 +62,17 @@ def parse_args():
         "operators (needs nothing); ONNX is always decomposed",
     )
     parser.add_argument("--max-image-size", type=int, default=2048, help="largest padded height / width")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=18,
+        help="ONNX opset, 17 or later (torch's exporter writes 18 and converts down, which can fail)",
+    )
+    parser.add_argument(
+        "--onnx-optimize",
+        action="store_true",
+        help="run onnxscript's graph optimizer on the ONNX files (slow: minutes; onnxruntime optimizes anyway)",
+    )
     parser.add_argument("--verify", action="store_true", help="run every file next to the eager model")
     parser.add_argument(
         "--allow-random-weights",
@@ -145,9 +155,11 @@ def main() -> int:
         elif kind == "aoti":
             compile_aoti(torch_program, path, metadata(args.deformable_attention))
         elif kind == "onnx":
-            export_onnx(program, path, metadata("decomposed"), opset=args.opset)
+            export_onnx(program, path, metadata("decomposed"), opset=args.opset, optimize=args.onnx_optimize)
         else:
-            export_onnx(program, path, metadata("trt_plugin"), trt_plugin=True, opset=args.opset)
+            export_onnx(
+                program, path, metadata("trt_plugin"), trt_plugin=True, opset=args.opset, optimize=args.onnx_optimize
+            )
         print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
         written.append((kind, path))
     if args.verify:

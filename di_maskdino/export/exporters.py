@@ -217,12 +217,16 @@ def export_onnx(
     *,
     trt_plugin: bool = False,
     opset: int = 18,
-    optimize: bool = True,
+    optimize: bool = False,
 ) -> str:
     """ONNX model of an exported program (from `export_program`, with the kernel operator):
     the deformable attention decomposed into standard operators, or with `trt_plugin` one
     MultiscaleDeformableAttnPlugin_TRT node (domain "trt") per call. Inputs "images", outputs
-    OUTPUT_NAMES; the metadata is in the model's metadata_props[METADATA_KEY]."""
+    OUTPUT_NAMES; the metadata is in the model's metadata_props[METADATA_KEY].
+
+    optimize: run onnxscript's graph optimizer on the result. NOTE: off by default - it took
+    minutes on the small test model on two CPU cores, and onnxruntime optimizes the graph
+    when it loads it anyway (GraphOptimizationLevel.ORT_ENABLE_ALL in `ExportedDetector`)."""
     import onnx
 
     if opset < 17:
