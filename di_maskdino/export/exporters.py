@@ -167,8 +167,11 @@ def _register_trt_plugin_schema() -> None:
     import onnx
     from onnx.defs import OpSchema
 
-    if onnx.defs.has_schema(TRT_PLUGIN, domain=TRT_DOMAIN):
-        return
+    try:
+        onnx.defs.get_schema(TRT_PLUGIN, 1, TRT_DOMAIN)
+        return  # registered before
+    except onnx.defs.SchemaError:
+        pass
     parameter = OpSchema.FormalParameter
     schema = OpSchema(
         TRT_PLUGIN,
