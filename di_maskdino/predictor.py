@@ -111,7 +111,15 @@ class Predictor:
     @classmethod
     def from_model(cls, model, **kwargs) -> "Predictor":
         """A predictor running `model` (a `DIMaskDINO`, put in evaluation mode) eagerly; its
-        normalisation, size divisibility and `test_topk` are the model's."""
+        normalisation, size divisibility and `test_topk` are the model's. It runs the
+        detector's inference (`model.detect`): a model whose box mask head refines the masks
+        is refused unless it tests the detector's own masks."""
+        if getattr(model, "box_mask_head", None) is not None and getattr(model, "test_masks", None) != "detector":
+            raise ValueError(
+                "Predictor runs the detector's inference (masks of the detector), but this model has a box mask "
+                "head whose refined masks it would not use: set MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS detector, "
+                "or run the detectron2 model (tools/train_net.py --eval-only)"
+            )
         model.eval()
 
         def backend(batch: torch.Tensor) -> RawDetections:
@@ -161,6 +169,7 @@ class Predictor:
         """A predictor running an exported model (`tools/export_model.py`: a torch.export
         archive, an AOTInductor package or an ONNX model); the input convention comes from
         the metadata stored in it, the other arguments as in the constructor."""
+        from .export.metadata import MIN_IMAGE_SIZE
         from .export.runtime import ExportedDetector
 
         detector = ExportedDetector(path, device=device, onnx_threads=onnx_threads)
@@ -182,14 +191,15 @@ class Predictor:
             **settings,
         )
         predictor.max_image_size = meta.max_image_size
+        predictor.min_padded_size = MIN_IMAGE_SIZE
         return predictor
 
     @classmethod
     def from_config(cls, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = (), **kwargs):
         """A predictor built from a detectron2 config file (needs detectron2); `weights`
-        (default MODEL.WEIGHTS), test-time resizing, input format, DETECTIONS_PER_IMAGE and
-        the test dataset's class names come from the config. See
-        `di_maskdino.d2.predictor_from_config`."""
+        (default MODEL.WEIGHTS; without any it raises unless allow_random_weights=True),
+        test-time resizing, input format, DETECTIONS_PER_IMAGE and the test dataset's class
+        names come from the config. See `di_maskdino.d2.predictor_from_config`."""
         from .d2.predictor import predictor_from_config
 
         return predictor_from_config(config_file, weights, opts, **kwargs)
@@ -251,6 +261,14 @@ class Predictor:
                 f"Predictor: a padded batch of {tuple(batch.shape[-2:])} exceeds the exported model's largest size "
                 f"{limit}; set a smaller max_size or export with a larger --max-image-size"
             )
+        divisor = max(self.size_divisibility, 1)
+        small = -(-getattr(self, "min_padded_size", 0) // divisor) * divisor
+        if min(batch.shape[-2:]) < small:
+            # NOTE: an exported model takes batches from MIN_IMAGE_SIZE pixels on; a smaller
+            # image is padded further (as in a batch with a larger image), which changes its
+            # predictions slightly against the eager model on the smaller padding.
+            grow = [0, max(small - batch.shape[-1], 0), 0, max(small - batch.shape[-2], 0)]
+            batch = F.pad(batch, grow)
         raw = self.backend(batch)
         return detections_from_raw(
             raw,

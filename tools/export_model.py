@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from di_maskdino.d2 import Checkpointer, load_config  # noqa: E402
+from di_maskdino.d2 import Checkpointer, CheckpointError, load_config  # noqa: E402
 from di_maskdino.export import (  # noqa: E402
     ExportedDetector,
     compile_aoti,
@@ -62,8 +62,23 @@ def parse_args():
         "operators (needs nothing); ONNX is always decomposed",
     )
     parser.add_argument("--max-image-size", type=int, default=2048, help="largest padded height / width")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=18,
+        help="ONNX opset, 17 or later (torch's exporter writes 18 and converts down, which can fail)",
+    )
+    parser.add_argument(
+        "--onnx-optimize",
+        action="store_true",
+        help="run onnxscript's graph optimizer on the ONNX files (slow: minutes; onnxruntime optimizes anyway)",
+    )
     parser.add_argument("--verify", action="store_true", help="run every file next to the eager model")
+    parser.add_argument(
+        "--allow-random-weights",
+        action="store_true",
+        help="export without MODEL.WEIGHTS (an untrained model; for testing the export itself)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
     return parser.parse_args()
 
@@ -94,11 +109,23 @@ def main() -> int:
     cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
+    if not cfg.MODEL.WEIGHTS and not args.allow_random_weights:
+        print(
+            "error: MODEL.WEIGHTS is not set: the export would hold an untrained (random) model. Give the weights, "
+            "e.g. MODEL.WEIGHTS output/quick_start/model_final.pth, or pass --allow-random-weights to export an "
+            "untrained model on purpose",
+            file=sys.stderr,
+        )
+        return 2
     model = build_model(cfg).eval()
     if cfg.MODEL.WEIGHTS:
-        Checkpointer(model).load(cfg.MODEL.WEIGHTS)
+        try:
+            Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
+        except CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     else:
-        print("MODEL.WEIGHTS is empty: exporting randomly initialised weights", file=sys.stderr)
+        print("WARNING: no MODEL.WEIGHTS, --allow-random-weights: exporting an UNTRAINED model", file=sys.stderr)
     class_names = []
     if cfg.DATASETS.TEST:
         class_names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) or [])
@@ -128,9 +155,11 @@ def main() -> int:
         elif kind == "aoti":
             compile_aoti(torch_program, path, metadata(args.deformable_attention))
         elif kind == "onnx":
-            export_onnx(program, path, metadata("decomposed"), opset=args.opset)
+            export_onnx(program, path, metadata("decomposed"), opset=args.opset, optimize=args.onnx_optimize)
         else:
-            export_onnx(program, path, metadata("trt_plugin"), trt_plugin=True, opset=args.opset)
+            export_onnx(
+                program, path, metadata("trt_plugin"), trt_plugin=True, opset=args.opset, optimize=args.onnx_optimize
+            )
         print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
         written.append((kind, path))
     if args.verify:

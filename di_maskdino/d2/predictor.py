@@ -14,12 +14,19 @@ __all__ = ["predictor_from_config"]
 
 
 def predictor_from_config(
-    config: Union[str, CfgNode], weights: Optional[str] = None, opts: Sequence[str] = (), **kwargs
+    config: Union[str, CfgNode],
+    weights: Optional[str] = None,
+    opts: Sequence[str] = (),
+    *,
+    allow_random_weights: bool = False,
+    **kwargs,
 ) -> Predictor:
     """A `Predictor` of the model a config file (or a loaded config) describes.
 
     weights: a checkpoint (default MODEL.WEIGHTS; converted release checkpoints only).
     opts: KEY VALUE overrides of the config.
+    allow_random_weights: without weights (none given, MODEL.WEIGHTS empty), run the
+        untrained model instead of raising.
     kwargs: `Predictor` arguments; by default the input format is INPUT.FORMAT for the
         network and RGB for arrays, the resizing INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, the
         device MODEL.DEVICE, at most TEST.DETECTIONS_PER_IMAGE instances per image, and the
@@ -28,10 +35,15 @@ def predictor_from_config(
     cfg = load_config(config, opts) if isinstance(config, str) else config.clone()
     if not isinstance(config, str) and opts:
         cfg.merge_from_list(list(opts))
-    model = build_model(cfg).eval()
     weights = cfg.MODEL.WEIGHTS if weights is None else weights
+    if not weights and not allow_random_weights:
+        raise ValueError(
+            "predictor_from_config: no weights (MODEL.WEIGHTS is empty and none were given): the predictor would "
+            "run an untrained (random) model. Give weights=PATH, or allow_random_weights=True on purpose"
+        )
+    model = build_model(cfg).eval()
     if weights:
-        Checkpointer(model).load(weights)
+        Checkpointer(model, mode="strict", what="weights").load(weights)
     class_names = []
     if cfg.DATASETS.TEST:
         class_names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) or [])

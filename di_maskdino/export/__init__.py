@@ -4,6 +4,8 @@ ONNX) and the runtime that runs the exported files (`ExportedDetector`)."""
 from .exporters import (
     DEFORMABLE_ATTENTION_MODES,
     OUTPUT_NAMES,
+    TRT_DOMAIN,
+    TRT_PLUGIN,
     DetectorGraph,
     compile_aoti,
     decompose_deformable_attention,
@@ -20,6 +22,8 @@ __all__ = [
     "DetectorGraph",
     "OUTPUT_NAMES",
     "DEFORMABLE_ATTENTION_MODES",
+    "TRT_PLUGIN",
+    "TRT_DOMAIN",
     "metadata_for",
     "example_batch",
     "export_program",

@@ -27,7 +27,7 @@ from torch.export import Dim, ExportedProgram
 
 from ..modeling.model import DIMaskDINO
 from ..ops.decomposed import ms_deform_attn_gather
-from .metadata import METADATA_KEY, ExportMetadata
+from .metadata import METADATA_KEY, MIN_IMAGE_SIZE, ExportMetadata
 
 __all__ = [
     "DetectorGraph",
@@ -40,11 +40,12 @@ __all__ = [
     "compile_aoti",
     "export_onnx",
     "DEFORMABLE_ATTENTION_MODES",
+    "TRT_PLUGIN",
+    "TRT_DOMAIN",
 ]
 
 OUTPUT_NAMES = ("scores", "labels", "boxes", "mask_logits")
 DEFORMABLE_ATTENTION_MODES = ("kernel", "decomposed", "trt_plugin")
-MIN_IMAGE_SIZE = 128  # every level (down to stride 64) at least 2 x 2
 MAX_BATCH = 64
 
 
@@ -154,17 +155,53 @@ def compile_aoti(program: ExportedProgram, path: str, metadata: ExportMetadata) 
     return torch._inductor.aoti_compile_and_package(program, package_path=os.fspath(path), inductor_configs=options)
 
 
+TRT_PLUGIN = "MultiscaleDeformableAttnPlugin_TRT"
+TRT_DOMAIN = "trt"
+
+
+def _register_trt_plugin_schema() -> None:
+    """Declares TensorRT's plugin node to onnx (once), so that onnxscript can write it:
+    inputs value (N, S, M, D), spatial_shapes (L, 2) int32, level_start_index (L,) int32,
+    sampling_locations (N, Lq, M, L, P, 2), attention_weights (N, Lq, M, L, P); one output;
+    no attributes."""
+    import onnx
+    from onnx.defs import OpSchema
+
+    try:
+        onnx.defs.get_schema(TRT_PLUGIN, 1, TRT_DOMAIN)
+        return  # registered before
+    except onnx.defs.SchemaError:
+        pass
+    parameter = OpSchema.FormalParameter
+    schema = OpSchema(
+        TRT_PLUGIN,
+        TRT_DOMAIN,
+        1,
+        inputs=[
+            parameter("value", "T"),
+            parameter("spatial_shapes", "I"),
+            parameter("level_start_index", "I"),
+            parameter("sampling_locations", "T"),
+            parameter("attention_weights", "T"),
+        ],
+        outputs=[parameter("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("I", ["tensor(int32)"], "")],
+    )
+    onnx.defs.register_schema(schema)
+
+
 def _trt_plugin_translation():
     """onnxscript translation of our operator into TensorRT's MultiscaleDeformableAttnPlugin_TRT
     (inputs value, int32 spatial_shapes, int32 level_start_index, sampling_locations,
     attention_weights; output (B, Q, heads, C_h), reshaped to our (B, Q, heads * C_h))."""
     import onnxscript
-    from onnxscript import opset17 as op
+    from onnxscript import opset18 as op
 
-    trt = onnxscript.values.Opset("trt", 1)
+    _register_trt_plugin_schema()
+    trt = onnxscript.values.Opset(TRT_DOMAIN, 1)
 
     def ms_deform_attn_trt(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
-        output = trt.MultiscaleDeformableAttnPlugin_TRT(
+        output = getattr(trt, TRT_PLUGIN)(
             value,
             op.Cast(spatial_shapes, to=onnxscript.INT32.dtype),
             op.Cast(level_start_index, to=onnxscript.INT32.dtype),
@@ -182,13 +219,17 @@ def export_onnx(
     metadata: ExportMetadata,
     *,
     trt_plugin: bool = False,
-    opset: int = 17,
-    optimize: bool = True,
+    opset: int = 18,
+    optimize: bool = False,
 ) -> str:
     """ONNX model of an exported program (from `export_program`, with the kernel operator):
     the deformable attention decomposed into standard operators, or with `trt_plugin` one
     MultiscaleDeformableAttnPlugin_TRT node (domain "trt") per call. Inputs "images", outputs
-    OUTPUT_NAMES; the metadata is in the model's metadata_props[METADATA_KEY]."""
+    OUTPUT_NAMES; the metadata is in the model's metadata_props[METADATA_KEY].
+
+    optimize: run onnxscript's graph optimizer on the result. NOTE: off by default - it took
+    minutes on the small test model on two CPU cores, and onnxruntime optimizes the graph
+    when it loads it anyway (GraphOptimizationLevel.ORT_ENABLE_ALL in `ExportedDetector`)."""
     import onnx
 
     if opset < 17:

@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from ..modeling.outputs import RawDetections
-from .metadata import METADATA_KEY, ExportMetadata
+from .metadata import METADATA_KEY, MIN_IMAGE_SIZE, ExportMetadata
 
 __all__ = ["ExportedDetector", "exported_kind", "load_operator_library"]
 
@@ -109,7 +109,8 @@ class ExportedDetector:
             import onnxruntime
         except ImportError as error:
             raise ImportError(
-                "running an ONNX model needs onnx and onnxruntime: pip install -r requirements-export.txt"
+                "running an ONNX model needs onnx and onnxruntime: pip install onnx onnxruntime "
+                "(listed in requirements.txt)"
             ) from error
         model = onnx.load(self.path, load_external_data=False)
         props = {p.key: p.value for p in model.metadata_props}
@@ -136,6 +137,14 @@ class ExportedDetector:
             raise ValueError(
                 f"ExportedDetector: expected a (B, 3, H, W) batch with H and W multiples of {divisor}, "
                 f"got {tuple(images.shape)}"
+            )
+        height, width = images.shape[-2:]
+        limit = self.metadata.max_image_size
+        if min(height, width) < MIN_IMAGE_SIZE or max(height, width) > limit:
+            raise ValueError(
+                f"ExportedDetector: the exported model takes padded batches from {MIN_IMAGE_SIZE} to {limit} pixels "
+                f"high and wide, got {height} x {width}: pad small images further, or export with a larger "
+                "--max-image-size for large ones"
             )
         if self.kind == "onnx":
             outputs = self._session.run(None, {self._input: images.detach().cpu().float().contiguous().numpy()})

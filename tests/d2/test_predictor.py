@@ -1,0 +1,49 @@
+"""`Predictor.from_config` (di_maskdino/d2/predictor.py) on the quick-start config against
+the detectron2 model's own inference (its resizing, channel order and instances)."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
+
+from detectron2.data import transforms as T  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from di_maskdino import Predictor  # noqa: E402
+from di_maskdino.d2 import load_config  # noqa: E402
+
+from ..modeling.tiny import perturb  # noqa: E402
+from .conftest import QUICK  # noqa: E402
+
+
+def test_refuses_to_run_without_weights():
+    with pytest.raises(ValueError, match="MODEL.WEIGHTS is empty.*allow_random_weights"):
+        Predictor.from_config(QUICK)
+
+
+def test_predictor_gives_the_detectron2_models_instances(tmp_path):
+    cfg = load_config(QUICK, [])
+    torch.manual_seed(0)
+    model = perturb(build_model(cfg)).eval()
+    weights = tmp_path / "model.pth"
+    torch.save({"model": model.state_dict()}, weights)
+    predictor = Predictor.from_config(QUICK, str(weights), input_format="BGR")
+    assert predictor.instances and predictor.max_detections == cfg.TEST.DETECTIONS_PER_IMAGE
+
+    generator = np.random.default_rng(0)
+    bgr = generator.integers(0, 256, (150, 100, 3), dtype=np.uint8)
+    found = predictor([bgr])[0]
+
+    resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+    resized = resize.get_transform(bgr).apply_image(bgr)
+    network = resized if cfg.INPUT.FORMAT == "BGR" else resized[:, :, ::-1]
+    image = torch.as_tensor(np.ascontiguousarray(network.transpose(2, 0, 1)))
+    with torch.no_grad():
+        expected = model([{"image": image, "height": 150, "width": 100}])[0]["instances"]
+    assert found.image_size == expected.image_size == (150, 100)
+    assert len(expected) > 0
+    assert found.pred_classes.tolist() == expected.pred_classes.tolist()
+    torch.testing.assert_close(found.scores, expected.scores, rtol=0, atol=1e-6)
+    torch.testing.assert_close(found.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=0, atol=1e-4)
+    assert torch.equal(found.pred_masks, expected.pred_masks)

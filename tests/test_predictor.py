@@ -1,0 +1,170 @@
+"""`Predictor` on the tiny model: every kind of input against the model's own `predict` on
+the same pixels, batching, the two filters against filtering the unfiltered output by hand,
+both output types, and clear errors for bad inputs."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from di_maskdino import Predictor
+from di_maskdino.images import ImageReadError, resize_image, shortest_edge_size
+from di_maskdino.modeling.postprocess import Detections
+
+from .modeling.tiny import perturb, tiny_model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return perturb(tiny_model()).eval()
+
+
+def rgb_image(seed: int, height: int, width: int) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: smooth colour blobs (they survive JPEG) plus a little noise."""
+    generator = np.random.default_rng(seed)
+    ys, xs = np.mgrid[0:height, 0:width]
+    image = np.zeros((height, width, 3))
+    for channel in range(3):
+        cy, cx = generator.uniform(0, height), generator.uniform(0, width)
+        image[:, :, channel] = 255 * np.exp(-((ys - cy) ** 2 + (xs - cx) ** 2) / (2 * (0.3 * height) ** 2))
+    image += generator.uniform(0, 20, image.shape)
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def assert_same(found: Detections, expected: Detections):
+    assert found.labels.tolist() == expected.labels.tolist()
+    torch.testing.assert_close(found.scores, expected.scores, rtol=0, atol=0)
+    torch.testing.assert_close(found.boxes, expected.boxes, rtol=0, atol=0)
+    assert (found.masks is None) == (expected.masks is None)
+    if found.masks is not None:
+        assert torch.equal(found.masks, expected.masks)
+
+
+def eager(model, rgb: np.ndarray, **kwargs) -> Detections:
+    """The oracle: the model's own pre- and post-processing of the RGB pixels."""
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()
+    return model.predict([tensor], **kwargs)[0]
+
+
+def detections_predictor(model, **kwargs) -> Predictor:
+    kwargs.setdefault("max_detections", None)
+    return Predictor.from_model(model, output="detections", **kwargs)
+
+
+def test_arrays_tensors_and_files_give_the_models_predictions(model, tmp_path):
+    rgb = rgb_image(0, 70, 100)
+    expected = eager(model, rgb)
+    assert len(expected) == 36 and expected.masks.any()  # 12 queries x 3 classes
+    path = tmp_path / "image.png"
+    Image.fromarray(rgb).save(path)
+    rgb_input = detections_predictor(model, input_format="RGB")
+    bgr_input = detections_predictor(model, input_format="BGR")
+    for found in (
+        rgb_input([rgb])[0],
+        bgr_input([rgb[:, :, ::-1].copy()])[0],
+        rgb_input([torch.from_numpy(rgb.transpose(2, 0, 1).copy())])[0],
+        rgb_input([str(path)])[0],
+        bgr_input([path])[0],  # files are read as RGB whatever the arrays' order
+    ):
+        assert_same(found, expected)
+    # a wrong channel order is not silently the same
+    assert not torch.equal(rgb_input([rgb[:, :, ::-1].copy()])[0].scores, expected.scores)
+
+
+def test_network_in_bgr(model):
+    """A network trained on BGR gets the channels reversed, whatever the input order."""
+    rgb = rgb_image(1, 64, 80)
+    expected = eager(model, rgb[:, :, ::-1])
+    predictor = detections_predictor(model, model_format="BGR", input_format="RGB")
+    assert_same(predictor([rgb])[0], expected)
+
+
+def test_exif_orientation_of_a_jpeg_is_applied(model, tmp_path):
+    rgb = rgb_image(2, 64, 96)
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the stored pixels are to be rotated 90 degrees clockwise
+    Image.fromarray(rgb).save(path, quality=95, exif=exif)
+    with Image.open(path) as stored:  # decoded without applying the tag
+        upright = np.rot90(np.asarray(stored.convert("RGB")), k=-1).copy()
+    found = detections_predictor(model)([path])[0]
+    expected = eager(model, upright)
+    assert upright.shape[:2] == (96, 64)
+    assert_same(found, expected)
+    assert found.masks.shape[-2:] == (96, 64)
+
+
+def test_test_time_resizing_reports_at_the_original_size(model):
+    rgb = rgb_image(3, 60, 90)
+    size = shortest_edge_size(60, 90, 96, 128)
+    assert size == (85, 128)
+    resized = resize_image(rgb, size)
+    expected = eager(model, resized, output_sizes=[(60, 90)])
+    found = detections_predictor(model, min_size=96, max_size=128)([rgb])[0]
+    assert_same(found, expected)
+    assert found.masks.shape[-2:] == (60, 90)
+
+
+def test_batching(model):
+    images = [rgb_image(4, 64, 96), rgb_image(5, 72, 64), rgb_image(6, 64, 96)]
+    singles = [detections_predictor(model)([image])[0] for image in images]
+    one_by_one = detections_predictor(model, batch_size=1)(images)
+    for found, expected in zip(one_by_one, singles):
+        assert_same(found, expected)
+    assert [tuple(d.masks.shape[-2:]) for d in one_by_one] == [(64, 96), (72, 64), (64, 96)]
+    # images of one size need no extra padding: a batch gives each one's own predictions
+    # (up to the batched kernels' float rounding)
+    pair = detections_predictor(model, batch_size=2)([images[0], images[2]])
+    for found, expected in zip(pair, (singles[0], singles[2])):
+        assert found.labels.tolist() == expected.labels.tolist()
+        torch.testing.assert_close(found.scores, expected.scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(found.boxes, expected.boxes, rtol=0, atol=1e-3)
+
+
+def test_score_threshold_and_max_detections_filter_the_unfiltered_output(model):
+    rgb = rgb_image(7, 64, 96)
+    everything = detections_predictor(model)([rgb])[0]
+    threshold = everything.scores.median().item()
+    for score_threshold, max_detections in ((threshold, None), (0.0, 7), (threshold, 5)):
+        keep = [i for i in range(len(everything)) if everything.scores[i] >= score_threshold]
+        if max_detections is not None:
+            keep = sorted(keep, key=lambda i: -everything.scores[i].item())[:max_detections]
+        assert 0 < len(keep) < len(everything)
+        found = detections_predictor(model, score_threshold=score_threshold, max_detections=max_detections)([rgb])[0]
+        expected = Detections(
+            everything.scores[keep], everything.labels[keep], everything.boxes[keep], everything.masks[keep]
+        )
+        assert_same(found, expected)
+
+
+def test_instances_output_holds_the_detections(model):
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
+    rgb = rgb_image(8, 64, 96)
+    expected = detections_predictor(model)([rgb])[0]
+    instances = Predictor.from_model(model, output="instances", max_detections=None)([rgb])[0]
+    assert instances.image_size == (64, 96)
+    assert instances.pred_classes.tolist() == expected.labels.tolist()
+    assert torch.equal(instances.scores, expected.scores)
+    assert torch.equal(instances.pred_boxes.tensor, expected.boxes)
+    assert torch.equal(instances.pred_masks, expected.masks)
+
+
+def test_bad_inputs_are_named(model, tmp_path):
+    predictor = detections_predictor(model)
+    missing = tmp_path / "missing.png"
+    with pytest.raises(ImageReadError, match="not found.*missing.png"):
+        predictor([missing])
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.raises(ImageReadError, match="cannot decode image .*corrupt.jpg"):
+        predictor([corrupt])
+    with pytest.raises(ValueError, match=r"image 1 must be an \(H, W, 3\) array, got shape \(8, 8, 4\)"):
+        predictor([rgb_image(9, 64, 64), np.zeros((8, 8, 4), np.uint8)])
+    with pytest.raises(ValueError, match=r"image tensor 0 must be \(3, H, W\)"):
+        predictor([torch.zeros(1, 3, 64, 64)])
+    with pytest.raises(TypeError, match="give a list of images"):
+        predictor(rgb_image(9, 64, 64))
+    with pytest.raises(TypeError, match="image 0 is a int"):
+        predictor([3])
+    with pytest.raises(ValueError, match="input_format must be 'RGB' or 'BGR'"):
+        detections_predictor(model, input_format="YUV")
