@@ -81,7 +81,8 @@ def test_refinement_run_trains_the_head_only_and_reports_both_masks(trained, dat
         ],
         data_root,
     )
-    assert "training " in result.stderr and "frozen by MODEL.FREEZE" in result.stderr
+    log = result.stdout + result.stderr
+    assert "training " in log and "frozen by MODEL.FREEZE" in log
     with open(tmp_path / "metrics_synthetic_val.json") as handle:
         metrics = json.load(handle)
     assert set(metrics) == {"bbox", "segm", "bbox_detector", "segm_detector"}
