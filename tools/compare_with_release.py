@@ -117,6 +117,17 @@ def our_model_for(cfg, backbone):
     )
 
 
+def clipped_boxes(instances, image):
+    """The release's boxes of one image's Instances, clipped to the (3, H, W) image.
+
+    NOTE: the release reports boxes unclipped; ours are clipped to the image (as detectron2's
+    models do), so the release's boxes are clipped before ordering and comparing."""
+    boxes = instances.pred_boxes.tensor.clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, image.shape[2])
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, image.shape[1])
+    return boxes
+
+
 def canonical_order(scores, labels, boxes, masks):
     """Sort by score (descending), then class, then box, then mask area: ties in score are
     common with random weights (every empty mask scores 0), and clipped boxes can tie too."""
@@ -266,11 +277,7 @@ def compare_instances(compare, release, ours, images):
     their_results = release([{"image": image, "height": image.shape[1], "width": image.shape[2]} for image in images])
     for index, (mine, theirs) in enumerate(zip(ours.predict(images), their_results)):
         theirs = theirs["instances"]
-        # NOTE: the release reports boxes unclipped; ours are clipped to the image (as detectron2's
-        # models do), so the release's boxes are clipped here before ordering and comparing.
-        their_boxes = theirs.pred_boxes.tensor.clone()
-        their_boxes[:, 0::2] = their_boxes[:, 0::2].clamp(0, images[index].shape[2])
-        their_boxes[:, 1::2] = their_boxes[:, 1::2].clamp(0, images[index].shape[1])
+        their_boxes = clipped_boxes(theirs, images[index])
         order_mine = canonical_order(mine.scores, mine.labels, mine.boxes, mine.masks)
         order_theirs = canonical_order(theirs.scores, theirs.pred_classes, their_boxes, theirs.pred_masks)
         compare(f"image {index} scores", mine.scores[order_mine], theirs.scores[order_theirs])
@@ -356,12 +363,13 @@ def compare_segmentation(compare, release, ours, images, inference):
     for index, (mine, theirs) in enumerate(zip(predict_segmentation(ours, images, inference), their_results)):
         if inference.instance:
             found, expected = mine.instances, theirs["instances"]
-            order_mine = canonical_order(found.scores, found.labels, found.boxes)
-            order_theirs = canonical_order(expected.scores, expected.pred_classes, expected.pred_boxes.tensor)
+            their_boxes = clipped_boxes(expected, images[index])
+            order_mine = canonical_order(found.scores, found.labels, found.boxes, found.masks)
+            order_theirs = canonical_order(expected.scores, expected.pred_classes, their_boxes, expected.pred_masks)
             print(f"  image {index}: {len(found)} thing instances (release {len(expected)})")
             compare(f"image {index} scores", found.scores[order_mine], expected.scores[order_theirs])
             compare(f"image {index} classes", found.labels[order_mine], expected.pred_classes[order_theirs])
-            compare(f"image {index} boxes", found.boxes[order_mine], expected.pred_boxes.tensor[order_theirs])
+            compare(f"image {index} boxes", found.boxes[order_mine], their_boxes[order_theirs])
             compare.binary(f"image {index} masks", found.masks[order_mine], expected.pred_masks[order_theirs])
         if inference.panoptic:
             ids, segments = theirs["panoptic_seg"]
