@@ -191,7 +191,8 @@ def main() -> int:
         calls, kinds = sum(unsupported.values()), len(unsupported)
         print(f"  not counted (elementwise and indexing ops): {calls} calls of {kinds} kinds")
 
-    for kind in args.backend:
+    # in BACKENDS order whatever the command line's: AOTInductor before ONNX (see export_onnx)
+    for kind in [k for k in BACKENDS if k in args.backend]:
         print(f"{kind}:")
         function = backend_function(kind, model, cfg, args)
         predictor = Predictor(

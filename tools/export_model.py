@@ -147,7 +147,8 @@ def main() -> int:
     print(f"torch.export: {time.perf_counter() - start:.0f} s")
     torch_program = program if args.deformable_attention == "kernel" else decompose_deformable_attention(program)
     written = []
-    for kind in args.formats + (["trt"] if args.onnx_trt_plugin else []):
+    # in FORMATS order whatever the command line's: AOTInductor before ONNX (see export_onnx)
+    for kind in [k for k in FORMATS if k in args.formats] + (["trt"] if args.onnx_trt_plugin else []):
         path = os.path.join(args.output, FILE_NAMES[kind])
         start = time.perf_counter()
         if kind == "export":

@@ -227,6 +227,10 @@ def export_onnx(
     MultiscaleDeformableAttnPlugin_TRT node (domain "trt") per call. Inputs "images", outputs
     OUTPUT_NAMES; the metadata is in the model's metadata_props[METADATA_KEY].
 
+    NOTE: after this, AOTInductor fails to compile `program` - or any program - in the same
+    process (torch 2.14: PendingUnbackedSymbolNotFound, also when given a deep copy); compile
+    AOTInductor packages first (tools/export_model.py and tools/benchmark_model.py do).
+
     optimize: run onnxscript's graph optimizer on the result. NOTE: off by default - it took
     minutes on the small test model on two CPU cores, and onnxruntime optimizes the graph
     when it loads it anyway (GraphOptimizationLevel.ORT_ENABLE_ALL in `ExportedDetector`)."""

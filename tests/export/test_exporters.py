@@ -98,6 +98,16 @@ def test_saved_and_loaded_program(model, program, folder):
     assert_agrees(model, detector)
 
 
+def test_aoti_package(model, program, folder):
+    # NOTE: before the ONNX tests: after torch.onnx.export in a process, AOTInductor fails to
+    # compile the program (torch 2.14, PendingUnbackedSymbolNotFound); see `export_onnx`.
+    path = os.path.join(folder, "model_aoti.pt2")
+    compile_aoti(program, path, metadata_for(model, max_image_size=512))
+    detector = ExportedDetector(path)
+    assert detector.kind == "aoti"
+    assert_agrees(model, detector)
+
+
 def test_onnx_in_onnxruntime(model, program, folder):
     pytest.importorskip("onnx", reason=ONNX_REASON)
     pytest.importorskip("onnxruntime", reason=ONNX_REASON)
@@ -109,14 +119,6 @@ def test_onnx_in_onnxruntime(model, program, folder):
     assert not any("Deformable" in node.op_type or node.op_type == "GridSample" for node in graph.node)
     detector = ExportedDetector(path)
     assert detector.kind == "onnx"
-    assert_agrees(model, detector)
-
-
-def test_aoti_package(model, program, folder):
-    path = os.path.join(folder, "model_aoti.pt2")
-    compile_aoti(program, path, metadata_for(model, max_image_size=512))
-    detector = ExportedDetector(path)
-    assert detector.kind == "aoti"
     assert_agrees(model, detector)
 
 
