@@ -143,7 +143,8 @@ def main() -> int:
         )
 
     start = time.perf_counter()
-    program = export_program(model, max_image_size=args.max_image_size)
+    sizes = {"max_image_size": args.max_image_size}
+    program = export_program(model, **sizes)
     print(f"torch.export: {time.perf_counter() - start:.0f} s")
     torch_program = program if args.deformable_attention == "kernel" else decompose_deformable_attention(program)
     written = []
@@ -156,10 +157,23 @@ def main() -> int:
         elif kind == "aoti":
             compile_aoti(torch_program, path, metadata(args.deformable_attention))
         elif kind == "onnx":
-            export_onnx(program, path, metadata("decomposed"), opset=args.opset, optimize=args.onnx_optimize)
+            # every ONNX file from a program of its own (an ONNX export leaves its program
+            # untraceable, see export_onnx)
+            export_onnx(
+                export_program(model, **sizes),
+                path,
+                metadata("decomposed"),
+                opset=args.opset,
+                optimize=args.onnx_optimize,
+            )
         else:
             export_onnx(
-                program, path, metadata("trt_plugin"), trt_plugin=True, opset=args.opset, optimize=args.onnx_optimize
+                export_program(model, **sizes),
+                path,
+                metadata("trt_plugin"),
+                trt_plugin=True,
+                opset=args.opset,
+                optimize=args.onnx_optimize,
             )
         print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB, {time.perf_counter() - start:.0f} s)")
         written.append((kind, path))

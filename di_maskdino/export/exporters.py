@@ -227,9 +227,10 @@ def export_onnx(
     MultiscaleDeformableAttnPlugin_TRT node (domain "trt") per call. Inputs "images", outputs
     OUTPUT_NAMES; the metadata is in the model's metadata_props[METADATA_KEY].
 
-    NOTE: after this, AOTInductor fails to compile `program` - or any program - in the same
-    process (torch 2.14: PendingUnbackedSymbolNotFound, also when given a deep copy); compile
-    AOTInductor packages first (tools/export_model.py and tools/benchmark_model.py do).
+    NOTE: after this, `program` cannot be traced again - a second ONNX export or an
+    AOTInductor compilation of it fails (torch 2.14: PendingUnbackedSymbolNotFound, also with
+    a deep copy). Give every ONNX export a program of its own (`export_program`) and compile
+    AOTInductor packages before (tools/export_model.py and tools/benchmark_model.py do).
 
     optimize: run onnxscript's graph optimizer on the result. NOTE: off by default - it took
     minutes on the small test model on two CPU cores, and onnxruntime optimizes the graph
