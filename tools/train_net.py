@@ -65,11 +65,5 @@ def run(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    cluster = {"num_machines": args.num_machines, "machine_rank": args.machine_rank, "dist_url": args.dist_url}
+    launch(main, args.num_gpus, args=(args,), **cluster)  # one process per GPU (or CPU process), per machine

@@ -109,19 +109,12 @@ def register_coco_panoptic_checked(
         name,
         lambda: _load_panoptic(name, panoptic_json, image_root, panoptic_root, sem_seg_root, metadata, how_to_create),
     )
-    extra = {"sem_seg_root": sem_seg_root} if sem_seg_root else {}
-    if instances_json:
-        extra["json_file"] = instances_json
-    MetadataCatalog.get(name).set(
-        image_root=image_root,
-        panoptic_root=panoptic_root,
-        panoptic_json=panoptic_json,
-        evaluator_type="coco_panoptic_seg",
-        ignore_label=255,
-        label_divisor=1000,
-        **extra,
-        **metadata,
-    )
+    # what detectron2's panoptic and semantic evaluators read (ids are category * 1000 + instance)
+    fields = dict(metadata, evaluator_type="coco_panoptic_seg", ignore_label=255, label_divisor=1000)
+    fields.update(image_root=image_root, panoptic_root=panoptic_root, panoptic_json=panoptic_json)
+    optional = {"sem_seg_root": sem_seg_root, "json_file": instances_json}
+    fields.update({key: value for key, value in optional.items() if value})
+    MetadataCatalog.get(name).set(**fields)
 
 
 def register_builtin_panoptic_datasets(root: str) -> None:
