@@ -24,10 +24,12 @@ def named_outputs(output: DIMaskDINOOutput) -> List[Tuple[str, Predictions]]:
 
 
 @torch.no_grad()
-def evaluate_every_layer(model, data_loader, dataset_name: str) -> "OrderedDict[str, Dict[str, float]]":
-    """{output name: {"bbox": AP, "segm": AP (absent for box-only outputs)}} with COCO AP in
-    percent, as detectron2's COCOEvaluator reports it. `model` is a DIMaskDINOArch."""
-    evaluators: Dict[str, COCOEvaluator] = OrderedDict()
+def evaluate_outputs(model, data_loader, make_evaluators, results) -> "OrderedDict[str, List[Dict]]":
+    """Runs every supervised output of `model` (a DIMaskDINOArch) over `data_loader` through
+    its own evaluators: `make_evaluators(prediction)` gives the list for an output (made at
+    its first batch), `results(prediction, inputs, sizes, padded_size)` what they process.
+    Returns {output name: [each evaluator's metrics]}."""
+    evaluators: Dict[str, List] = OrderedDict()
     was_training = model.training
     model.eval()
     try:
@@ -37,14 +39,26 @@ def evaluate_every_layer(model, data_loader, dataset_name: str) -> "OrderedDict[
             padded = tuple(batch.shape[-2:])
             for name, prediction in named_outputs(output):
                 if name not in evaluators:
-                    tasks = ("bbox", "segm") if prediction.masks is not None else ("bbox",)
-                    evaluators[name] = COCOEvaluator(dataset_name, tasks=tasks, output_dir=None)
-                    evaluators[name].reset()
-                evaluators[name].process(inputs, model.detectron2_results(prediction, inputs, sizes, padded))
+                    evaluators[name] = make_evaluators(prediction)
+                    for evaluator in evaluators[name]:
+                        evaluator.reset()
+                found = results(prediction, inputs, sizes, padded)
+                for evaluator in evaluators[name]:
+                    evaluator.process(inputs, found)
     finally:
         model.train(was_training)
-    table = OrderedDict()
-    for name, evaluator in evaluators.items():
-        metrics = evaluator.evaluate() or {}
-        table[name] = {task: float(values["AP"]) for task, values in metrics.items()}
-    return table
+    return OrderedDict((name, [e.evaluate() or {} for e in parts]) for name, parts in evaluators.items())
+
+
+def evaluate_every_layer(model, data_loader, dataset_name: str) -> "OrderedDict[str, Dict[str, float]]":
+    """{output name: {"bbox": AP, "segm": AP (absent for box-only outputs)}} with COCO AP in
+    percent, as detectron2's COCOEvaluator reports it. `model` is a DIMaskDINOArch."""
+
+    def make_evaluators(prediction):
+        tasks = ("bbox", "segm") if prediction.masks is not None else ("bbox",)
+        return [COCOEvaluator(dataset_name, tasks=tasks, output_dir=None)]
+
+    metrics = evaluate_outputs(model, data_loader, make_evaluators, model.detectron2_results)
+    return OrderedDict(
+        (name, {task: float(values["AP"]) for task, values in parts[0].items()}) for name, parts in metrics.items()
+    )

@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 from detectron2.data import MetadataCatalog
@@ -26,7 +26,7 @@ from PIL import Image
 from ..data.panoptic import id_to_rgb
 from ..modeling.panoptic import SegmentationInference
 from .evaluation import InstanceEvaluator
-from .layer_evaluation import named_outputs
+from .layer_evaluation import evaluate_outputs
 
 __all__ = [
     "build_segmentation_inference",
@@ -247,37 +247,25 @@ def evaluate_every_layer_segmentation(model, data_loader, dataset_name: str) -> 
     inference = model.segmentation
     if inference is None:
         raise ValueError("evaluate_every_layer_segmentation needs MODEL.DI_MASKDINO.TEST.PANOPTIC_ON or SEMANTIC_ON")
-    evaluators: Dict[str, List] = OrderedDict()
-    was_training = model.training
-    model.eval()
-    try:
-        for inputs in data_loader:
-            batch, sizes = model.preprocess([x["image"] for x in inputs])
-            output = model.run(batch, all_layer_masks=True)
-            padded = tuple(batch.shape[-2:])
-            for name, prediction in named_outputs(output):
-                if name not in evaluators:
-                    evaluators[name] = []
-                    with_masks = prediction.masks is not None
-                    if inference.instance:
-                        tasks = ("bbox", "segm") if with_masks else ("bbox",)
-                        evaluators[name].append(COCOEvaluator(dataset_name, tasks=tasks, output_dir=None))
-                    if with_masks and inference.panoptic:
-                        evaluators[name].append(PanopticEvaluator(dataset_name))
-                    if with_masks and inference.semantic:
-                        evaluators[name].append(SemSegEvaluator(dataset_name, distributed=True))
-                    for evaluator in evaluators[name]:
-                        evaluator.reset()
-                results = segmentation_results(model, inference, prediction, inputs, sizes, padded)
-                for evaluator in evaluators[name]:
-                    evaluator.process(inputs, results)
-    finally:
-        model.train(was_training)
+
+    def make_evaluators(prediction):
+        parts, with_masks = [], prediction.masks is not None
+        if inference.instance:
+            tasks = ("bbox", "segm") if with_masks else ("bbox",)
+            parts.append(COCOEvaluator(dataset_name, tasks=tasks, output_dir=None))
+        if with_masks and inference.panoptic:
+            parts.append(PanopticEvaluator(dataset_name))
+        if with_masks and inference.semantic:
+            parts.append(SemSegEvaluator(dataset_name, distributed=True))
+        return parts
+
+    def results(prediction, inputs, sizes, padded):
+        return segmentation_results(model, inference, prediction, inputs, sizes, padded)
+
     table = OrderedDict()
-    for name, parts in evaluators.items():
+    for name, parts in evaluate_outputs(model, data_loader, make_evaluators, results).items():
         row = {}
-        for evaluator in parts:
-            metrics = evaluator.evaluate() or {}
+        for metrics in parts:
             for task in ("bbox", "segm"):
                 if task in metrics:
                     row[task] = float(metrics[task]["AP"])
