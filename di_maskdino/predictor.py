@@ -18,7 +18,7 @@ single-image results exactly.
 """
 
 import os
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -27,12 +27,23 @@ from torch.nn import functional as F
 from .images import read_image_rgb, resize_image, shortest_edge_size
 from .modeling.model import pad_images
 from .modeling.outputs import RawDetections
+from .modeling.panoptic import thing_detections
 from .modeling.postprocess import Detections, detections_from_raw
 
 __all__ = ["Predictor", "ImageInput"]
 
 ImageInput = Union[str, "os.PathLike[str]", np.ndarray, torch.Tensor]
-Backend = Callable[[torch.Tensor], RawDetections]
+Backend = Callable[[torch.Tensor], Any]
+# (network output, image sizes, padded size, output sizes, score_threshold, max_detections) -> detections
+Postprocess = Callable[[Any, List[Tuple[int, int]], Tuple[int, int], List[Tuple[int, int]], float, Optional[int]], list]
+
+
+def _raw_detections(raw: RawDetections, sizes, padded_size, output_sizes, score_threshold, max_detections):
+    return detections_from_raw(
+        raw, sizes, padded_size, output_sizes, score_threshold=score_threshold, max_detections=max_detections
+    )
+
+
 OUTPUTS = ("auto", "instances", "detections")
 
 
@@ -47,7 +58,10 @@ def _detectron2_available() -> bool:
 class Predictor:
     """
     Args:
-        backend: preprocessed batch (B, 3, H, W) -> `RawDetections` (see the constructors).
+        backend: preprocessed batch (B, 3, H, W) -> network output, by default `RawDetections`
+            (see the constructors).
+        postprocess: network output -> per-image `Detections` (see `Postprocess`); default
+            `detections_from_raw`, for `RawDetections`.
         pixel_mean, pixel_std: normalisation, in the network's channel order.
         size_divisibility: batches are padded to a multiple of it.
         model_format: channel order the network expects ("RGB" or "BGR").
@@ -60,12 +74,15 @@ class Predictor:
         device: where the inputs go (the backend's device).
         output: "instances" (detectron2), "detections" (the core's type) or "auto".
         class_names: optional names of the classes (for drawing).
+        class_mask: (K,) bool, the classes to report (e.g. the things of a panoptic model),
+            None: all; applied after `max_detections`, as the detectron2 model does.
     """
 
     def __init__(
         self,
         backend: Backend,
         *,
+        postprocess: Postprocess = _raw_detections,
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int = 32,
@@ -79,6 +96,7 @@ class Predictor:
         device: Union[str, torch.device] = "cpu",
         output: str = "auto",
         class_names: Sequence[str] = (),
+        class_mask: Optional[torch.Tensor] = None,
     ):
         for name, value in (("model_format", model_format), ("input_format", input_format)):
             if value not in ("RGB", "BGR"):
@@ -92,6 +110,7 @@ class Predictor:
         if output == "instances" and not _detectron2_available():
             raise ImportError("Predictor: output='instances' needs detectron2; use output='detections'")
         self.backend = backend
+        self.postprocess = postprocess
         self.device = torch.device(device)
         self.pixel_mean = torch.tensor(pixel_mean, dtype=torch.float32, device=self.device).view(-1, 1, 1)
         self.pixel_std = torch.tensor(pixel_std, dtype=torch.float32, device=self.device).view(-1, 1, 1)
@@ -105,6 +124,7 @@ class Predictor:
         self.batch_size = batch_size
         self.instances = output == "instances" or (output == "auto" and _detectron2_available())
         self.class_names = list(class_names)
+        self.class_mask = None if class_mask is None else torch.as_tensor(class_mask, dtype=torch.bool)
 
     # -- constructors ---------------------------------------------------------------------
 
@@ -112,19 +132,28 @@ class Predictor:
     def from_model(cls, model, **kwargs) -> "Predictor":
         """A predictor running `model` (a `DIMaskDINO`, put in evaluation mode) eagerly; its
         normalisation, size divisibility and `test_topk` are the model's. It runs the
-        detector's inference (`model.detect`): a model whose box mask head refines the masks
-        is refused unless it tests the detector's own masks."""
-        if getattr(model, "box_mask_head", None) is not None and getattr(model, "test_masks", None) != "detector":
-            raise ValueError(
-                "Predictor runs the detector's inference (masks of the detector), but this model has a box mask "
-                "head whose refined masks it would not use: set MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS detector, "
-                "or run the detectron2 model (tools/train_net.py --eval-only)"
-            )
+        detector's inference (`model.detect`), or, for a model with a box mask head, the
+        detector with the head's refined masks (`model.refined_instances`) unless the model
+        tests the detector's own masks (`test_masks == "detector"`)."""
         model.eval()
+        refined = getattr(model, "box_mask_head", None) is not None and getattr(model, "test_masks", None) != "detector"
+        if refined:
 
-        def backend(batch: torch.Tensor) -> RawDetections:
-            with torch.inference_mode():
-                return model.detect(batch)
+            def backend(batch: torch.Tensor):
+                with torch.inference_mode():
+                    return model.run(batch)
+
+            def postprocess(output, sizes, padded_size, output_sizes, score_threshold, max_detections):
+                with torch.inference_mode():
+                    found = model.refined_instances(output, sizes, padded_size, output_sizes)
+                return [f.filtered(score_threshold, max_detections) for f in found]
+
+            kwargs.setdefault("postprocess", postprocess)
+        else:
+
+            def backend(batch: torch.Tensor) -> RawDetections:
+                with torch.inference_mode():
+                    return model.detect(batch)
 
         kwargs.setdefault("device", model.pixel_mean.device)
         return cls(
@@ -269,15 +298,12 @@ class Predictor:
             # predictions slightly against the eager model on the smaller padding.
             grow = [0, max(small - batch.shape[-1], 0), 0, max(small - batch.shape[-2], 0)]
             batch = F.pad(batch, grow)
-        raw = self.backend(batch)
-        return detections_from_raw(
-            raw,
-            sizes,
-            tuple(batch.shape[-2:]),
-            output_sizes,
-            score_threshold=self.score_threshold,
-            max_detections=self.max_detections,
+        found = self.postprocess(
+            self.backend(batch), sizes, tuple(batch.shape[-2:]), output_sizes, self.score_threshold, self.max_detections
         )
+        if self.class_mask is None:
+            return found
+        return [thing_detections(f, self.class_mask) for f in found]
 
     def __call__(self, images: Sequence[ImageInput]) -> list:
         """Instances (or Detections) of every image, at its original size."""

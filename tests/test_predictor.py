@@ -1,6 +1,7 @@
 """`Predictor` on the tiny model: every kind of input against the model's own `predict` on
 the same pixels, batching, the two filters against filtering the unfiltered output by hand,
-both output types, and clear errors for bad inputs."""
+a model with a box mask head (its refined masks) and a class mask, both output types, and
+clear errors for bad inputs."""
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from PIL import Image
 
 from di_maskdino import Predictor
 from di_maskdino.images import ImageReadError, resize_image, shortest_edge_size
+from di_maskdino.modeling.architecture import BoxMaskHeadSpec
 from di_maskdino.modeling.postprocess import Detections
 
 from .modeling.tiny import perturb, tiny_model
@@ -135,6 +137,42 @@ def test_score_threshold_and_max_detections_filter_the_unfiltered_output(model):
             everything.scores[keep], everything.labels[keep], everything.boxes[keep], everything.masks[keep]
         )
         assert_same(found, expected)
+
+
+def test_a_box_mask_head_gives_its_refined_masks():
+    """The predictor of a model with a box mask head reports the head's masks, as the
+    model's own `predict` does, and not the detector's; with the detector's masks asked for
+    (`test_masks = "detector"`, as the detectron2 model sets it) it reports the detector's."""
+    spec = BoxMaskHeadSpec(hidden_dim=16, roi_size=7, mask_size=14, fine_feature="image")
+    refined_model = perturb(tiny_model(box_mask_head=spec)).eval()
+    rgb = rgb_image(11, 64, 96)
+    expected = eager(refined_model, rgb)
+    found = detections_predictor(refined_model)([rgb])[0]
+    assert_same(found, expected)
+    refined_model.test_masks = "detector"
+    try:
+        detector = detections_predictor(refined_model)([rgb])[0]
+    finally:
+        del refined_model.test_masks
+    assert found.labels.tolist() == detector.labels.tolist()  # the same (query, class) pairs
+    torch.testing.assert_close(found.boxes, detector.boxes, rtol=0, atol=0)
+    assert not torch.equal(found.masks, detector.masks)  # other masks (and so other scores)
+
+
+def test_class_mask_keeps_the_chosen_classes_after_max_detections(model):
+    rgb = rgb_image(12, 64, 96)
+    everything = detections_predictor(model, max_detections=20)([rgb])[0]  # 12 per class at most
+    dropped = everything.labels[0].item()  # the class of the best detection
+    class_mask = torch.arange(3) != dropped
+    found = detections_predictor(model, max_detections=20, class_mask=class_mask)([rgb])[0]
+    keep = [i for i, label in enumerate(everything.labels.tolist()) if label != dropped]
+    assert 0 < len(keep) < len(everything)
+    assert_same(
+        found,
+        Detections(
+            *(t[keep] for t in (everything.scores, everything.labels, everything.boxes)), everything.masks[keep]
+        ),
+    )
 
 
 def test_instances_output_holds_the_detections(model):

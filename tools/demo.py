@@ -3,6 +3,14 @@
 
     python tools/demo.py --config-file configs/quick_start.yaml --input datasets/synthetic/val \\
         --output output/demo --json output/demo/instances.json MODEL.WEIGHTS output/quick_start/model_final.pth
+    python tools/demo.py --exported output/export/model.onnx --config-file configs/quick_start.yaml \\
+        --input datasets/synthetic/val --output output/demo_onnx
+
+The predictions come from `di_maskdino.Predictor`: the config's model with MODEL.WEIGHTS
+(refined masks for a model with a box mask head; things for a panoptic model), or with
+--exported, a file written by tools/export_model.py (torch.export archive, AOTInductor
+package or ONNX model), whose input convention is stored in it; the config then only
+names the dataset (ids and class names) and may be left out.
 
 --input takes image files, folders and glob patterns. Every input image gives one drawing
 in OUTPUT (<name>.jpg; inputs sharing a name, such as a.jpg and a.png, get distinct
@@ -27,13 +35,12 @@ import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without it
 
 # isort: split
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data import transforms as T  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
+from detectron2.data.catalog import Metadata  # noqa: E402
 from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
+from di_maskdino import Predictor  # noqa: E402
 from di_maskdino.d2 import (  # noqa: E402
-    Checkpointer,
     CheckpointError,
     ImageReadError,
     load_config,
@@ -85,6 +92,9 @@ def output_names(paths):
 
 
 def setup_cfg(args):
+    """The config (None when --exported runs without one), on the CPU when CUDA is absent."""
+    if args.config_file is None:
+        return None
     cfg = load_config(args.config_file, args.opts)
     if args.device:
         cfg.MODEL.DEVICE = args.device
@@ -95,46 +105,44 @@ def setup_cfg(args):
     return cfg
 
 
-def load_model(cfg, allow_random_weights: bool):
-    """The model of the config with MODEL.WEIGHTS, which must fill it."""
-    model = build_model(cfg).eval()
+def build_predictor(args, cfg) -> Predictor:
+    """The Predictor of the exported file, or of the config's model with MODEL.WEIGHTS (which
+    must fill it). Every prediction is kept (score_threshold 0): the demo filters them, to
+    say how many fell under --confidence-threshold."""
+    if args.exported:
+        if not os.path.isfile(args.exported):
+            raise SystemExit(f"--exported {args.exported}: no such file (write one with tools/export_model.py)")
+        device = args.device or "cpu"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            print(f"CUDA is not available: running on the CPU (--device {device} -> cpu)")
+            device = "cpu"
+        return Predictor.from_exported(args.exported, device=device, input_format="RGB", output="instances")
+    if not cfg.MODEL.WEIGHTS and not args.allow_random_weights:
+        raise SystemExit(
+            "MODEL.WEIGHTS is not set: the demo would draw the predictions of an untrained (random) model. "
+            "Give the weights, e.g. MODEL.WEIGHTS output/quick_start/model_final.pth, or pass "
+            "--allow-random-weights to draw them anyway."
+        )
     if not cfg.MODEL.WEIGHTS:
-        if not allow_random_weights:
-            raise SystemExit(
-                "MODEL.WEIGHTS is not set: the demo would draw the predictions of an untrained (random) model. "
-                "Give the weights, e.g. MODEL.WEIGHTS output/quick_start/model_final.pth, or pass "
-                "--allow-random-weights to draw them anyway."
-            )
         print(
             "WARNING: no MODEL.WEIGHTS, --allow-random-weights: the drawings show an UNTRAINED model", file=sys.stderr
         )
-        return model
     try:
-        Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
+        return Predictor.from_config(cfg, allow_random_weights=True, input_format="RGB", output="instances")
     except CheckpointError as error:
         raise SystemExit(str(error)) from error
-    return model
-
-
-def predict(model, cfg, image: np.ndarray):
-    """detectron2 Instances (on the CPU) of one (H, W, 3) uint8 RGB image, at its size."""
-    height, width = image.shape[:2]
-    resized = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST).get_transform(image)
-    resized = resized.apply_image(image)
-    model_input = resized[:, :, ::-1] if cfg.INPUT.FORMAT == "BGR" else resized
-    tensor = torch.as_tensor(np.ascontiguousarray(model_input.transpose(2, 0, 1)))
-    with torch.no_grad():
-        return model([{"image": tensor, "height": height, "width": width}])[0]["instances"].to("cpu")
 
 
 class DatasetTerms:
     """Class names, dataset category ids and image ids of the config's first test dataset
-    (DATASETS.TEST[0]) when it is registered and readable; otherwise the model's 0-based class
-    indices and image ids numbered from 1 in input order."""
+    (DATASETS.TEST[0]) when it is registered and readable; otherwise the predictor's class
+    names (those stored in an exported file), the model's 0-based class indices and image
+    ids numbered from 1 in input order. Labels index the things ("thing_classes") of an
+    instance model and every class ("stuff_classes") of a panoptic / semantic one."""
 
-    def __init__(self, cfg):
-        self.name = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None
-        self.metadata = MetadataCatalog.get(self.name or "__demo")
+    def __init__(self, cfg, predictor: Predictor):
+        self.name = cfg.DATASETS.TEST[0] if cfg is not None and cfg.DATASETS.TEST else None
+        dataset = MetadataCatalog.get(self.name or "__demo")
         self.image_ids = {}
         self.note = ""
         if self.name and self.name in DatasetCatalog.list():
@@ -143,11 +151,19 @@ class DatasetTerms:
                     self.image_ids[os.path.basename(record["file_name"])] = record["image_id"]
             except Exception as error:  # noqa: BLE001 - the demo works without the dataset
                 self.note = f"dataset {self.name!r} not readable here ({str(error).splitlines()[0]})"
-        to_dataset = self.metadata.get("thing_dataset_id_to_contiguous_id")
+        tests = None if cfg is None else cfg.MODEL.DI_MASKDINO.TEST
+        prefix = "stuff" if tests is not None and (tests.PANOPTIC_ON or tests.SEMANTIC_ON) else "thing"
+        to_dataset = dataset.get(f"{prefix}_dataset_id_to_contiguous_id", None)
         self.category_ids = {v: k for k, v in to_dataset.items()} if to_dataset else None
         if self.category_ids is None:
             self.note = (self.note + "; " if self.note else "") + "category_id is the model's 0-based class index"
-        self.classes = self.metadata.get("thing_classes", None)
+        self.classes = list(dataset.get(f"{prefix}_classes", None) or predictor.class_names) or None
+        # what the Visualizer reads: the names (and colours) of the labels
+        drawing = {"thing_classes": self.classes} if self.classes else {}
+        colors = dataset.get(f"{prefix}_colors", None)
+        if colors:
+            drawing["thing_colors"] = colors
+        self.metadata = Metadata(name=self.name or "__demo", **drawing)
 
     def category(self, label: int):
         name = self.classes[label] if self.classes and label < len(self.classes) else str(label)
@@ -162,28 +178,29 @@ def coco_results(instances, path, image_id, terms):
     records = []
     boxes = instances.pred_boxes.tensor.clone()
     boxes[:, 2:] -= boxes[:, :2]
+    masks = instances.pred_masks.cpu().numpy() if instances.has("pred_masks") else [None] * len(instances)
     for score, label, box, mask in zip(
-        instances.scores.tolist(), instances.pred_classes.tolist(), boxes.tolist(), instances.pred_masks.numpy()
+        instances.scores.tolist(), instances.pred_classes.tolist(), boxes.tolist(), masks
     ):
-        rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
         category_id, category_name = terms.category(label)
-        records.append(
-            {
-                "image_id": image_id,
-                "category_id": category_id,
-                "bbox": box,
-                "score": score,
-                "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()},
-                "category_name": category_name,
-                "file_name": path,
-            }
-        )
+        record = {"image_id": image_id, "category_id": category_id, "bbox": box, "score": score}
+        if mask is not None:  # a detection-only model gives boxes
+            rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+            record["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode()}
+        records.append({**record, "category_name": category_name, "file_name": path})
     return records
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--config-file", required=True, help="the config the weights were trained with")
+    parser.add_argument(
+        "--config-file",
+        default=None,
+        help="the config the weights were trained with (required unless --exported; with it, the dataset's terms)",
+    )
+    parser.add_argument(
+        "--exported", default=None, help="run this exported model (tools/export_model.py) instead of MODEL.WEIGHTS"
+    )
     parser.add_argument("--input", nargs="+", required=True, help="image files, folders or glob patterns")
     parser.add_argument("--output", required=True, help="folder for the drawings")
     parser.add_argument("--json", default=None, help="also write the instances of all images (COCO results format)")
@@ -193,15 +210,18 @@ def parse_args():
         "--allow-random-weights", action="store_true", help="run without MODEL.WEIGHTS (an untrained model)"
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.config_file is None and args.exported is None:
+        parser.error("give --config-file (the model of MODEL.WEIGHTS) or --exported (an exported model)")
+    return args
 
 
 def main() -> int:
     args = parse_args()
     cfg = setup_cfg(args)
     paths = expand_inputs(args.input)
-    model = load_model(cfg, args.allow_random_weights)
-    terms = DatasetTerms(cfg)
+    predictor = build_predictor(args, cfg)
+    terms = DatasetTerms(cfg, predictor)
     os.makedirs(args.output, exist_ok=True)
 
     records, failures = [], []
@@ -214,7 +234,7 @@ def main() -> int:
             failures.append(str(error))
             tqdm.tqdm.write(f"skipped: {error}")
             continue
-        instances = predict(model, cfg, image)
+        instances = predictor([image])[0].to("cpu")
         keep = instances.scores >= args.confidence_threshold
         below += int((~keep).sum())
         if (~keep).any():

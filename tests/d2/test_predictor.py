@@ -14,7 +14,9 @@ from di_maskdino import Predictor  # noqa: E402
 from di_maskdino.d2 import load_config  # noqa: E402
 
 from ..modeling.tiny import perturb  # noqa: E402
-from .conftest import QUICK  # noqa: E402
+from .conftest import QUICK, ROOT  # noqa: E402
+
+PANOPTIC = f"{ROOT}/configs/quick_start_panoptic.yaml"
 
 
 def test_refuses_to_run_without_weights():
@@ -22,13 +24,38 @@ def test_refuses_to_run_without_weights():
         Predictor.from_config(QUICK)
 
 
-def test_predictor_gives_the_detectron2_models_instances(tmp_path):
-    cfg = load_config(QUICK, [])
+BOX_MASK_HEAD = [
+    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED",
+    "True",
+    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.HIDDEN_DIM",
+    "16",
+    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ROI_SIZE",
+    "7",
+    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.MASK_SIZE",
+    "14",
+]
+
+
+@pytest.mark.parametrize(
+    "config, opts",
+    [
+        (QUICK, []),
+        (QUICK, BOX_MASK_HEAD + ["MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS", "refined"]),
+        (QUICK, BOX_MASK_HEAD + ["MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS", "detector"]),
+        (PANOPTIC, ["TEST.DETECTIONS_PER_IMAGE", "100"]),
+    ],
+    ids=["instance", "refined_masks", "detector_masks", "panoptic_things"],
+)
+def test_predictor_gives_the_detectron2_models_instances(tmp_path, config, opts):
+    """Same weights, same image: the predictor's instances are those of the detectron2
+    model's own inference (its resizing and channel order; a box mask head's refined masks;
+    the things of a panoptic model)."""
+    cfg = load_config(config, opts)
     torch.manual_seed(0)
     model = perturb(build_model(cfg)).eval()
     weights = tmp_path / "model.pth"
     torch.save({"model": model.state_dict()}, weights)
-    predictor = Predictor.from_config(QUICK, str(weights), input_format="BGR")
+    predictor = Predictor.from_config(config, str(weights), opts, input_format="BGR")
     assert predictor.instances and predictor.max_detections == cfg.TEST.DETECTIONS_PER_IMAGE
 
     generator = np.random.default_rng(0)
@@ -47,3 +74,6 @@ def test_predictor_gives_the_detectron2_models_instances(tmp_path):
     torch.testing.assert_close(found.scores, expected.scores, rtol=0, atol=1e-6)
     torch.testing.assert_close(found.pred_boxes.tensor, expected.pred_boxes.tensor, rtol=0, atol=1e-4)
     assert torch.equal(found.pred_masks, expected.pred_masks)
+    if config == PANOPTIC:  # things only, named by every class of the dataset
+        assert len(expected) < cfg.TEST.DETECTIONS_PER_IMAGE and set(found.pred_classes.tolist()) <= {0, 1, 2}
+        assert len(predictor.class_names) == cfg.MODEL.DI_MASKDINO.NUM_CLASSES

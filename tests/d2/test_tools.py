@@ -155,6 +155,67 @@ def test_demo_refusals_and_messages(trained, data_root, tmp_path):
     assert len(os.listdir(tmp_path / "d")) == 4  # the images are drawn all the same
 
 
+def test_demo_on_an_exported_model_draws_what_the_weights_give(trained, data_root, tmp_path):
+    """tools/demo.py --exported (the torch.export program of the trained quick-start weights)
+    writes the records the demo on the weights writes, within the export tolerances; with
+    no config it still runs, in the model's own terms (0-based class indices)."""
+    from pycocotools import mask as mask_util
+
+    weights = trained / "model_final.pth"
+    export_args = ["--config-file", QUICK, "--formats", "export", "--output", str(tmp_path / "export")]
+    run_tool("export_model.py", export_args + ["MODEL.WEIGHTS", str(weights)], data_root)
+    program = tmp_path / "export" / "model.pt2"
+    val = str(data_root / "synthetic" / "val")
+    common = ["--input", val, "--confidence-threshold", "0.0"]
+    runs = {
+        "weights": demo(
+            common + ["--output", str(tmp_path / "w"), "--json", str(tmp_path / "w.json")], data_root, weights
+        ),
+        "exported": demo(
+            common + ["--exported", str(program), "--output", str(tmp_path / "e"), "--json", str(tmp_path / "e.json")],
+            data_root,
+        ),
+    }
+    for name, result in runs.items():
+        assert result.returncode == 0, (name, result.stderr[-2000:])
+    with open(tmp_path / "w.json") as handle:
+        expected = json.load(handle)
+    with open(tmp_path / "e.json") as handle:
+        found = json.load(handle)
+    assert len(found) == len(expected) > 0
+    for a, b in zip(found, expected):
+        assert (a["image_id"], a["category_id"], a["category_name"]) == (
+            b["image_id"],
+            b["category_id"],
+            b["category_name"],
+        )
+        assert abs(a["score"] - b["score"]) <= 1e-4
+        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"])) <= 1e-2
+        masks = [mask_util.decode(r["segmentation"]) for r in (a, b)]
+        assert (masks[0] == masks[1]).mean() >= 0.999
+    assert sorted(os.listdir(tmp_path / "e")) == sorted(os.listdir(tmp_path / "w"))
+
+    alone = run_tool(
+        "demo.py",
+        [
+            "--exported",
+            str(program),
+            "--input",
+            val,
+            "--output",
+            str(tmp_path / "a"),
+            "--json",
+            str(tmp_path / "a.json"),
+        ]
+        + ["--confidence-threshold", "0.0"],
+        data_root,
+    )
+    assert "category_id is the model's 0-based class index" in alone.stdout
+    with open(tmp_path / "a.json") as handle:
+        records = json.load(handle)
+    assert [r["category_id"] + 1 for r in records] == [r["category_id"] for r in expected]  # synthetic ids are 1-based
+
+
 def test_demo_help_shows_the_defaults(data_root):
     result = run_tool("demo.py", ["--help"], data_root)
     assert "(default: 0.5)" in result.stdout and "(default: None)" in result.stdout
