@@ -9,6 +9,7 @@ fails on a key nobody reads).
 import importlib
 import logging
 import os
+import sys
 from typing import Sequence
 
 import torch
@@ -88,17 +89,17 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     validate_config(cfg)
+    _import_build_helper_quietly()
     return cfg
 
 
-def use_available_device(cfg: CN) -> str:
-    """Sets MODEL.DEVICE to "cpu" when it names CUDA and CUDA is not available; returns the
-    one line that says so ("" when nothing changed). On such a machine it also imports
-    torch's extension helper quietly, whose "No CUDA runtime is found, using CUDA_HOME"
-    warning (printed when detectron2 collects the environment) concerns building CUDA code,
-    not running."""
-    if torch.cuda.is_available():
-        return ""
+def _import_build_helper_quietly() -> None:
+    """On a machine without CUDA, imports torch's extension helper with its logger muted: its
+    import-time "No CUDA runtime is found, using CUDA_HOME" warning (printed when detectron2
+    collects the environment or Inductor compiles) concerns building CUDA code, not running
+    a model; any later warning of the helper still prints."""
+    if torch.cuda.is_available() or "torch.utils.cpp_extension" in sys.modules:
+        return
     helper = logging.getLogger("torch.utils.cpp_extension")
     level = helper.level
     helper.setLevel(logging.ERROR)
@@ -106,6 +107,14 @@ def use_available_device(cfg: CN) -> str:
         importlib.import_module("torch.utils.cpp_extension")
     finally:
         helper.setLevel(level)
+
+
+def use_available_device(cfg: CN) -> str:
+    """Sets MODEL.DEVICE to "cpu" when it names CUDA and CUDA is not available; returns the
+    one line that says so ("" when nothing changed)."""
+    if torch.cuda.is_available():
+        return ""
+    _import_build_helper_quietly()
     if not str(cfg.MODEL.DEVICE).startswith("cuda"):
         return ""
     was = cfg.MODEL.DEVICE

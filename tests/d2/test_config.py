@@ -138,3 +138,24 @@ def test_cuda_configs_run_on_the_cpu_of_a_machine_without_cuda():
     assert use_available_device(cfg) == "CUDA is not available: running on the CPU (MODEL.DEVICE cuda -> cpu)"
     assert cfg.MODEL.DEVICE == "cpu"
     assert use_available_device(cfg) == ""  # nothing more to say
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the warning concerns machines without CUDA")
+def test_loading_a_config_keeps_the_cuda_home_warning_away():
+    """torch's extension helper warns at import, on a machine with a CUDA toolkit but no
+    CUDA runtime, about building CUDA code; every tool loads a config first, which imports the
+    helper quietly (in a fresh process, where it is not imported yet)."""
+    import subprocess
+    import sys
+
+    def stderr(code):
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stderr
+
+    bare = stderr("import torch.utils.cpp_extension")
+    if "No CUDA runtime is found" not in bare:
+        pytest.skip("no CUDA toolkit here: torch's extension helper has nothing to warn about")
+    quiet = stderr(
+        "from di_maskdino.d2 import load_config; load_config('configs/quick_start.yaml'); "
+        "import torch.utils.cpp_extension"
+    )
+    assert "No CUDA runtime is found" not in quiet, quiet[-2000:]
