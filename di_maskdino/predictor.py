@@ -10,7 +10,8 @@ resized as at test time (shortest edge, `min_size` / `max_size`), normalised and
 batches of `batch_size`; the results are reported at each image's original size, as
 detectron2 `Instances` when detectron2 is installed (`output="auto"`) and as the core's
 `Detections` otherwise. The same post-processing (`postprocess.detections_from_raw`) serves
-the eager and the exported models, so they give the same instances.
+the eager and the exported models, so they give the same instances (an export holds the
+detector's inference: a model whose box mask head refines its masks is not exported).
 
 NOTE: like the release, the model has no padding mask: an image batched with larger ones
 is padded further and its predictions change slightly. `batch_size=1` reproduces the
@@ -58,10 +59,10 @@ def _detectron2_available() -> bool:
 class Predictor:
     """
     Args:
-        backend: preprocessed batch (B, 3, H, W) -> network output, by default `RawDetections`
-            (see the constructors).
-        postprocess: network output -> per-image `Detections` (see `Postprocess`); default
-            `detections_from_raw`, for `RawDetections`.
+        backend: preprocessed batch (B, 3, H, W) -> network output (see the constructors),
+            which `postprocess` turns into detections.
+        postprocess: network output -> per-image `Detections` (see `Postprocess`); the
+            default, `detections_from_raw`, reads `RawDetections`.
         pixel_mean, pixel_std: normalisation, in the network's channel order.
         size_divisibility: batches are padded to a multiple of it.
         model_format: channel order the network expects ("RGB" or "BGR").
@@ -124,19 +125,42 @@ class Predictor:
         self.batch_size = batch_size
         self.instances = output == "instances" or (output == "auto" and _detectron2_available())
         self.class_names = list(class_names)
-        self.class_mask = None if class_mask is None else torch.as_tensor(class_mask, dtype=torch.bool)
+        if class_mask is not None:
+            class_mask = torch.as_tensor(class_mask)
+            if class_mask.dtype != torch.bool or class_mask.dim() != 1:
+                raise ValueError(
+                    f"Predictor: class_mask must be a (K,) bool vector (True: report the class), got "
+                    f"{class_mask.dtype} of shape {tuple(class_mask.shape)}"
+                )
+        self.class_mask = class_mask
 
     # -- constructors ---------------------------------------------------------------------
 
     @classmethod
     def from_model(cls, model, **kwargs) -> "Predictor":
-        """A predictor running `model` (a `DIMaskDINO`, put in evaluation mode) eagerly; its
-        normalisation, size divisibility and `test_topk` are the model's. It runs the
-        detector's inference (`model.detect`), or, for a model with a box mask head, the
-        detector with the head's refined masks (`model.refined_instances`) unless the model
-        tests the detector's own masks (`test_masks == "detector"`)."""
+        """A predictor running `model` (a `DIMaskDINO`, put in evaluation mode) eagerly, with
+        the model's normalisation, size divisibility and `test_topk`, and giving the instances
+        the model's own inference gives (`DIMaskDINOArch.forward` for a detectron2 model):
+        - the detector's (`model.detect`);
+        - with a box mask head, the head's refined masks (`model.refined_instances`), unless
+          the model tests the detector's own masks (`test_masks == "detector"`) or is a
+          panoptic / semantic model (its instances come from the detector);
+        - with panoptic / semantic inference over things and stuff (`model.segmentation`),
+          the things only (`class_mask`)."""
         model.eval()
-        refined = getattr(model, "box_mask_head", None) is not None and getattr(model, "test_masks", None) != "detector"
+        segmentation = getattr(model, "segmentation", None)
+        if segmentation is not None and segmentation.has_stuff:
+            if not bool(segmentation.is_thing.any()):
+                raise ValueError(
+                    "Predictor: every class of this model is stuff (semantic segmentation), so it has no instances "
+                    "to predict; evaluate its semantic output with tools/train_net.py --eval-only"
+                )
+            kwargs.setdefault("class_mask", segmentation.is_thing)
+        refined = (
+            getattr(model, "box_mask_head", None) is not None
+            and getattr(model, "test_masks", None) != "detector"
+            and segmentation is None
+        )
         if refined:
 
             def backend(batch: torch.Tensor):
@@ -210,6 +234,10 @@ class Predictor:
             max_detections=meta.test_topk,
             class_names=meta.class_names,
         )
+        if meta.instance_classes is not None:
+            mask = torch.zeros(meta.num_classes, dtype=torch.bool)
+            mask[list(meta.instance_classes)] = True
+            settings["class_mask"] = mask
         settings.update(kwargs)
         predictor = cls(
             detector,

@@ -159,6 +159,34 @@ def test_a_box_mask_head_gives_its_refined_masks():
     assert not torch.equal(found.masks, detector.masks)  # other masks (and so other scores)
 
 
+def test_export_metadata_refuses_refined_masks_and_keeps_the_things():
+    """An export holds the detector's inference: a model whose box mask head refines its masks
+    is refused (its detector's masks, `test_masks = "detector"`, export); a panoptic model's
+    export names its thing classes, which its predictor reports."""
+    from di_maskdino.export import metadata_for
+    from di_maskdino.modeling.panoptic import SegmentationInference
+
+    spec = BoxMaskHeadSpec(hidden_dim=16, roi_size=7, mask_size=14, fine_feature="image")
+    refined_model = tiny_model(box_mask_head=spec).eval()
+    with pytest.raises(ValueError, match="BOX_MASK_HEAD.TEST_MASKS detector"):
+        metadata_for(refined_model)
+    refined_model.test_masks = "detector"
+    assert metadata_for(refined_model).instance_classes is None
+
+    panoptic = tiny_model().eval()
+    panoptic.segmentation = SegmentationInference(torch.tensor([False, True, True]), panoptic=True)
+    assert metadata_for(panoptic).instance_classes == [1, 2]
+    assert Predictor.from_model(panoptic).class_mask.tolist() == [False, True, True]
+    panoptic.segmentation = SegmentationInference(torch.tensor([False, False, False]), semantic=True)
+    with pytest.raises(ValueError, match="every class of this model is stuff"):
+        Predictor.from_model(panoptic)
+
+
+def test_class_mask_is_checked(model):
+    with pytest.raises(ValueError, match=r"class_mask must be a \(K,\) bool vector"):
+        detections_predictor(model, class_mask=[0, 2])
+
+
 def test_class_mask_keeps_the_chosen_classes_after_max_detections(model):
     rgb = rgb_image(12, 64, 96)
     everything = detections_predictor(model, max_detections=20)([rgb])[0]  # 12 per class at most

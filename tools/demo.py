@@ -112,11 +112,17 @@ def build_predictor(args, cfg) -> Predictor:
     if args.exported:
         if not os.path.isfile(args.exported):
             raise SystemExit(f"--exported {args.exported}: no such file (write one with tools/export_model.py)")
-        device = args.device or "cpu"
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            print(f"CUDA is not available: running on the CPU (--device {device} -> cpu)")
-            device = "cpu"
-        return Predictor.from_exported(args.exported, device=device, input_format="RGB", output="instances")
+        if cfg is not None:
+            device = cfg.MODEL.DEVICE  # --device, else the config's; the CPU when CUDA is absent (said above)
+        else:
+            device = args.device or "cpu"
+            if device.startswith("cuda") and not torch.cuda.is_available():
+                print(f"CUDA is not available: running on the CPU (--device {device} -> cpu)")
+                device = "cpu"
+        try:
+            return Predictor.from_exported(args.exported, device=device, input_format="RGB", output="instances")
+        except (ValueError, RuntimeError, ImportError, OSError) as error:
+            raise SystemExit(f"--exported {args.exported}: {error}") from error
     if not cfg.MODEL.WEIGHTS and not args.allow_random_weights:
         raise SystemExit(
             "MODEL.WEIGHTS is not set: the demo would draw the predictions of an untrained (random) model. "
@@ -153,7 +159,10 @@ class DatasetTerms:
                 self.note = f"dataset {self.name!r} not readable here ({str(error).splitlines()[0]})"
         tests = None if cfg is None else cfg.MODEL.DI_MASKDINO.TEST
         prefix = "stuff" if tests is not None and (tests.PANOPTIC_ON or tests.SEMANTIC_ON) else "thing"
-        to_dataset = dataset.get(f"{prefix}_dataset_id_to_contiguous_id", None)
+        # a panoptic dataset's stuff map holds every class (ours) or the stuff only (detectron2's
+        # COCO and Cityscapes), its thing map the things: together, every label
+        to_dataset = dict(dataset.get("stuff_dataset_id_to_contiguous_id", None) or {}) if prefix == "stuff" else {}
+        to_dataset.update(dataset.get("thing_dataset_id_to_contiguous_id", None) or {})
         self.category_ids = {v: k for k, v in to_dataset.items()} if to_dataset else None
         if self.category_ids is None:
             self.note = (self.note + "; " if self.note else "") + "category_id is the model's 0-based class index"
@@ -178,7 +187,7 @@ def coco_results(instances, path, image_id, terms):
     records = []
     boxes = instances.pred_boxes.tensor.clone()
     boxes[:, 2:] -= boxes[:, :2]
-    masks = instances.pred_masks.cpu().numpy() if instances.has("pred_masks") else [None] * len(instances)
+    masks = instances.pred_masks.numpy() if instances.has("pred_masks") else [None] * len(instances)
     for score, label, box, mask in zip(
         instances.scores.tolist(), instances.pred_classes.tolist(), boxes.tolist(), masks
     ):
@@ -205,7 +214,9 @@ def parse_args():
     parser.add_argument("--output", required=True, help="folder for the drawings")
     parser.add_argument("--json", default=None, help="also write the instances of all images (COCO results format)")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="instances scored below are left out")
-    parser.add_argument("--device", default=None, help="cpu or cuda (default: MODEL.DEVICE of the config)")
+    parser.add_argument(
+        "--device", default=None, help="cpu or cuda (default: the config's MODEL.DEVICE; cpu for --exported alone)"
+    )
     parser.add_argument(
         "--allow-random-weights", action="store_true", help="run without MODEL.WEIGHTS (an untrained model)"
     )
@@ -213,6 +224,8 @@ def parse_args():
     args = parser.parse_args()
     if args.config_file is None and args.exported is None:
         parser.error("give --config-file (the model of MODEL.WEIGHTS) or --exported (an exported model)")
+    if args.config_file is None and args.opts:
+        parser.error(f"config overrides ({' '.join(args.opts)}) need --config-file")
     return args
 
 
@@ -254,7 +267,9 @@ def main() -> int:
     )
     if args.json and terms.note:
         print(f"  ({terms.note})")
-    if kept == 0 and drawn:
+    if kept == 0 and drawn and below == 0:
+        print("The model predicted no instance at all in these images.")
+    elif kept == 0 and drawn:
         print(
             f"No instance reached --confidence-threshold {args.confidence_threshold}: {below} prediction(s) fell "
             f"below it (the highest scored {best_below:.3f}); lower it, e.g. --confidence-threshold "

@@ -30,10 +30,10 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
 from di_maskdino.d2 import Checkpointer, CheckpointError, load_config  # noqa: E402
+from di_maskdino.d2.panoptic import class_names  # noqa: E402
 from di_maskdino.export import (  # noqa: E402
     ExportedDetector,
     compile_aoti,
@@ -126,9 +126,7 @@ def main() -> int:
             return 2
     else:
         print("WARNING: no MODEL.WEIGHTS, --allow-random-weights: exporting an UNTRAINED model", file=sys.stderr)
-    class_names = []
-    if cfg.DATASETS.TEST:
-        class_names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) or [])
+    names = class_names(cfg)
     os.makedirs(args.output, exist_ok=True)
 
     def metadata(mode):
@@ -137,11 +135,16 @@ def main() -> int:
             input_format=cfg.INPUT.FORMAT,
             min_size=cfg.INPUT.MIN_SIZE_TEST,
             max_size=cfg.INPUT.MAX_SIZE_TEST,
-            class_names=class_names,
+            class_names=names,
             deformable_attention=mode,
             max_image_size=args.max_image_size,
         )
 
+    try:
+        metadata("kernel")  # a model that cannot be exported faithfully is refused before exporting
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
     sizes = {"max_image_size": args.max_image_size}
     program = export_program(model, **sizes)

@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 from collections import OrderedDict
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from detectron2.data import MetadataCatalog
@@ -30,6 +30,7 @@ from .layer_evaluation import evaluate_outputs
 
 __all__ = [
     "build_segmentation_inference",
+    "class_names",
     "segmentation_results",
     "PanopticEvaluator",
     "pq_backend",
@@ -45,6 +46,25 @@ _NO_PQ_BACKEND = (
     "pip install git+https://github.com/cocodataset/panopticapi.git (or pip install PATH/TO/panopticapi for a "
     "local checkout), or: pip install hotcoco"
 )
+
+
+def _metadata_dataset(cfg) -> Optional[str]:
+    """The dataset whose metadata describes the model's classes: DATASETS.TEST[0], else
+    DATASETS.TRAIN[0]."""
+    names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+    return names[0] if names else None
+
+
+def class_names(cfg) -> List[str]:
+    """The names of the model's labels, in label order: the dataset's "stuff_classes" (every
+    class) for a panoptic / semantic model (MODEL.DI_MASKDINO.TEST.PANOPTIC_ON or
+    SEMANTIC_ON), its "thing_classes" otherwise; [] without a dataset."""
+    name = _metadata_dataset(cfg)
+    if name is None:
+        return []
+    t = cfg.MODEL.DI_MASKDINO.TEST
+    key = "stuff_classes" if (t.PANOPTIC_ON or t.SEMANTIC_ON) else "thing_classes"
+    return list(MetadataCatalog.get(name).get(key, None) or [])
 
 
 def build_segmentation_inference(cfg) -> Optional[SegmentationInference]:
@@ -65,22 +85,22 @@ def build_segmentation_inference(cfg) -> Optional[SegmentationInference]:
     if not (panoptic or semantic):
         return None
     num_classes = cfg.MODEL.DI_MASKDINO.NUM_CLASSES
-    names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-    if not names:
+    name = _metadata_dataset(cfg)
+    if name is None:
         raise ValueError(
             "panoptic / semantic inference needs a dataset in DATASETS.TEST or DATASETS.TRAIN whose metadata says "
             "which classes are things"
         )
-    metadata = MetadataCatalog.get(names[0])
+    metadata = MetadataCatalog.get(name)
     classes = getattr(metadata, "stuff_classes", None)
     if classes is None:
         raise ValueError(
-            f"dataset {names[0]!r} has no 'stuff_classes': panoptic / semantic inference needs a panoptic or semantic "
+            f"dataset {name!r} has no 'stuff_classes': panoptic / semantic inference needs a panoptic or semantic "
             "dataset (e.g. coco_2017_val_panoptic_with_sem_seg, ade20k_sem_seg_val)"
         )
     if len(classes) != num_classes:
         raise ValueError(
-            f"dataset {names[0]!r} has {len(classes)} classes but MODEL.DI_MASKDINO.NUM_CLASSES is {num_classes}"
+            f"dataset {name!r} has {len(classes)} classes but MODEL.DI_MASKDINO.NUM_CLASSES is {num_classes}"
         )
     is_thing = torch.zeros(num_classes, dtype=torch.bool)
     for index in getattr(metadata, "thing_dataset_id_to_contiguous_id", {}).values():

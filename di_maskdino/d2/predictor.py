@@ -3,12 +3,12 @@
 from typing import Optional, Sequence, Union
 
 from detectron2.config import CfgNode
-from detectron2.data import MetadataCatalog
 from detectron2.modeling import build_model
 
 from ..predictor import Predictor
 from .checkpoint import Checkpointer
 from .config import load_config
+from .panoptic import class_names
 
 __all__ = ["predictor_from_config"]
 
@@ -30,12 +30,12 @@ def predictor_from_config(
     kwargs: `Predictor` arguments; by default the input format is INPUT.FORMAT for the
         network and RGB for arrays, the resizing INPUT.MIN_SIZE_TEST / MAX_SIZE_TEST, the
         device MODEL.DEVICE, at most TEST.DETECTIONS_PER_IMAGE instances per image, and the
-        class names those of the first test dataset. A panoptic / semantic model (whose
-        classes are things and stuff) reports things only, as its detectron2 model does, and
-        names its classes by the dataset's "stuff_classes" (all of them, in label order).
+        class names those of the config's dataset (`panoptic.class_names`: every class of a
+        panoptic / semantic model, whose labels index things and stuff).
 
-    A model with a box mask head gives its refined masks unless
-    MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS is "detector" ("both": the refined ones).
+    The instances are those of the detectron2 model's inference (see `Predictor.from_model`):
+    a box mask head's refined masks unless MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS is
+    "detector" ("both": the refined ones), the things of a panoptic model.
     """
     cfg = load_config(config, opts) if isinstance(config, str) else config.clone()
     if not isinstance(config, str) and opts:
@@ -49,21 +49,12 @@ def predictor_from_config(
     model = build_model(cfg).eval()
     if weights:
         Checkpointer(model, mode="strict", what="weights").load(weights)
-    class_names, class_mask = [], None
-    if cfg.DATASETS.TEST:
-        class_names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("thing_classes", []) or [])
-    segmentation = getattr(model, "segmentation", None)
-    if segmentation is not None:  # labels index things and stuff
-        class_names = list(MetadataCatalog.get(cfg.DATASETS.TEST[0]).get("stuff_classes", []) or [])
-        if segmentation.has_stuff:
-            class_mask = segmentation.is_thing
     settings = dict(
-        class_mask=class_mask,
         model_format=cfg.INPUT.FORMAT,
         min_size=cfg.INPUT.MIN_SIZE_TEST,
         max_size=cfg.INPUT.MAX_SIZE_TEST,
         max_detections=cfg.TEST.DETECTIONS_PER_IMAGE,
-        class_names=class_names,
+        class_names=class_names(cfg),
     )
     settings.update(kwargs)
     return Predictor.from_model(model, **settings)

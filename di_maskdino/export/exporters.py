@@ -70,9 +70,22 @@ def metadata_for(
     deformable_attention: str = "kernel",
     max_image_size: int = 4096,
 ) -> ExportMetadata:
-    """The metadata stored with an export of `model`."""
+    """The metadata stored with an export of `model`: with panoptic / semantic inference over
+    things and stuff (`model.segmentation`), the thing classes as the instance classes. An
+    export holds the detector's inference, so a model whose box mask head refines the test
+    masks is refused."""
     if input_format not in ("RGB", "BGR"):
         raise ValueError(f"input_format must be RGB or BGR, got {input_format!r}")
+    segmentation = getattr(model, "segmentation", None)
+    if model.box_mask_head is not None and getattr(model, "test_masks", None) != "detector" and segmentation is None:
+        raise ValueError(
+            "the export holds the detector's inference (its own masks), but this model's box mask head refines the "
+            "masks it reports: export it with MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS detector, or run the refined "
+            "masks in PyTorch (Predictor.from_config, tools/demo.py)"
+        )
+    instance_classes = None
+    if segmentation is not None and segmentation.has_stuff:
+        instance_classes = segmentation.is_thing.nonzero()[:, 0].tolist()
     return ExportMetadata(
         pixel_mean=tuple(float(v) for v in model.pixel_mean.flatten()),
         pixel_std=tuple(float(v) for v in model.pixel_std.flatten()),
@@ -86,6 +99,7 @@ def metadata_for(
         deformable_attention=deformable_attention,
         max_image_size=max_image_size,
         class_names=list(class_names),
+        instance_classes=instance_classes,
     )
 
 

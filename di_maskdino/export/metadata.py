@@ -5,7 +5,7 @@ configuration."""
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 __all__ = ["ExportMetadata", "METADATA_KEY", "MIN_IMAGE_SIZE"]
 
@@ -29,6 +29,8 @@ class ExportMetadata:
         operators) or "trt_plugin" (a MultiscaleDeformableAttnPlugin_TRT node).
     max_image_size: the largest padded height and width the dynamic shapes allow.
     class_names: optional, for drawing.
+    instance_classes: the labels reported as instances (the things of a panoptic model,
+        whose labels also index stuff), or None: every label.
     """
 
     pixel_mean: Tuple[float, ...]
@@ -43,6 +45,7 @@ class ExportMetadata:
     deformable_attention: str = "kernel"
     max_image_size: int = 4096
     class_names: List[str] = field(default_factory=list)
+    instance_classes: Optional[List[int]] = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -83,3 +83,22 @@ def test_every_layer_of_a_panoptic_model_in_one_pass(trained_panoptic, panoptic_
     assert last["PQ"] == pytest.approx(standard["panoptic_seg"]["PQ"], abs=1e-9)
     assert last["mIoU"] == pytest.approx(standard["sem_seg"]["mIoU"], abs=1e-9)
     assert "| PQ things |" in (tmp_path / "imbalance.md").read_text() and (tmp_path / "imbalance.png").stat().st_size
+
+
+def test_demo_of_a_panoptic_model_writes_its_things_in_the_datasets_terms(trained_panoptic, panoptic_root, tmp_path):
+    """tools/demo.py on the panoptic quick start: things only, with the dataset's category ids
+    and names (the model's labels index things and stuff)."""
+    root = panoptic_root / "synthetic_panoptic"
+    categories = {c["id"]: c for c in json.loads((root / "panoptic_val.json").read_text())["categories"]}
+    result = run_tool(
+        "demo.py",
+        ["--config-file", QUICK_PANOPTIC, "--input", str(root / "val"), "--output", str(tmp_path / "out")]
+        + ["--json", str(tmp_path / "instances.json"), "--confidence-threshold", "0.0"]
+        + ["MODEL.WEIGHTS", str(trained_panoptic / "model_final.pth")],
+        panoptic_root,
+    )
+    records = json.loads((tmp_path / "instances.json").read_text())
+    assert records, result.stdout
+    assert {r["category_id"] for r in records} <= {i for i, c in categories.items() if c["isthing"]}
+    assert all(r["category_name"] == categories[r["category_id"]]["name"] for r in records)
+    assert len(os.listdir(tmp_path / "out")) == 4

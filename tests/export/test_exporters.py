@@ -186,3 +186,27 @@ def test_predictor_on_the_exported_program(model, program, folder):
         assert (got.masks == want.masks).float().mean().item() >= 0.999
     (small,) = exported([torch.randint(0, 256, (3, 60, 90), generator=generator, dtype=torch.uint8)])
     assert small.masks.shape[-2:] == (60, 90)
+
+
+def test_predictor_on_an_exported_panoptic_model_reports_its_things(model, program, folder):
+    """A panoptic model's export stores its thing classes, and `Predictor.from_exported`
+    reports those only, as the eager predictor of the model does."""
+    from di_maskdino import Predictor
+    from di_maskdino.modeling.panoptic import SegmentationInference
+
+    model.segmentation = SegmentationInference(torch.tensor([True, False, True]), panoptic=True)
+    try:
+        metadata = metadata_for(model, max_image_size=512)
+        eager = Predictor.from_model(model, output="detections", max_detections=30)
+    finally:
+        del model.segmentation
+    assert metadata.instance_classes == [0, 2]
+    path = os.path.join(folder, "panoptic.pt2")
+    save_program(program, path, metadata)
+    exported = Predictor.from_exported(path, output="detections", max_detections=30)
+    image = torch.randint(0, 256, (3, 140, 190), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
+    (got,), (want,) = exported([image]), eager([image])
+    everything = Predictor.from_model(model, output="detections", max_detections=30)([image])[0]
+    assert 0 < len(want) < len(everything) and set(want.labels.tolist()) <= {0, 2}
+    assert got.labels.tolist() == want.labels.tolist()
+    torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-4)
