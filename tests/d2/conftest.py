@@ -9,6 +9,17 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 QUICK = os.path.join(ROOT, "configs", "quick_start.yaml")
+# a small box mask head on the quick-start model (config overrides)
+SMALL_BOX_MASK_HEAD = [
+    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED",
+    "True",
+    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.HIDDEN_DIM",
+    "16",
+    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ROI_SIZE",
+    "7",
+    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.MASK_SIZE",
+    "14",
+]
 
 
 def run_tool(tool, args, data_root, check=True):

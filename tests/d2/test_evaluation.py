@@ -13,7 +13,7 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from di_maskdino.d2 import load_config  # noqa: E402
 
-from .conftest import QUICK, ROOT, run_tool  # noqa: E402
+from .conftest import QUICK, ROOT, SMALL_BOX_MASK_HEAD, run_tool  # noqa: E402
 
 REFINE = f"{ROOT}/configs/refinement/quick_start_box_masks.yaml"
 
@@ -21,15 +21,8 @@ REFINE = f"{ROOT}/configs/refinement/quick_start_box_masks.yaml"
 def quick_model(test_masks):
     cfg = load_config(
         QUICK,
-        [
-            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED",
-            "True",
-            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.HIDDEN_DIM",
-            "16",
-            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ROI_SIZE",
-            "7",
-            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.MASK_SIZE",
-            "14",
+        SMALL_BOX_MASK_HEAD
+        + [
             "MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS",
             test_masks,
             "MODEL.DI_MASKDINO.ENCODER.NUM_LAYERS",

@@ -14,7 +14,7 @@ from di_maskdino import Predictor  # noqa: E402
 from di_maskdino.d2 import load_config  # noqa: E402
 
 from ..modeling.tiny import perturb  # noqa: E402
-from .conftest import QUICK, ROOT  # noqa: E402
+from .conftest import QUICK, ROOT, SMALL_BOX_MASK_HEAD  # noqa: E402
 
 PANOPTIC = f"{ROOT}/configs/quick_start_panoptic.yaml"
 
@@ -24,24 +24,12 @@ def test_refuses_to_run_without_weights():
         Predictor.from_config(QUICK)
 
 
-BOX_MASK_HEAD = [
-    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED",
-    "True",
-    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.HIDDEN_DIM",
-    "16",
-    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ROI_SIZE",
-    "7",
-    "MODEL.DI_MASKDINO.BOX_MASK_HEAD.MASK_SIZE",
-    "14",
-]
-
-
 @pytest.mark.parametrize(
     "config, opts",
     [
         (QUICK, []),
-        (QUICK, BOX_MASK_HEAD + ["MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS", "refined"]),
-        (QUICK, BOX_MASK_HEAD + ["MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS", "detector"]),
+        (QUICK, SMALL_BOX_MASK_HEAD + ["MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS", "refined"]),
+        (QUICK, SMALL_BOX_MASK_HEAD + ["MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS", "detector"]),
         (PANOPTIC, ["TEST.DETECTIONS_PER_IMAGE", "60"]),  # of 100 pairs (20 queries, 5 classes)
     ],
     ids=["instance", "refined_masks", "detector_masks", "panoptic_things"],

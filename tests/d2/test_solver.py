@@ -15,7 +15,7 @@ from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 from di_maskdino.d2 import build_optimizer, load_config  # noqa: E402
 
-from .conftest import QUICK  # noqa: E402
+from .conftest import QUICK, SMALL_BOX_MASK_HEAD  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DETECTOR = ["backbone.", "encoder.", "head."]
@@ -24,15 +24,10 @@ DETECTOR = ["backbone.", "encoder.", "head."]
 def quick_model(freeze, box_mask_head=True):
     cfg = load_config(
         QUICK,
-        [
+        SMALL_BOX_MASK_HEAD
+        + [
             "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED",
             str(box_mask_head),
-            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.HIDDEN_DIM",
-            "16",
-            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.ROI_SIZE",
-            "7",
-            "MODEL.DI_MASKDINO.BOX_MASK_HEAD.MASK_SIZE",
-            "14",
             "MODEL.DI_MASKDINO.BOX_MASK_HEAD.NUM_POINTS",
             "196",
             "MODEL.DI_MASKDINO.ENCODER.NUM_LAYERS",
