@@ -251,6 +251,10 @@ def _add_input_and_solver_keys(cfg: CN) -> None:
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0  # newest periodic checkpoints kept (0: all); model_final.pth always
 
+    # evaluation under autocast: "" (float32), "bfloat16" or "float16" (as training's AMP: the
+    # deformable attention, encoder and decoder arithmetic stay in float32 where they ask for it)
+    cfg.TEST.AUTOCAST_DTYPE = ""
+
 
 def _add_memory_keys(m: CN) -> None:
     # activation checkpointing in training: memory for time, the same losses and gradients

@@ -11,6 +11,7 @@ checkpointer and COCO evaluation, and with
 - metrics written to OUTPUT_DIR/metrics_<dataset>.json as strict JSON (null, not NaN).
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -251,7 +252,9 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def test(cls, cfg, model, evaluators=None):
-        with preserved_rng():  # evaluation during training leaves the training's draws unchanged
+        """detectron2's evaluation, under autocast to TEST.AUTOCAST_DTYPE when set, leaving the
+        training's random draws unchanged; writes metrics_<dataset>.json."""
+        with preserved_rng(), evaluation_precision(cfg):
             results = super().test(cfg, model, evaluators)
         # detectron2 returns one dataset's metrics unwrapped
         by_dataset: Dict = {cfg.DATASETS.TEST[0]: results} if len(cfg.DATASETS.TEST) == 1 else results
@@ -262,6 +265,15 @@ class Trainer(DefaultTrainer):
                     json.dump(finite_or_null(metrics), handle, indent=2, allow_nan=False)
                 logger.info(f"wrote {path}")
         return results
+
+
+def evaluation_precision(cfg):
+    """The autocast context of evaluation: TEST.AUTOCAST_DTYPE on MODEL.DEVICE's type, or
+    none (float32) when the key is empty."""
+    dtype = cfg.TEST.AUTOCAST_DTYPE
+    if not dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(cfg.MODEL.DEVICE).type, dtype=getattr(torch, dtype))
 
 
 def setup(args):

@@ -76,6 +76,7 @@ def _rules(cfg) -> List[Tuple[str, Callable[[object], bool], str]]:
         (m + "LOSS.OVERSAMPLE_RATIO", lambda v: v >= 1, "at least 1"),
         (m + "LOSS.IMPORTANCE_SAMPLE_RATIO", lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("TEST.DETECTIONS_PER_IMAGE", positive, "at least 1 (instances kept per image)"),
+        ("TEST.AUTOCAST_DTYPE", lambda v: v in ("", "bfloat16", "float16"), '"" (float32), bfloat16 or float16'),
         ("SOLVER.IMS_PER_BATCH", positive, "at least 1"),
         ("SOLVER.BASE_LR", lambda v: v > 0, "positive"),
         ("SOLVER.MAX_ITER", lambda v: v >= 0, "at least 0"),

@@ -19,7 +19,11 @@ from di_maskdino.d2 import (  # noqa: E402
     add_di_maskdino_config,
     build_optimizer,
 )
-from di_maskdino.d2.trainer import build_periodic_checkpointer, weights_load_mode  # noqa: E402
+from di_maskdino.d2.trainer import (  # noqa: E402
+    build_periodic_checkpointer,
+    evaluation_precision,
+    weights_load_mode,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -73,6 +77,7 @@ def test_every_declared_key_is_read():
     build_optimizer(view, model)
     weights_load_mode(view, resuming=False)
     build_periodic_checkpointer(view, Checkpointer(model))
+    evaluation_precision(view)
     timm_cfg = cfg.clone()
     timm_cfg.MODEL.BACKBONE.NAME = "build_timm_backbone"
     timm_cfg.MODEL.TIMM.NAME = "resnet18"

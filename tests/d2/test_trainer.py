@@ -4,6 +4,7 @@ strict JSON and an evaluation without predictions scores as pycocotools does."""
 import itertools
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 
 from di_maskdino.d2 import NonFiniteLossError  # noqa: E402
 from di_maskdino.d2.evaluation import InstanceEvaluator  # noqa: E402
-from di_maskdino.d2.trainer import _CheckedSimpleTrainer, finite_or_null  # noqa: E402
+from di_maskdino.d2.trainer import Trainer, _CheckedSimpleTrainer, finite_or_null  # noqa: E402
 
 from .test_datasets import coco, register  # noqa: E402
 
@@ -92,3 +93,25 @@ def test_an_evaluation_without_predictions_scores_zero_where_the_data_has_object
     text = json.dumps(finite_or_null(metrics), allow_nan=False)
     parsed = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert parsed["bbox"]["APl"] is None and parsed["bbox"]["AP"] == 0.0
+
+
+@pytest.mark.parametrize("dtype", ["", "bfloat16"])
+def test_evaluation_runs_under_test_autocast_dtype(tmp_path, dtype):
+    """TEST.AUTOCAST_DTYPE: the model's forward in evaluation runs under autocast to that dtype
+    (the backbone's output is bfloat16), or in float32 when empty; the metrics are written."""
+    from detectron2.modeling import build_model
+
+    from di_maskdino.d2 import load_config
+
+    from .conftest import QUICK
+
+    name, _ = register(tmp_path, coco(tmp_path))
+    cfg = load_config(QUICK, ["DATASETS.TEST", f"('{name}',)", "TEST.AUTOCAST_DTYPE", dtype])
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    os.makedirs(cfg.OUTPUT_DIR)
+    model = build_model(cfg).eval()
+    seen = set()
+    model.backbone.register_forward_hook(lambda module, args, out: seen.update(v.dtype for v in out.values()))
+    Trainer.test(cfg, model)
+    assert seen == {torch.bfloat16 if dtype else torch.float32}
+    assert (tmp_path / "out" / f"metrics_{name}.json").is_file()
