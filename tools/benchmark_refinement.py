@@ -74,10 +74,11 @@ def metrics(output):
 
 def trainable_parameters(config, opts):
     """(trainable, total) parameters of `config` after MODEL.FREEZE, as the trainer counts them."""
-    from detectron2.modeling import build_model
-
-    from di_maskdino.d2 import load_config
+    from di_maskdino.d2 import load_config  # first: imports detectron2 without its import-time warnings
     from di_maskdino.d2.solver import freeze_parameters
+
+    # isort: split
+    from detectron2.modeling import build_model
 
     cfg = load_config(config, opts)
     return freeze_parameters(build_model(cfg), cfg.MODEL.FREEZE)
