@@ -148,19 +148,10 @@ class Predictor:
         - with panoptic / semantic inference over things and stuff (`model.segmentation`),
           the things only (`class_mask`)."""
         model.eval()
-        segmentation = getattr(model, "segmentation", None)
-        if segmentation is not None and segmentation.has_stuff:
-            if not bool(segmentation.is_thing.any()):
-                raise ValueError(
-                    "Predictor: every class of this model is stuff (semantic segmentation), so it has no instances "
-                    "to predict; evaluate its semantic output with tools/train_net.py --eval-only"
-                )
-            kwargs.setdefault("class_mask", segmentation.is_thing)
-        refined = (
-            getattr(model, "box_mask_head", None) is not None
-            and getattr(model, "test_masks", None) != "detector"
-            and segmentation is None
-        )
+        class_mask = model.instance_class_mask()
+        if class_mask is not None:
+            kwargs.setdefault("class_mask", class_mask)
+        refined = model.reports_refined_masks
         if refined:
 
             def backend(batch: torch.Tensor):

@@ -47,6 +47,7 @@ from di_maskdino.d2 import (  # noqa: E402
     read_image_rgb,
     use_available_device,
 )
+from di_maskdino.d2.panoptic import labels_index_every_class  # noqa: E402
 from di_maskdino.d2.visualization import draw_predictions  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -157,8 +158,7 @@ class DatasetTerms:
                     self.image_ids[os.path.basename(record["file_name"])] = record["image_id"]
             except Exception as error:  # noqa: BLE001 - the demo works without the dataset
                 self.note = f"dataset {self.name!r} not readable here ({str(error).splitlines()[0]})"
-        tests = None if cfg is None else cfg.MODEL.DI_MASKDINO.TEST
-        prefix = "stuff" if tests is not None and (tests.PANOPTIC_ON or tests.SEMANTIC_ON) else "thing"
+        prefix = "stuff" if cfg is not None and labels_index_every_class(cfg) else "thing"
         # a panoptic dataset's stuff map holds every class (ours) or the stuff only (detectron2's
         # COCO and Cityscapes), its thing map the things: together, every label
         to_dataset = dict(dataset.get("stuff_dataset_id_to_contiguous_id", None) or {}) if prefix == "stuff" else {}

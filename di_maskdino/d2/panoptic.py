@@ -31,6 +31,7 @@ from .layer_evaluation import evaluate_outputs
 __all__ = [
     "build_segmentation_inference",
     "class_names",
+    "labels_index_every_class",
     "segmentation_results",
     "PanopticEvaluator",
     "pq_backend",
@@ -55,15 +56,21 @@ def _metadata_dataset(cfg) -> Optional[str]:
     return names[0] if names else None
 
 
+def labels_index_every_class(cfg) -> bool:
+    """Whether the model's labels index things and stuff (a panoptic / semantic model:
+    MODEL.DI_MASKDINO.TEST.PANOPTIC_ON or SEMANTIC_ON), named by the dataset's
+    "stuff_classes", rather than things only ("thing_classes")."""
+    t = cfg.MODEL.DI_MASKDINO.TEST
+    return bool(t.PANOPTIC_ON or t.SEMANTIC_ON)
+
+
 def class_names(cfg) -> List[str]:
-    """The names of the model's labels, in label order: the dataset's "stuff_classes" (every
-    class) for a panoptic / semantic model (MODEL.DI_MASKDINO.TEST.PANOPTIC_ON or
-    SEMANTIC_ON), its "thing_classes" otherwise; [] without a dataset."""
+    """The names of the model's labels, in label order (see `labels_index_every_class`), from
+    the dataset of DATASETS.TEST (else TRAIN); [] without a dataset."""
     name = _metadata_dataset(cfg)
     if name is None:
         return []
-    t = cfg.MODEL.DI_MASKDINO.TEST
-    key = "stuff_classes" if (t.PANOPTIC_ON or t.SEMANTIC_ON) else "thing_classes"
+    key = "stuff_classes" if labels_index_every_class(cfg) else "thing_classes"
     return list(MetadataCatalog.get(name).get(key, None) or [])
 
 

@@ -76,16 +76,14 @@ def metadata_for(
     masks is refused."""
     if input_format not in ("RGB", "BGR"):
         raise ValueError(f"input_format must be RGB or BGR, got {input_format!r}")
-    segmentation = getattr(model, "segmentation", None)
-    if model.box_mask_head is not None and getattr(model, "test_masks", None) != "detector" and segmentation is None:
+    if model.reports_refined_masks:
         raise ValueError(
             "the export holds the detector's inference (its own masks), but this model's box mask head refines the "
             "masks it reports: export it with MODEL.DI_MASKDINO.BOX_MASK_HEAD.TEST_MASKS detector, or run the refined "
             "masks in PyTorch (Predictor.from_config, tools/demo.py)"
         )
-    instance_classes = None
-    if segmentation is not None and segmentation.has_stuff:
-        instance_classes = segmentation.is_thing.nonzero()[:, 0].tolist()
+    class_mask = model.instance_class_mask()
+    instance_classes = None if class_mask is None else class_mask.nonzero()[:, 0].tolist()
     return ExportMetadata(
         pixel_mean=tuple(float(v) for v in model.pixel_mean.flatten()),
         pixel_std=tuple(float(v) for v in model.pixel_std.flatten()),

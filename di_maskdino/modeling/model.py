@@ -84,10 +84,34 @@ class DIMaskDINO(nn.Module):
         )
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
 
+    # set by the detectron2 meta-architecture: the masks a model with a box mask head reports
+    # ("refined", "detector" or "both") and its panoptic / semantic inference (None: instances only)
+    test_masks = "refined"
+    segmentation = None
+
     @property
     def predicts_masks(self) -> bool:
         """False for a detection-only model (no mask branch)."""
         return self.encoder.predicts_masks
+
+    @property
+    def reports_refined_masks(self) -> bool:
+        """Whether inference reports the box mask head's refined masks: a head tested on its own
+        masks, in an instance model (panoptic / semantic inference reports the detector's)."""
+        return self.box_mask_head is not None and self.test_masks != "detector" and self.segmentation is None
+
+    def instance_class_mask(self) -> Optional[torch.Tensor]:
+        """(K,) bool, the classes inference reports as instances - the things of a panoptic /
+        semantic model over things and stuff - or None: every class. A model whose classes are
+        all stuff has no instances: ValueError."""
+        if self.segmentation is None or not self.segmentation.has_stuff:
+            return None
+        if not bool(self.segmentation.is_thing.any()):
+            raise ValueError(
+                "every class of this model is stuff (semantic segmentation), so it has no instances to predict; "
+                "evaluate its semantic output with tools/train_net.py --eval-only"
+            )
+        return self.segmentation.is_thing
 
     def preprocess(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """Normalises (3, H_i, W_i) images and pads them into one batch (the padding is 0
