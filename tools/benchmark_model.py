@@ -22,6 +22,14 @@ CPU). Exported files are written to (or, when present, read from) --export-dir.
 --dtype bfloat16 runs eager / compile under bfloat16 autocast (the deformable attention,
 encoder and decoder stay in float32, as in training). Random input, random weights unless
 MODEL.WEIGHTS is given.
+
+On the CPU, each model-time reading also gives the minor page faults per run, and
+--retain-freed-memory makes malloc keep freed memory for reuse (`di_maskdino.allocator`): without
+it, every forward pass at detection resolution faults its large activations in anew.
+--breakdown profiles one eager (and compile) forward and splits its CPU time into matrix
+products (convolutions, GEMMs, attention), the deformable attention and everything else: a
+backend that keeps float32 and the same matrix kernels cannot take less than the matrix
+products' time.
 """
 
 import argparse
@@ -42,9 +50,11 @@ import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without it
 from detectron2.modeling import build_model  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
-from di_maskdino.d2 import Checkpointer, CheckpointError, load_config  # noqa: E402
+from di_maskdino.allocator import retain_freed_memory  # noqa: E402
+from di_maskdino.d2 import Checkpointer, CheckpointError, load_config, parse_command_line  # noqa: E402
 from di_maskdino.ops import flop_handles  # noqa: E402
 from di_maskdino.predictor import Predictor  # noqa: E402
+from di_maskdino.profiling import time_by_kind  # noqa: E402
 
 BACKENDS = ("eager", "compile", "export", "aoti", "onnxruntime")
 EXPORTED_FILES = {"export": "model.pt2", "aoti": "model_aoti.pt2", "onnxruntime": "model.onnx"}
@@ -68,7 +78,13 @@ def count_flops(model, batch):
     return analysis.total(), analysis.by_operator(), analysis.unsupported_ops()
 
 
+def page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(function, device, warmup, repeats):
+    """(median seconds, every run's seconds, minor page faults per run) of `function()`."""
+
     def run():
         function()
         if device.type == "cuda":
@@ -77,11 +93,36 @@ def timed(function, device, warmup, repeats):
     for _ in range(warmup):
         run()
     times = []
+    faults = page_faults()
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), times
+    return statistics.median(times), times, (page_faults() - faults) / max(repeats, 1)
+
+
+# fvcore's names of the operators whose FLOPs are matrix products
+MATRIX_FLOP_OPERATORS = ("conv", "linear", "einsum", "matmul", "bmm", "addmm", "mm", "scaled_dot_product_attention")
+
+
+def print_breakdown(kind, function, batch, model_time, matrix_flops):
+    """One profiled forward of `function`, its CPU time by kind of operator, and the floor
+    that its matrix products set."""
+    with torch.inference_mode():
+        kinds = time_by_kind(function, batch)
+    profiled = sum(kinds.values())
+    print(f"  {kind} CPU time by kind of operator (one profiled forward, {profiled * 1e3:.0f} ms):")
+    for name, seconds in kinds.items():
+        print(f"    {name}: {seconds * 1e3:.0f} ms ({100 * seconds / profiled:.0f}%)")
+    share = kinds["matrix products"] / profiled
+    print(
+        f"    matrix products: about {share * model_time * 1e3:.0f} ms of the {model_time * 1e3:.0f} ms model time, "
+        "the least a float32 backend running them with the same kernels can take"
+    )
+    if matrix_flops:
+        # fvcore's FLOPs are multiply-adds; a GEMM benchmark's GFLOP/s counts two per multiply-add
+        rate = matrix_flops / kinds["matrix products"] / 1e9
+        print(f"    matrix products ran at {rate:.1f} G multiply-adds per second")
 
 
 def peak_memory(model, batch, device):
@@ -148,12 +189,27 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--no-flops", action="store_true", help="skip the FLOP count (it traces the model once)")
+    parser.add_argument(
+        "--retain-freed-memory", action="store_true", help="CPU: malloc keeps freed memory (di_maskdino.allocator)"
+    )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="CPU: eager / compile time by kind of operator (di_maskdino.profiling)"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides")
-    args = parser.parse_args()
+    args = parse_command_line(parser)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dtype == "bfloat16" and set(args.backend) - {"eager", "compile"}:
         parser.error("--dtype bfloat16 is measured for the eager and compile backends")
+    if args.breakdown and (not args.device.startswith("cpu") or args.dtype != "float32"):
+        parser.error("--breakdown profiles float32 forwards on the CPU (--device cpu, --dtype float32)")
+    if args.breakdown:
+        # Kineto, the profiler's backend, logs its stages and, without a GPU, an "ERROR" about the
+        # device count; level 6 keeps it quiet (a user's own setting wins)
+        os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    if args.retain_freed_memory:
+        applied = retain_freed_memory()
+        print("freed memory is retained (glibc malloc)" if applied else "--retain-freed-memory: not glibc, no change")
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; benchmark with --device cpu")
@@ -183,9 +239,11 @@ def main() -> int:
     batch, _ = model.preprocess([image])
     peak, measured = peak_memory(model, batch, device)  # first: a later forward would set the mark
     print(f"peak memory of one eager forward: {peak:.0f} MiB ({measured})")
+    matrix_flops = None
     if not args.no_flops:
         with torch.no_grad():
             flops, by_operator, unsupported = count_flops(model, batch)
+        matrix_flops = sum(by_operator.get(name, 0) for name in MATRIX_FLOP_OPERATORS)
         top = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1])[:6])
         print(f"FLOPs: {flops / 1e9:.1f} G  ({top}; G)")
         calls, kinds = sum(unsupported.values()), len(unsupported)
@@ -208,14 +266,17 @@ def main() -> int:
             torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            model_time, runs = timed(lambda f=function: f(batch), device, args.warmup, args.repeats)
-            end_to_end, _ = timed(lambda p=predictor: p([image]), device, args.warmup, args.repeats)
+            model_time, runs, faults = timed(lambda f=function: f(batch), device, args.warmup, args.repeats)
+            end_to_end, _, _ = timed(lambda p=predictor: p([image]), device, args.warmup, args.repeats)
         print(
             f"  model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS; runs "
             + ", ".join(f"{t * 1e3:.0f}" for t in runs)
             + " ms)"
+            + (f"; {faults:.0f} page faults per run" if device.type == "cpu" else "")
         )
         print(f"  end to end with post-processing: {end_to_end * 1e3:.1f} ms")
+        if args.breakdown and kind in ("eager", "compile"):
+            print_breakdown(kind, function, batch, model_time, matrix_flops)
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 

@@ -40,10 +40,12 @@ from PIL import Image  # noqa: E402
 from pycocotools import mask as mask_util  # noqa: E402
 
 from di_maskdino import Predictor  # noqa: E402
+from di_maskdino.allocator import retain_freed_memory  # noqa: E402
 from di_maskdino.d2 import (  # noqa: E402
     CheckpointError,
     ImageReadError,
     load_config,
+    parse_command_line,
     read_image_rgb,
     use_available_device,
 )
@@ -221,7 +223,7 @@ def parse_args():
         "--allow-random-weights", action="store_true", help="run without MODEL.WEIGHTS (an untrained model)"
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
-    args = parser.parse_args()
+    args = parse_command_line(parser)
     if args.config_file is None and args.exported is None:
         parser.error("give --config-file (the model of MODEL.WEIGHTS) or --exported (an exported model)")
     if args.config_file is None and args.opts:
@@ -234,6 +236,8 @@ def main() -> int:
     cfg = setup_cfg(args)
     paths = expand_inputs(args.input)
     predictor = build_predictor(args, cfg)
+    if predictor.device.type == "cpu":
+        retain_freed_memory()  # one forward after another: reuse their memory (di_maskdino/allocator.py)
     terms = DatasetTerms(cfg, predictor)
     os.makedirs(args.output, exist_ok=True)
 

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from detectron2.modeling import build_model  # noqa: E402
 
-from di_maskdino.d2 import Checkpointer, CheckpointError, load_config  # noqa: E402
+from di_maskdino.d2 import Checkpointer, CheckpointError, load_config, parse_command_line  # noqa: E402
 from di_maskdino.d2.panoptic import class_names  # noqa: E402
 from di_maskdino.export import (  # noqa: E402
     ExportedDetector,
@@ -80,7 +80,7 @@ def parse_args():
         help="export without MODEL.WEIGHTS (an untrained model; for testing the export itself)",
     )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
-    return parser.parse_args()
+    return parse_command_line(parser)
 
 
 def verify(model, path, size_divisibility):

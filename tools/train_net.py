@@ -22,6 +22,7 @@ import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without it
 # isort: split
 from detectron2.engine import default_argument_parser, launch  # noqa: E402
 
+from di_maskdino.allocator import retain_freed_memory  # noqa: E402
 from di_maskdino.d2 import (  # noqa: E402
     Checkpointer,
     CheckpointError,
@@ -51,6 +52,8 @@ def run(args):
         trainer.resume_or_load(resume=args.resume)
         return trainer.train()
     # evaluation of MODEL.WEIGHTS (or, with --resume, of the last checkpoint in OUTPUT_DIR)
+    if cfg.MODEL.DEVICE == "cpu":
+        retain_freed_memory()  # one forward after another: reuse their memory (di_maskdino/allocator.py)
     model = Trainer.build_model(cfg)
     checkpointer = Checkpointer(model, save_dir=cfg.OUTPUT_DIR, mode="strict", what="MODEL.WEIGHTS")
     if not args.resume or not checkpointer.has_checkpoint():

@@ -14,7 +14,13 @@ with warnings.catch_warnings():
 
 from .backbone import D2TimmBackbone, build_timm_backbone
 from .checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError, ReleaseCheckpointError
-from .config import add_di_maskdino_config, architecture_from_config, load_config, use_available_device
+from .config import (
+    add_di_maskdino_config,
+    architecture_from_config,
+    load_config,
+    parse_command_line,
+    use_available_device,
+)
 from .data import DIMaskDINODatasetMapper, ImageReadError, build_augmentation, read_image_rgb
 from .datasets import (
     BDD100K_CLASSES,
@@ -37,6 +43,7 @@ __all__ = [
     "add_di_maskdino_config",
     "architecture_from_config",
     "load_config",
+    "parse_command_line",
     "ConfigError",
     "validate_config",
     "DIMaskDINOArch",

@@ -6,11 +6,12 @@ Each key is read by exactly one `from_config` or builder (see tests/d2/test_conf
 fails on a key nobody reads).
 """
 
+import argparse
 import importlib
 import logging
 import os
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode as CN
@@ -27,7 +28,13 @@ from ..modeling.architecture import (
 )
 from .validation import validate_config
 
-__all__ = ["add_di_maskdino_config", "load_config", "architecture_from_config", "use_available_device"]
+__all__ = [
+    "add_di_maskdino_config",
+    "load_config",
+    "architecture_from_config",
+    "use_available_device",
+    "parse_command_line",
+]
 
 
 def architecture_from_config(cfg: CN) -> Architecture:
@@ -91,6 +98,35 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CN:
     validate_config(cfg)
     _import_build_helper_quietly()
     return cfg
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """`parser.parse_args`, with the config overrides (KEY VALUE ...) split off first and
+    stored in `args.opts` (the parser must declare `opts`). An option taking several values
+    (`--backend eager compile`, `--input a.jpg b.jpg`) would otherwise take the overrides
+    that follow it as more of its values. Overrides start at the first word that is the full
+    name of a config value (`MODEL.WEIGHTS`, `OUTPUT_DIR`) and is not the value of a
+    one-value option (`--json TEST.JSON` stays a file name)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = get_cfg()
+    add_di_maskdino_config(cfg)
+    one_value = {name for action in parser._actions if action.nargs is None for name in action.option_strings}
+
+    def names_a_value(word: str) -> bool:
+        node = cfg
+        for part in word.split("."):
+            if not isinstance(node, CN) or part not in node:
+                return False
+            node = node[part]
+        return not isinstance(node, CN)
+
+    start = next(
+        (i for i, word in enumerate(argv) if names_a_value(word) and (i == 0 or argv[i - 1] not in one_value)),
+        len(argv),
+    )
+    args = parser.parse_args(argv[:start])
+    args.opts = list(args.opts) + argv[start:]
+    return args
 
 
 def _import_build_helper_quietly() -> None:

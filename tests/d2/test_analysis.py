@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 
 import pytest
 
@@ -68,9 +69,19 @@ def test_ablation_runner_collects_a_table(data_root, tmp_path):
 def test_model_benchmark_reports_size_flops_and_time(data_root):
     result = run_tool(
         "benchmark_model.py",
-        ["--config-file", QUICK, "--input-size", "128x128", "--warmup", "0", "--repeats", "1"],
+        # the overrides after --backend's values are overrides, not more backends
+        ["--config-file", QUICK, "--input-size", "128x128", "--warmup", "0", "--repeats", "1", "--breakdown"]
+        + ["--retain-freed-memory", "--backend", "eager", "MODEL.DEVICE", "cpu"],
         data_root,
     )
     out = result.stdout
     for fragment in ("parameters:", "FLOPs:", "ms_deform_attn_forward", "model time:", "FPS", "peak memory"):
         assert fragment in out, fragment
+    assert "page faults per run" in out and "freed memory is retained" in out
+    shares = {
+        kind: float(share)
+        for kind, share in re.findall(r"    (matrix products|deformable attention|other): \d+ ms \((\d+)%\)", out)
+    }
+    assert set(shares) == {"matrix products", "deformable attention", "other"}, out
+    assert 97 <= sum(shares.values()) <= 103 and shares["matrix products"] > 0
+    assert "matrix products ran at" in out  # their FLOPs were counted

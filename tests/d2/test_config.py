@@ -1,6 +1,7 @@
 """Configuration: every declared key is read by the code that builds the model, data and
 optimizer; configs round-trip through YAML."""
 
+import argparse
 import os
 
 import pytest
@@ -18,6 +19,7 @@ from di_maskdino.d2 import (  # noqa: E402
     SemanticDatasetMapper,
     add_di_maskdino_config,
     build_optimizer,
+    parse_command_line,
 )
 from di_maskdino.d2.trainer import (  # noqa: E402
     build_periodic_checkpointer,
@@ -164,3 +166,23 @@ def test_loading_a_config_keeps_the_cuda_home_warning_away():
         "import torch.utils.cpp_extension"
     )
     assert "No CUDA runtime is found" not in quiet, quiet[-2000:]
+
+
+def test_command_line_overrides_are_not_taken_by_a_many_valued_option():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", nargs="+", default=["eager"])
+    parser.add_argument("--input", nargs="+")
+    parser.add_argument("--json")
+    parser.add_argument("opts", nargs=argparse.REMAINDER)
+
+    args = parse_command_line(parser, ["--backend", "eager", "compile", "MODEL.WEIGHTS", "", "OUTPUT_DIR", "out"])
+    assert args.backend == ["eager", "compile"]
+    assert args.opts == ["MODEL.WEIGHTS", "", "OUTPUT_DIR", "out"]
+    # file names that merely look like keys stay values: no such config value, or the value
+    # of a one-value option
+    args = parse_command_line(parser, ["--input", "IMG.JPG", "INPUT.JPG", "MODEL.jpg", "SOLVER", "--json", "SEED"])
+    assert args.input == ["IMG.JPG", "INPUT.JPG", "MODEL.jpg", "SOLVER"] and args.json == "SEED"
+    assert args.opts == []
+    # what argparse alone accepts is unchanged
+    args = parse_command_line(parser, ["MODEL.DEVICE", "cpu"])
+    assert args.backend == ["eager"] and args.opts == ["MODEL.DEVICE", "cpu"]
