@@ -209,7 +209,8 @@ def main() -> int:
         os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     if args.retain_freed_memory:
         applied = retain_freed_memory()
-        print("freed memory is retained (glibc malloc)" if applied else "--retain-freed-memory: not glibc, no change")
+        refused = "--retain-freed-memory: not applied (the C library is not glibc, or it refused)"
+        print("freed memory is retained (glibc malloc)" if applied else refused)
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine; benchmark with --device cpu")
