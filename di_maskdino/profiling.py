@@ -12,7 +12,7 @@ from typing import Callable, Dict
 
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["MATRIX_OPERATORS", "DEFORMABLE_ATTENTION_OPERATORS", "time_by_kind"]
+__all__ = ["MATRIX_OPERATORS", "MATRIX_FLOP_OPERATORS", "DEFORMABLE_ATTENTION_OPERATORS", "time_by_kind"]
 
 # operators whose own time is a matrix product (after dispatch: the convolution and GEMM
 # kernels themselves, not their wrappers, which would count their callees twice)
@@ -34,6 +34,10 @@ MATRIX_OPERATORS = frozenset(
         "mkldnn::_convolution_pointwise_",  # with an addition fused in place
         "mkl::_mkl_linear",
     }
+)
+# the same products under fvcore's names, for their FLOPs (`FlopCountAnalysis.by_operator()`)
+MATRIX_FLOP_OPERATORS = frozenset(
+    {"conv", "linear", "einsum", "matmul", "bmm", "addmm", "mm", "scaled_dot_product_attention"}
 )
 DEFORMABLE_ATTENTION_OPERATORS = frozenset({"di_maskdino::ms_deform_attn_forward"})
 KINDS = ("matrix products", "deformable attention", "other")

@@ -54,7 +54,7 @@ from di_maskdino.allocator import retain_freed_memory  # noqa: E402
 from di_maskdino.d2 import Checkpointer, CheckpointError, load_config, parse_command_line  # noqa: E402
 from di_maskdino.ops import flop_handles  # noqa: E402
 from di_maskdino.predictor import Predictor  # noqa: E402
-from di_maskdino.profiling import time_by_kind  # noqa: E402
+from di_maskdino.profiling import MATRIX_FLOP_OPERATORS, time_by_kind  # noqa: E402
 
 BACKENDS = ("eager", "compile", "export", "aoti", "onnxruntime")
 EXPORTED_FILES = {"export": "model.pt2", "aoti": "model_aoti.pt2", "onnxruntime": "model.onnx"}
@@ -99,10 +99,6 @@ def timed(function, device, warmup, repeats):
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times, (page_faults() - faults) / max(repeats, 1)
-
-
-# fvcore's names of the operators whose FLOPs are matrix products
-MATRIX_FLOP_OPERATORS = ("conv", "linear", "einsum", "matmul", "bmm", "addmm", "mm", "scaled_dot_product_attention")
 
 
 def print_breakdown(kind, function, batch, model_time, matrix_flops):
