@@ -14,7 +14,10 @@ the eager and the exported models, so they give the same instances (an export ho
 detector's inference: a model whose box mask head refines its masks is not exported).
 
 On the CPU, calling `di_maskdino.allocator.retain_freed_memory()` once makes repeated calls
-faster (R50 at 800 x 1333: about a million page faults less per image; the demo does it).
+faster (R50 at 800 x 1333: about a million page faults less per image; the demo does it), and
+a model in memory runs its 3x3 convolutions by NNPACK's Winograd transform
+(`di_maskdino.ops.winograd`; set `model.winograd_convolutions = False`, or
+TEST.WINOGRAD_CONVOLUTIONS False in the config, for oneDNN's direct ones).
 
 NOTE: like the release, the model has no padding mask: an image batched with larger ones
 is padded further and its predictions change slightly. `batch_size=1` reproduces the
@@ -149,7 +152,9 @@ class Predictor:
           the model tests the detector's own masks (`test_masks == "detector"`) or is a
           panoptic / semantic model (its instances come from the detector);
         - with panoptic / semantic inference over things and stuff (`model.segmentation`),
-          the things only (`class_mask`)."""
+          the things only (`class_mask`).
+        On the CPU its 3x3 convolutions run by the Winograd transform unless the model's
+        `winograd_convolutions` is False (`DIMaskDINO.inference_convolutions`)."""
         model.eval()
         class_mask = model.instance_class_mask()
         if class_mask is not None:
@@ -158,11 +163,11 @@ class Predictor:
         if refined:
 
             def backend(batch: torch.Tensor):
-                with torch.inference_mode():
+                with torch.inference_mode(), model.inference_convolutions(batch.shape):
                     return model.run(batch)
 
             def postprocess(output, sizes, padded_size, output_sizes, score_threshold, max_detections):
-                with torch.inference_mode():
+                with torch.inference_mode(), model.inference_convolutions((len(sizes), 3, *padded_size)):
                     found = model.refined_instances(output, sizes, padded_size, output_sizes)
                 return [f.filtered(score_threshold, max_detections) for f in found]
 
@@ -170,7 +175,7 @@ class Predictor:
         else:
 
             def backend(batch: torch.Tensor) -> RawDetections:
-                with torch.inference_mode():
+                with torch.inference_mode(), model.inference_convolutions(batch.shape):
                     return model.detect(batch)
 
         kwargs.setdefault("device", model.pixel_mean.device)

@@ -18,7 +18,9 @@ resident-set high-water mark), and per backend the median over --repeats runs, a
                input size (masks resized, mask scores, boxes)
 Backends: eager (PyTorch), compile (torch.compile, Inductor with frozen weights), export
 (the torch.export program), aoti (AOTInductor package), onnxruntime (the ONNX model on the
-CPU). Exported files are written to (or, when present, read from) --export-dir.
+CPU). Exported files are written to (or, when present, read from) --export-dir. On the CPU,
+eager and compile run in the context CPU inference runs in: 3x3 convolutions by NNPACK's
+Winograd transform (`di_maskdino.ops.winograd`) unless TEST.WINOGRAD_CONVOLUTIONS False is given.
 --dtype bfloat16 runs eager / compile under bfloat16 autocast (the deformable attention,
 encoder and decoder stay in float32, as in training). Random input, random weights unless
 MODEL.WEIGHTS is given.
@@ -52,7 +54,7 @@ from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 from di_maskdino.allocator import retain_freed_memory  # noqa: E402
 from di_maskdino.d2 import Checkpointer, CheckpointError, load_config, parse_command_line  # noqa: E402
-from di_maskdino.ops import flop_handles  # noqa: E402
+from di_maskdino.ops import flop_handles, winograd_available  # noqa: E402
 from di_maskdino.predictor import Predictor  # noqa: E402
 from di_maskdino.profiling import MATRIX_FLOP_OPERATORS, time_by_kind  # noqa: E402
 
@@ -118,7 +120,10 @@ def print_breakdown(kind, function, batch, model_time, matrix_flops):
     if matrix_flops:
         # fvcore's FLOPs are multiply-adds; a GEMM benchmark's GFLOP/s counts two per multiply-add
         rate = matrix_flops / kinds["matrix products"] / 1e9
-        print(f"    matrix products ran at {rate:.1f} G multiply-adds per second")
+        print(
+            f"    matrix products ran at {rate:.1f} G multiply-adds per second (fvcore's count, of direct "
+            "convolutions: Winograd ones do fewer)"
+        )
 
 
 def peak_memory(model, batch, device):
@@ -231,6 +236,16 @@ def main() -> int:
         f"config {args.config_file}, input {height}x{width}, device {device}, {torch.get_num_threads()} threads, "
         f"dtype {args.dtype}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
+    if device.type == "cpu":
+        if not model.winograd_convolutions:
+            algorithm = "direct (oneDNN; TEST.WINOGRAD_CONVOLUTIONS False)"
+        else:
+            algorithm = (
+                "Winograd (NNPACK) where it pays: >= 64 channels in and out, >= 64 x 64 output pixels"
+                if winograd_available()
+                else "direct (oneDNN; NNPACK is not available here)"
+            )
+        print(f"3x3 stride-1 convolutions of eager / compile: {algorithm}")
     print(f"parameters: {total / 1e6:.2f} M (" + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in parts.items()) + ")")
 
     batch, _ = model.preprocess([image])
@@ -262,18 +277,21 @@ def main() -> int:
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
         )
-        with torch.inference_mode(), autocast:
+        # the context CPU inference runs in (Winograd 3x3 convolutions); exports are made without it
+        eager_context = kind in ("eager", "compile")
+        convolutions = model.inference_convolutions(batch.shape) if eager_context else contextlib.nullcontext()
+        with torch.inference_mode(), autocast, convolutions:
             model_time, runs, faults = timed(lambda f=function: f(batch), device, args.warmup, args.repeats)
             end_to_end, _, _ = timed(lambda p=predictor: p([image]), device, args.warmup, args.repeats)
-        print(
-            f"  model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS; runs "
-            + ", ".join(f"{t * 1e3:.0f}" for t in runs)
-            + " ms)"
-            + (f"; {faults:.0f} page faults per run" if device.type == "cpu" else "")
-        )
-        print(f"  end to end with post-processing: {end_to_end * 1e3:.1f} ms")
-        if args.breakdown and kind in ("eager", "compile"):
-            print_breakdown(kind, function, batch, model_time, matrix_flops)
+            print(
+                f"  model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS; runs "
+                + ", ".join(f"{t * 1e3:.0f}" for t in runs)
+                + " ms)"
+                + (f"; {faults:.0f} page faults per run" if device.type == "cpu" else "")
+            )
+            print(f"  end to end with post-processing: {end_to_end * 1e3:.1f} ms")
+            if args.breakdown and kind in ("eager", "compile"):
+                print_breakdown(kind, function, batch, model_time, matrix_flops)
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 

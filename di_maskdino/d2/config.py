@@ -290,6 +290,9 @@ def _add_input_and_solver_keys(cfg: CN) -> None:
     # evaluation under autocast: "" (float32), "bfloat16" or "float16" (as training's AMP: the
     # deformable attention, encoder and decoder arithmetic stay in float32 where they ask for it)
     cfg.TEST.AUTOCAST_DTYPE = ""
+    # CPU inference: 3x3 stride-1 convolutions by NNPACK's Winograd transform (di_maskdino.ops.winograd;
+    # float32, differing from the direct convolution by rounding only); False: oneDNN's direct ones
+    cfg.TEST.WINOGRAD_CONVOLUTIONS = True
 
 
 def _add_memory_keys(m: CN) -> None:

@@ -79,6 +79,7 @@ class DIMaskDINOArch(DIMaskDINO):
         box_mask_criterion: Optional[BoxMaskCriterion] = None,
         test_masks: str = "refined",
         segmentation: Optional[SegmentationInference] = None,
+        winograd_convolutions: bool = True,
     ):
         super().__init__(
             backbone,
@@ -96,6 +97,7 @@ class DIMaskDINOArch(DIMaskDINO):
         self.test_masks = test_masks
         # panoptic / semantic inference (MODEL.DI_MASKDINO.TEST); None: instances only
         self.segmentation = segmentation
+        self.winograd_convolutions = winograd_convolutions  # CPU inference (TEST.WINOGRAD_CONVOLUTIONS)
 
     @classmethod
     def from_config(cls, cfg):
@@ -115,6 +117,7 @@ class DIMaskDINOArch(DIMaskDINO):
             "size_divisibility": cfg.MODEL.DI_MASKDINO.SIZE_DIVISIBILITY,
             "test_topk": cfg.TEST.DETECTIONS_PER_IMAGE,
             "segmentation": build_segmentation_inference(cfg),
+            "winograd_convolutions": cfg.TEST.WINOGRAD_CONVOLUTIONS,
         }
 
     @property
@@ -157,6 +160,11 @@ class DIMaskDINOArch(DIMaskDINO):
         if self.training:
             targets = self.targets(batched_inputs, batch.shape[-2:])
             return self.losses(self.run(batch, targets=targets), targets)
+        with self.inference_convolutions(batch.shape):
+            return self.inference(batched_inputs, batch, sizes)
+
+    def inference(self, batched_inputs: List[Dict], batch: torch.Tensor, sizes) -> List[Dict]:
+        """detectron2's results of a preprocessed batch (see `forward`)."""
         output_sizes = self.output_sizes(batched_inputs, sizes)
         padded_size = tuple(batch.shape[-2:])
         if self.segmentation is not None:  # panoptic and / or semantic outputs

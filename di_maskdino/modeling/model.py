@@ -11,6 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..ops import winograd
 from .box_mask_head import BoxMaskHead, BoxMasks
 from .di_maskdino_head import DIMaskDINOHead
 from .encoder import MaskDINOEncoder
@@ -88,6 +89,22 @@ class DIMaskDINO(nn.Module):
     # ("refined", "detector" or "both") and its panoptic / semantic inference (None: instances only)
     test_masks = "refined"
     segmentation = None
+    # CPU inference runs its 3x3 convolutions by the Winograd transform (TEST.WINOGRAD_CONVOLUTIONS)
+    winograd_convolutions = True
+
+    def inference_convolutions(self, batch_shape: Sequence[int]):
+        """The context CPU inference on a preprocessed batch of shape (B, 3, H, W) runs in
+        (`predict`, the `Predictor`, detectron2's evaluation): eligible 3x3 convolutions by
+        NNPACK's Winograd transform (`di_maskdino.ops.winograd`) when `winograd_convolutions`
+        is set and the model is on the CPU; otherwise no context. Eligible convolutions need
+        64 x 64 output pixels, and the largest maps of the network are at 1/4 of the input
+        (the backbone's first stage, the mask features), so smaller inputs run without the
+        context and its cost per torch call. Training and anything with autograd are
+        unaffected."""
+        images, _, height, width = batch_shape
+        large = images * (height // 4) * (width // 4) >= winograd.MIN_OUTPUT_PIXELS
+        on_cpu = self.pixel_mean.device.type == "cpu"
+        return winograd.winograd_convolutions(self.winograd_convolutions and large and on_cpu)
 
     @property
     def predicts_masks(self) -> bool:
@@ -200,10 +217,13 @@ class DIMaskDINO(nn.Module):
         batch, sizes = self.preprocess(images)
         output_sizes = sizes if output_sizes is None else output_sizes
         if self.box_mask_head is not None:
-            found = self.refined_instances(self.run(batch), sizes, tuple(batch.shape[-2:]), output_sizes)
+            with self.inference_convolutions(batch.shape):
+                found = self.refined_instances(self.run(batch), sizes, tuple(batch.shape[-2:]), output_sizes)
             return [d.filtered(score_threshold, max_detections) for d in found]
+        with self.inference_convolutions(batch.shape):
+            raw = self.detect(batch)
         return detections_from_raw(
-            self.detect(batch),
+            raw,
             sizes,
             tuple(batch.shape[-2:]),
             output_sizes,

@@ -9,6 +9,8 @@ import pytest
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
 
+from di_maskdino.ops import winograd_available  # noqa: E402
+
 from .conftest import QUICK, run_tool  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test runs a tool in a subprocess
@@ -70,7 +72,8 @@ def test_model_benchmark_reports_size_flops_and_time(data_root):
     result = run_tool(
         "benchmark_model.py",
         # the overrides after --backend's values are overrides, not more backends
-        ["--config-file", QUICK, "--input-size", "128x128", "--warmup", "0", "--repeats", "1", "--breakdown"]
+        # at 256 x 256 the 64-channel 3x3 convolutions at 1/4 run by Winograd (di_maskdino/ops/winograd.py)
+        ["--config-file", QUICK, "--input-size", "256x256", "--warmup", "0", "--repeats", "1", "--breakdown"]
         + ["--retain-freed-memory", "--backend", "eager", "MODEL.DEVICE", "cpu"],
         data_root,
     )
@@ -78,6 +81,8 @@ def test_model_benchmark_reports_size_flops_and_time(data_root):
     for fragment in ("parameters:", "FLOPs:", "ms_deform_attn_forward", "model time:", "FPS", "peak memory"):
         assert fragment in out, fragment
     assert "page faults per run" in out and "freed memory is retained" in out
+    if winograd_available():
+        assert "3x3 stride-1 convolutions of eager / compile: Winograd (NNPACK)" in out
     shares = {
         kind: float(share)
         for kind, share in re.findall(r"    (matrix products|deformable attention|other): \d+ ms \((\d+)%\)", out)

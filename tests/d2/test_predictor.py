@@ -4,6 +4,7 @@ the detectron2 model's own inference (its resizing, channel order and instances)
 import numpy as np
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
 
@@ -12,6 +13,8 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from di_maskdino import Predictor  # noqa: E402
 from di_maskdino.d2 import load_config  # noqa: E402
+from di_maskdino.ops import winograd_available  # noqa: E402
+from di_maskdino.ops.flops import WINOGRAD_OP  # noqa: E402
 
 from ..modeling.tiny import perturb  # noqa: E402
 from .conftest import QUICK, ROOT, SMALL_BOX_MASK_HEAD  # noqa: E402
@@ -66,3 +69,21 @@ def test_predictor_gives_the_detectron2_models_instances(tmp_path, config, opts)
         things = set(model.segmentation.is_thing.nonzero()[:, 0].tolist())
         assert len(expected) < cfg.TEST.DETECTIONS_PER_IMAGE and set(found.pred_classes.tolist()) <= things
         assert len(predictor.class_names) == cfg.MODEL.DI_MASKDINO.NUM_CLASSES
+
+
+@pytest.mark.parametrize(
+    "winograd, size", [(True, (256, 288)), (False, (256, 288)), (True, (96, 128))], ids=["on", "off", "small_input"]
+)
+def test_cpu_inference_convolutions_follow_the_config(winograd, size):
+    """TEST.WINOGRAD_CONVOLUTIONS decides whether the detectron2 model's inference runs its 3x3
+    convolutions by NNPACK's Winograd transform (di_maskdino/ops/winograd.py): at 256 x 288 the
+    quick-start model's 64-channel maps at 1/4 qualify, at 96 x 128 none does."""
+    cfg = load_config(QUICK, ["TEST.WINOGRAD_CONVOLUTIONS", str(winograd)])
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    assert model.winograd_convolutions is winograd
+    image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        model([{"image": image}])
+    ran = WINOGRAD_OP in {event.key for event in prof.key_averages()}
+    assert ran == (winograd and size[0] >= 256 and winograd_available())
