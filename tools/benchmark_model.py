@@ -54,7 +54,7 @@ from fvcore.nn import FlopCountAnalysis  # noqa: E402
 
 from di_maskdino.allocator import retain_freed_memory  # noqa: E402
 from di_maskdino.d2 import Checkpointer, CheckpointError, load_config, parse_command_line  # noqa: E402
-from di_maskdino.ops import flop_handles, winograd_available  # noqa: E402
+from di_maskdino.ops import flop_handles, winograd  # noqa: E402
 from di_maskdino.predictor import Predictor  # noqa: E402
 from di_maskdino.profiling import MATRIX_FLOP_OPERATORS, time_by_kind  # noqa: E402
 
@@ -236,19 +236,24 @@ def main() -> int:
         f"config {args.config_file}, input {height}x{width}, device {device}, {torch.get_num_threads()} threads, "
         f"dtype {args.dtype}, load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
-    if device.type == "cpu":
-        if not model.winograd_convolutions:
-            algorithm = "direct (oneDNN; TEST.WINOGRAD_CONVOLUTIONS False)"
-        else:
-            algorithm = (
-                "Winograd (NNPACK) where it pays: >= 64 channels in and out, >= 64 x 64 output pixels"
-                if winograd_available()
-                else "direct (oneDNN; NNPACK is not available here)"
-            )
-        print(f"3x3 stride-1 convolutions of eager / compile: {algorithm}")
     print(f"parameters: {total / 1e6:.2f} M (" + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in parts.items()) + ")")
 
     batch, _ = model.preprocess([image])
+    # eager and compile run in the context CPU inference runs in; exports are made without it
+    winograd_on = args.dtype == "float32" and model.runs_winograd(batch.shape)
+    if device.type == "cpu":
+        if winograd_on:
+            algorithm = (
+                f"Winograd (NNPACK) where >= {winograd.MIN_CHANNELS} channels in and out and "
+                f">= {winograd.MIN_OUTPUT_PIXELS} output pixels"
+            )
+        elif not model.winograd_convolutions:
+            algorithm = "direct (oneDNN; TEST.WINOGRAD_CONVOLUTIONS False)"
+        elif not winograd.winograd_available():
+            algorithm = "direct (oneDNN; NNPACK is not available here)"
+        else:
+            algorithm = "direct (oneDNN; the input is too small or not float32 for Winograd to pay)"
+        print(f"3x3 stride-1 convolutions of eager / compile: {algorithm}")
     peak, measured = peak_memory(model, batch, device)  # first: a later forward would set the mark
     print(f"peak memory of one eager forward: {peak:.0f} MiB ({measured})")
     matrix_flops = None
@@ -277,9 +282,8 @@ def main() -> int:
         autocast = (
             torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext()
         )
-        # the context CPU inference runs in (Winograd 3x3 convolutions); exports are made without it
-        eager_context = kind in ("eager", "compile")
-        convolutions = model.inference_convolutions(batch.shape) if eager_context else contextlib.nullcontext()
+        in_model_code = kind in ("eager", "compile")
+        convolutions = winograd.winograd_convolutions(winograd_on and in_model_code)
         with torch.inference_mode(), autocast, convolutions:
             model_time, runs, faults = timed(lambda f=function: f(batch), device, args.warmup, args.repeats)
             end_to_end, _, _ = timed(lambda p=predictor: p([image]), device, args.warmup, args.repeats)

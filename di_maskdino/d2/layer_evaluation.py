@@ -35,7 +35,8 @@ def evaluate_outputs(model, data_loader, make_evaluators, results) -> "OrderedDi
     try:
         for inputs in data_loader:
             batch, sizes = model.preprocess([x["image"] for x in inputs])
-            output = model.run(batch, all_layer_masks=True)
+            with model.inference_convolutions(batch.shape):
+                output = model.run(batch, all_layer_masks=True)
             padded = tuple(batch.shape[-2:])
             for name, prediction in named_outputs(output):
                 if name not in evaluators:

@@ -9,7 +9,7 @@ parts, each charged only when its parameters train (MODEL.FREEZE): the detector'
 inference pass per iteration (see `DIMaskDINO.run`) and no loss of its own.
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from detectron2.config import configurable
@@ -163,7 +163,7 @@ class DIMaskDINOArch(DIMaskDINO):
         with self.inference_convolutions(batch.shape):
             return self.inference(batched_inputs, batch, sizes)
 
-    def inference(self, batched_inputs: List[Dict], batch: torch.Tensor, sizes) -> List[Dict]:
+    def inference(self, batched_inputs: List[Dict], batch: torch.Tensor, sizes: List[Tuple[int, int]]) -> List[Dict]:
         """detectron2's results of a preprocessed batch (see `forward`)."""
         output_sizes = self.output_sizes(batched_inputs, sizes)
         padded_size = tuple(batch.shape[-2:])

@@ -92,19 +92,25 @@ class DIMaskDINO(nn.Module):
     # CPU inference runs its 3x3 convolutions by the Winograd transform (TEST.WINOGRAD_CONVOLUTIONS)
     winograd_convolutions = True
 
-    def inference_convolutions(self, batch_shape: Sequence[int]):
-        """The context CPU inference on a preprocessed batch of shape (B, 3, H, W) runs in
-        (`predict`, the `Predictor`, detectron2's evaluation): eligible 3x3 convolutions by
-        NNPACK's Winograd transform (`di_maskdino.ops.winograd`) when `winograd_convolutions`
-        is set and the model is on the CPU; otherwise no context. Eligible convolutions need
-        64 x 64 output pixels, and the largest maps of the network are at 1/4 of the input
-        (the backbone's first stage, the mask features), so smaller inputs run without the
-        context and its cost per torch call. Training and anything with autograd are
-        unaffected."""
-        images, _, height, width = batch_shape
-        large = images * (height // 4) * (width // 4) >= winograd.MIN_OUTPUT_PIXELS
+    def runs_winograd(self, batch_shape: Sequence[int]) -> bool:
+        """Whether CPU inference on a preprocessed batch of shape (B, 3, H, W) runs its
+        eligible 3x3 convolutions by NNPACK's Winograd transform (`di_maskdino.ops.winograd`):
+        `winograd_convolutions` is set, the model is on the CPU, NNPACK runs here, and the
+        images are large enough for some convolution to qualify - eligible ones have 64 x 64
+        output pixels per image, and the largest maps of the network are at 1/4 of the input
+        (the backbone's first stage, the mask features; a box mask head's RoIs are smaller),
+        so smaller inputs skip the context and its cost per torch call."""
+        _, _, height, width = batch_shape
+        large = (height // 4) * (width // 4) >= winograd.MIN_OUTPUT_PIXELS
         on_cpu = self.pixel_mean.device.type == "cpu"
-        return winograd.winograd_convolutions(self.winograd_convolutions and large and on_cpu)
+        return self.winograd_convolutions and large and on_cpu and winograd.winograd_available()
+
+    def inference_convolutions(self, batch_shape: Sequence[int]):
+        """The context CPU inference on a batch of shape (B, 3, H, W) runs in (`predict`, the
+        `Predictor`, detectron2's evaluation): Winograd 3x3 convolutions when
+        `runs_winograd(batch_shape)`, otherwise none. Training and anything with autograd are
+        unaffected."""
+        return winograd.winograd_convolutions(self.runs_winograd(batch_shape))
 
     @property
     def predicts_masks(self) -> bool:

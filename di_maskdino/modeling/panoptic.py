@@ -292,4 +292,6 @@ def predict_segmentation(
     `output_sizes` (default: the input sizes)."""
     batch, sizes = model.preprocess(images)
     output_sizes = sizes if output_sizes is None else output_sizes
-    return inference.images(model.run(batch).final, sizes, tuple(batch.shape[-2:]), output_sizes)
+    with model.inference_convolutions(batch.shape):
+        prediction = model.run(batch).final
+    return inference.images(prediction, sizes, tuple(batch.shape[-2:]), output_sizes)

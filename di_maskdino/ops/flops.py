@@ -11,10 +11,17 @@ fvcore is imported when a handle runs, not with this module, so that the operato
 
 from typing import Any, List
 
-__all__ = ["MS_DEFORM_ATTN_OP", "ms_deform_attn_flop_jit", "sdpa_flop_jit", "winograd_conv_flop_jit", "flop_handles"]
+__all__ = [
+    "MS_DEFORM_ATTN_OP",
+    "WINOGRAD_OP",
+    "ms_deform_attn_flop_jit",
+    "sdpa_flop_jit",
+    "winograd_conv_flop_jit",
+    "flop_handles",
+]
 
 MS_DEFORM_ATTN_OP = "di_maskdino::ms_deform_attn_forward"
-WINOGRAD_OP = "di_maskdino::winograd_conv2d_3x3"  # defined in winograd.py
+WINOGRAD_OP = "di_maskdino::winograd_conv2d_3x3"  # registered by winograd.py
 
 
 def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:

@@ -5,7 +5,10 @@ oneDNN computes every convolution of a batch-1 forward directly. For a 3x3 kerne
 outputs) needs about 5x fewer multiplications, paid for by extra passes over memory for the
 transforms; in float32 it differs from the direct result by rounding only (about 1e-5 of
 the output's largest value per convolution, tests/ops/test_winograd.py). PyTorch ships NNPACK
-but picks it only for batches of 16 or more images, so a detector at test time never gets it.
+but, with oneDNN enabled, does not use it for these convolutions. NNPACK applies Winograd to
+one image at a time (for a batch it chooses among other algorithms, FFT among them), so the
+operator runs the images of a batch one by one: every image gets the same algorithm as
+alone.
 
 Measured on the 2-core development CPU (2 threads, the convolutions of R50 at 800 x 1333):
 the two 256-channel 3x3 convolutions at 1/4 resolution (the mask features) take 0.17 s each
@@ -19,7 +22,7 @@ Inside the context every eligible `torch.nn.functional.conv2d` call (so every `n
 detectron2 `Conv2d`) runs the operator `torch.ops.di_maskdino.winograd_conv2d_3x3`; all others
 run unchanged. Eligible: float32 CPU tensors, a 4-D input, a 3 x 3 kernel, stride 1, dilation
 1, one group, zero padding of 0, 1 or 2 pixels, at least `MIN_CHANNELS` input and output
-channels and `MIN_OUTPUT_PIXELS` output pixels (batch x height x width), and no gradient
+channels and `MIN_OUTPUT_PIXELS` output pixels per image (height x width), and no gradient
 wanted (the operator has no backward) nor autocast active (autocast's convolutions run in its
 lower precision).
 
@@ -32,7 +35,8 @@ convolutions (`DIMaskDINO.inference_convolutions`).
 
 The operator has a fake kernel, so `torch.compile` traces it (the compiled graph calls it),
 but `torch.export` / ONNX archives should be made outside the context: they would need this
-module to run.
+module to run. NNPACK keeps its own thread pool, sized by `torch.get_num_threads()` at its
+first convolution in the process: set the thread count before the first call.
 """
 
 import contextlib
@@ -50,14 +54,12 @@ __all__ = ["winograd_available", "winograd_conv2d_3x3", "winograd_convolutions",
 MIN_CHANNELS = 64
 MIN_OUTPUT_PIXELS = 64 * 64
 
-_CONV2D = (F.conv2d, torch.conv2d)
-
 
 @functools.lru_cache(maxsize=None)
 def winograd_available() -> bool:
     """Whether this PyTorch has NNPACK and it runs on this CPU (x86 with AVX2, or ARM with
     NEON). The first call also initialises NNPACK, which its convolution needs."""
-    return bool(torch.backends.nnpack.is_available())
+    return hasattr(torch, "_nnpack_spatial_convolution") and bool(torch.backends.nnpack.is_available())
 
 
 @torch.library.custom_op(WINOGRAD_OP, mutates_args=(), device_types="cpu")
@@ -65,13 +67,17 @@ def winograd_conv2d_3x3(
     input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], padding: List[int]
 ) -> torch.Tensor:
     """conv2d(input, weight, bias, stride=1, padding=padding) of float32 CPU tensors with a
-    3 x 3 kernel, computed by NNPACK (Winograd for 3 x 3 kernels). No autograd."""
+    3 x 3 kernel, computed by NNPACK's Winograd transform one image at a time. No autograd."""
     if not winograd_available():
         raise RuntimeError(
             "winograd_conv2d_3x3: NNPACK is not available in this PyTorch build or on this CPU "
             "(check torch.backends.nnpack.is_available()); use torch.nn.functional.conv2d"
         )
-    return torch._nnpack_spatial_convolution(input.contiguous(), weight.contiguous(), bias, list(padding))
+    weight = weight.contiguous()
+    images = [
+        torch._nnpack_spatial_convolution(image.contiguous(), weight, bias, list(padding)) for image in input.split(1)
+    ]
+    return images[0] if len(images) == 1 else torch.cat(images)
 
 
 @winograd_conv2d_3x3.register_fake
@@ -117,15 +123,16 @@ def _winograd_eligible(call) -> bool:
         and all(0 <= p <= 2 for p in padding)
     ):
         return False
-    batch, in_channels, height, width = input.shape
-    output_pixels = batch * (height + 2 * padding[0] - 2) * (width + 2 * padding[1] - 2)
-    return min(in_channels, weight.shape[0]) >= MIN_CHANNELS and output_pixels >= MIN_OUTPUT_PIXELS
+    _, in_channels, height, width = input.shape
+    out_height, out_width = height + 2 * padding[0] - 2, width + 2 * padding[1] - 2
+    large = out_height >= 1 and out_width >= 1 and out_height * out_width >= MIN_OUTPUT_PIXELS
+    return min(in_channels, weight.shape[0]) >= MIN_CHANNELS and large
 
 
 class _WinogradConvolutions(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _CONV2D:
+        if func is F.conv2d:  # torch.conv2d too: the same function
             call = _conv2d_arguments(args, kwargs)
             if _winograd_eligible(call):
                 return winograd_conv2d_3x3(call["input"], call["weight"], call["bias"], list(_pair(call["padding"])))

@@ -4,12 +4,17 @@ inside the context, the FLOP count, and the tiny model's predictions with and wi
 within the export tolerances of issue 12. Eligible convolutions have >= 64 channels and
 64 x 64 output pixels (`MIN_CHANNELS`, `MIN_OUTPUT_PIXELS`)."""
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity, profile
 
+from di_maskdino import Predictor
+from di_maskdino.modeling.architecture import BoxMaskHeadSpec
 from di_maskdino.ops import flop_handles, winograd, winograd_available, winograd_conv2d_3x3, winograd_convolutions
 from di_maskdino.ops.flops import WINOGRAD_OP
 
@@ -32,10 +37,15 @@ def ops_run(function, *args):
     return {event.key for event in prof.key_averages()}, result
 
 
-def assert_close_to_direct(found, expected):
-    # Winograd differs from the direct sum by rounding: about 1e-5 of the output's largest value
+def float64_conv2d(x, weight, bias=None, **kwargs):
+    """The oracle: torch's direct convolution in float64."""
+    return F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), **kwargs)
+
+
+def assert_close_to(found, expected):
+    # Winograd differs from the exact sum by rounding: about 1e-5 of the output's largest value
     scale = expected.abs().max().item()
-    torch.testing.assert_close(found, expected, rtol=0, atol=1e-4 * scale)
+    torch.testing.assert_close(found.double(), expected.double(), rtol=0, atol=1e-4 * scale)
 
 
 @pytest.mark.parametrize(
@@ -53,15 +63,15 @@ def test_operator_matches_the_direct_convolution(batch, in_channels, out_channel
     weight = torch.randn(out_channels, in_channels, 3, 3, generator=generator) / (3 * in_channels**0.5)
     b = torch.randn(out_channels, generator=generator) if bias else None
     found = winograd_conv2d_3x3(x, weight, b, list(padding))
-    expected = F.conv2d(x, weight, b, padding=padding)
-    assert found.shape == expected.shape
-    assert_close_to_direct(found, expected)
+    expected = float64_conv2d(x, weight, b, padding=padding)
+    assert found.shape == expected.shape and found.dtype == torch.float32
+    assert_close_to(found, expected)
 
 
 def test_operator_takes_non_contiguous_inputs():
     x = torch.randn(1, 12, 20, 30).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(6, 12, 3, 3).transpose(2, 3)  # a strided view
-    assert_close_to_direct(winograd_conv2d_3x3(x, weight, None, [1, 1]), F.conv2d(x, weight, padding=1))
+    assert_close_to(winograd_conv2d_3x3(x, weight, None, [1, 1]), float64_conv2d(x, weight, padding=1))
 
 
 def test_fake_kernel_and_schema_pass_opcheck():
@@ -79,7 +89,7 @@ def test_context_reroutes_eligible_convolutions_of_modules():
             names, found = ops_run(conv, x)
     assert WINOGRAD_OP in names and "aten::_nnpack_spatial_convolution" in names
     assert "aten::mkldnn_convolution" not in names
-    assert_close_to_direct(found, expected)
+    assert_close_to(found, float64_conv2d(x, conv.weight, conv.bias, padding=1))
     assert not torch.equal(found, expected)  # a different algorithm, not the direct one again
 
 
@@ -126,11 +136,44 @@ def test_context_leaves_other_convolutions_alone(case):
         assert conv.weight.grad is not None
 
 
-def test_output_pixels_count_the_whole_batch():
-    conv = nn.Conv2d(64, 64, 3, padding=1)
-    with torch.no_grad(), winograd_convolutions():
-        names, _ = ops_run(conv, torch.randn(4, 64, 32, 32))  # 4 x 32 x 32 = 64 x 64
+@pytest.mark.parametrize(
+    "form",
+    ["keyword padding", "all keywords, asymmetric padding", "no bias", "reflect padding", "circular padding"],
+)
+def test_context_reroutes_every_form_of_call(form):
+    x = torch.randn(1, 64, 66, 70)
+    weight = torch.randn(64, 64, 3, 3) / 24
+    bias = torch.randn(64)
+    calls = {
+        "keyword padding": lambda: F.conv2d(x, weight, bias, padding=1),
+        "all keywords, asymmetric padding": lambda: F.conv2d(input=x, weight=weight, bias=None, padding=(2, 1)),
+        "no bias": nn.Conv2d(64, 64, 3, padding=1, bias=False),
+        "reflect padding": nn.Conv2d(64, 64, 3, padding=1, padding_mode="reflect"),
+        "circular padding": nn.Conv2d(64, 64, 3, padding=1, padding_mode="circular"),
+    }
+    call = calls[form]
+    if isinstance(call, nn.Module):
+        module = call
+        call = lambda: module(x)  # noqa: E731
+    with torch.no_grad():
+        expected = call()
+        with winograd_convolutions():
+            names, found = ops_run(call)
     assert WINOGRAD_OP in names
+    assert_close_to(found, expected)
+
+
+def test_batches_run_image_by_image():
+    """Every image of a batch gets the Winograd result it gets alone (NNPACK would choose
+    another algorithm for the batch); the size limit is per image."""
+    conv = nn.Conv2d(64, 64, 3, padding=1)
+    x = torch.randn(3, 64, 64, 64)
+    with torch.no_grad(), winograd_convolutions():
+        names, found = ops_run(conv, x)
+        alone = torch.cat([conv(image[None]) for image in x])
+        small_names, _ = ops_run(conv, torch.randn(4, 64, 32, 32))  # 4 x 32 x 32 pixels, 32 x 32 per image
+    assert WINOGRAD_OP in names and torch.equal(found, alone)
+    assert WINOGRAD_OP not in small_names
 
 
 def test_context_leaves_autocast_to_its_lower_precision():
@@ -195,3 +238,40 @@ def test_tiny_models_predictions_within_the_export_tolerances(monkeypatch):
         torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-4)
         torch.testing.assert_close(got.boxes, want.boxes, rtol=0, atol=1e-2)
         assert (got.masks == want.masks).float().mean() >= 0.999
+
+
+def test_models_gate_enters_the_context_for_large_cpu_inputs_only():
+    model = tiny_model().eval()
+    assert model.runs_winograd((1, 3, 256, 256))  # 64 x 64 at 1/4
+    assert not model.runs_winograd((1, 3, 252, 256))  # 63 x 64
+    assert not model.runs_winograd((8, 3, 96, 128))  # the limit is per image
+    assert isinstance(model.inference_convolutions((1, 3, 96, 128)), contextlib.nullcontext)
+    assert isinstance(model.inference_convolutions((1, 3, 256, 256)), TorchFunctionMode)
+    model.winograd_convolutions = False
+    assert not model.runs_winograd((1, 3, 256, 256))
+    assert not tiny_model().eval().to("meta").runs_winograd((1, 3, 256, 256))  # not on the CPU
+
+
+def test_predictor_runs_the_operator_in_the_network_and_the_refinement(monkeypatch):
+    """Predictor.from_model enters the context for the network and for a box mask head's
+    refined masks (its RoI convolutions qualify once the size limits are lifted)."""
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
+    monkeypatch.setattr(winograd, "MIN_OUTPUT_PIXELS", 1)
+    spec = BoxMaskHeadSpec(hidden_dim=16, roi_size=7, mask_size=14, fine_feature="image")
+    model = perturb(tiny_model(box_mask_head=spec)).eval()
+    where = {"head": False}
+    calls = []  # per rerouted convolution: inside the box mask head's forward or not
+
+    def counted(*args):
+        calls.append(where["head"])
+        return winograd_conv2d_3x3(*args)
+
+    monkeypatch.setattr(winograd, "winograd_conv2d_3x3", counted)
+    model.box_mask_head.register_forward_pre_hook(lambda *_: where.update(head=True))
+    model.box_mask_head.register_forward_hook(lambda *_: where.update(head=False))
+    predictor = Predictor.from_model(model, output="detections", max_detections=None)
+    image = tiny_images()[0]
+    found = predictor([image])[0]
+    assert False in calls and True in calls  # the network's and the refinement's
+    expected = model.predict([image])[0]  # in the same context: the same pixels
+    assert found.labels.tolist() == expected.labels.tolist() and torch.equal(found.masks, expected.masks)
