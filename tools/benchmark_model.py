@@ -245,7 +245,7 @@ def main() -> int:
         if winograd_on:
             algorithm = (
                 f"Winograd (NNPACK) where >= {winograd.MIN_CHANNELS} channels in and out and "
-                f">= {winograd.MIN_OUTPUT_PIXELS} output pixels"
+                f">= {winograd.MIN_OUTPUT_PIXELS} output pixels per image"
             )
         elif not model.winograd_convolutions:
             algorithm = "direct (oneDNN; TEST.WINOGRAD_CONVOLUTIONS False)"
