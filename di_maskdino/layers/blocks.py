@@ -185,8 +185,11 @@ class DeformableAttentionBlock(nn.Module):
         value: torch.Tensor,
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
+        level_sizes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        update = self.attn(with_pos(x, pos), reference_points, value, spatial_shapes, level_start_index)
+        update = self.attn(
+            with_pos(x, pos), reference_points, value, spatial_shapes, level_start_index, level_sizes=level_sizes
+        )
         return self.norm(x + self.dropout(update))
 
 

@@ -69,6 +69,7 @@ class MSDeformAttn(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         value_padding_mask: Optional[torch.Tensor] = None,
+        level_sizes: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -80,6 +81,10 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: (L, 2) int64 (H_l, W_l).
             level_start_index: (L,) int64.
             value_padding_mask: optional (B, S) bool, True where a value token is padding.
+            level_sizes: optional (L, 2) floating (W_l, H_l), `spatial_shapes` flipped, which
+                point offsets are divided by; made from `spatial_shapes` if not given. Callers
+                that run several layers on the same levels build it once (see
+                `FeatureTokens.level_sizes`).
 
         Returns:
             (B, Q, D) tensor.
@@ -102,9 +107,26 @@ class MSDeformAttn(nn.Module):
         weights = weights.softmax(-1).view(batch, queries, heads, levels, points)
         reference = reference_points[:, :, None, :, None, :]  # (B, Q, 1, L, 1, 2 or 4)
         if reference_points.shape[-1] == 2:
-            level_size_xy = spatial_shapes.flip(-1).to(offsets.dtype)  # (L, 2) as (W_l, H_l)
-            locations = reference + offsets / level_size_xy[None, None, None, :, None, :]
+            if level_sizes is None:
+                level_sizes = spatial_shapes.flip(-1)
+            locations = self.point_locations(reference, offsets, level_sizes)
         else:
             locations = reference[..., :2] + offsets / points * reference[..., 2:] * 0.5
         output = ms_deform_attn(projected, spatial_shapes, level_start_index, locations, weights)
         return self.output_proj(output)
+
+    @staticmethod
+    def point_locations(reference: torch.Tensor, offsets: torch.Tensor, level_sizes: torch.Tensor) -> torch.Tensor:
+        """reference (B, Q, 1, L, 1, 2) normalised points + offsets (B, Q, heads, L, P, 2) in
+        pixels of each level / level_sizes (L, 2) as (W_l, H_l) -> (B, Q, heads, L, P, 2)
+        normalised sampling locations.
+
+        The same additions and divisions as broadcasting over the 6-d offsets, computed on
+        rows of L * P * 2 numbers: with a last dimension of 2, PyTorch's elementwise loops
+        and Inductor's generated code are scalar (at 800 x 1333, about 40 ms instead of 5 per
+        encoder layer in eager)."""
+        batch, queries, heads, levels, points, _ = offsets.shape
+        row = levels * points * 2
+        size = level_sizes.to(offsets.dtype)[:, None, :].expand(levels, points, 2).reshape(row)
+        reference = reference.expand(batch, queries, 1, levels, points, 2).reshape(batch, queries, 1, row)
+        return (reference + offsets.reshape(batch, queries, heads, row) / size).view(offsets.shape)

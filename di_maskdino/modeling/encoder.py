@@ -58,8 +58,10 @@ class EncoderLayer(nn.Module):
         self.self_attn = DeformableAttentionBlock(dim, num_levels, num_heads, num_points, dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
 
-    def forward(self, tokens, pos, reference_points, spatial_shapes, level_start_index):
-        tokens = self.self_attn(tokens, pos, reference_points, tokens, spatial_shapes, level_start_index)
+    def forward(self, tokens, pos, reference_points, spatial_shapes, level_start_index, level_sizes=None):
+        tokens = self.self_attn(
+            tokens, pos, reference_points, tokens, spatial_shapes, level_start_index, level_sizes=level_sizes
+        )
         return self.ffn(tokens)
 
 
@@ -204,7 +206,14 @@ class MaskDINOEncoder(nn.Module):
         tokens = levels.tokens
         for layer in self.layers:
             tokens = checkpointed(
-                self.grad_checkpointing, layer, tokens, pos, reference, levels.spatial_shapes, levels.level_start_index
+                self.grad_checkpointing,
+                layer,
+                tokens,
+                pos,
+                reference,
+                levels.spatial_shapes,
+                levels.level_start_index,
+                levels.level_sizes,
             )
         return levels.level_maps(tokens)
 

@@ -59,6 +59,31 @@ def test_point_reference_offsets_count_in_pixels_of_each_level():
     torch.testing.assert_close(output, expected, rtol=0, atol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_point_locations_equal_the_broadcast_formula_bit_for_bit(dtype):
+    # Deformable-DETR's form: reference[:, :, None, :, None, :] + offsets / (W_l, H_l) broadcast
+    # over (B, Q, heads, L, P, 2); the layer computes it on flat rows, with the same roundings
+    generator = torch.Generator().manual_seed(3)
+    shapes, _, _ = level_layout()
+    reference = torch.rand(2, 7, 3, 2, generator=generator).to(dtype)[:, :, None, :, None, :]
+    offsets = (torch.randn(2, 7, 4, 3, 5, 2, generator=generator) * 9).to(dtype)
+    expected = reference + offsets / shapes.flip(-1).to(dtype)[None, None, None, :, None, :]
+    for level_sizes in (shapes.flip(-1), shapes.flip(-1).float()):
+        assert torch.equal(MSDeformAttn.point_locations(reference, offsets, level_sizes), expected)
+
+
+def test_given_level_sizes_change_nothing():
+    query, reference, value, shapes, starts = make_inputs()
+    layer = MSDeformAttn(embed_dim=32, num_levels=3, num_heads=4, num_points=2)
+    with torch.no_grad():
+        layer.sampling_offsets.weight.normal_(0, 0.5)
+    without = layer(query, reference, value, shapes, starts)
+    given = layer(query, reference, value, shapes, starts, level_sizes=shapes.flip(-1).float())
+    assert torch.equal(without, given)
+    halved = layer(query, reference, value, shapes, starts, level_sizes=shapes.flip(-1).float() * 2)
+    assert not torch.allclose(halved, without)  # the given sizes are the ones used
+
+
 def test_box_reference_offsets_scale_with_box_size():
     levels = [(10, 16), (5, 8)]
     shapes, starts, _ = level_layout(levels)
