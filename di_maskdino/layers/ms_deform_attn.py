@@ -81,10 +81,10 @@ class MSDeformAttn(nn.Module):
             spatial_shapes: (L, 2) int64 (H_l, W_l).
             level_start_index: (L,) int64.
             value_padding_mask: optional (B, S) bool, True where a value token is padding.
-            level_sizes: optional (L, 2) floating (W_l, H_l), `spatial_shapes` flipped, which
-                point offsets are divided by; made from `spatial_shapes` if not given. Callers
-                that run several layers on the same levels build it once (see
-                `FeatureTokens.level_sizes`).
+            level_sizes: optional (L, 2) (W_l, H_l), floating or integer: `spatial_shapes`
+                flipped, which point offsets are divided by; made from `spatial_shapes` if not
+                given. Callers that run several layers on the same levels build it once (see
+                `FeatureTokens.level_sizes`) and must keep it equal to `spatial_shapes`.
 
         Returns:
             (B, Q, D) tensor.

@@ -67,9 +67,12 @@ def test_point_locations_equal_the_broadcast_formula_bit_for_bit(dtype):
     shapes, _, _ = level_layout()
     reference = torch.rand(2, 7, 3, 2, generator=generator).to(dtype)[:, :, None, :, None, :]
     offsets = (torch.randn(2, 7, 4, 3, 5, 2, generator=generator) * 9).to(dtype)
-    expected = reference + offsets / shapes.flip(-1).to(dtype)[None, None, None, :, None, :]
-    for level_sizes in (shapes.flip(-1), shapes.flip(-1).float()):
-        assert torch.equal(MSDeformAttn.point_locations(reference, offsets, level_sizes), expected)
+    # the encoder's reference points: one point per token, expanded over batch and levels
+    expanded = reference[:1, :, :, :1].expand(2, 7, 1, 3, 1, 2)
+    for ref in (reference, expanded):
+        expected = ref + offsets / shapes.flip(-1).to(dtype)[None, None, None, :, None, :]
+        for level_sizes in (shapes.flip(-1), shapes.flip(-1).float()):
+            assert torch.equal(MSDeformAttn.point_locations(ref, offsets, level_sizes), expected)
 
 
 def test_given_level_sizes_change_nothing():

@@ -89,6 +89,19 @@ def test_forward_of_32_channel_heads_is_as_accurate_as_float32_allows(case):
     assert error <= 2 * float32_error + 1e-7
 
 
+@needs_kernel
+def test_forward_of_32_channel_heads_equals_the_generic_sums_bit_for_bit():
+    # the same heads padded to 64 channels take the generic loop; their first 32 channels
+    # must come out bit-equal to the 32-channel path's register-held sums
+    value, shapes, starts, locations, weights = [
+        t.float() if t.is_floating_point() else t for t in make_problem(2, 8, 32, 9, 4)
+    ]
+    padded = torch.cat([value, torch.randn_like(value)], dim=-1)
+    narrow = ms_deform_attn(value, shapes, starts, locations, weights).view(2, 9, 8, 32)
+    wide = ms_deform_attn(padded, shapes, starts, locations, weights).view(2, 9, 8, 64)
+    assert torch.equal(narrow, wide[..., :32])
+
+
 def test_reference_samples_pixel_centres_exactly():
     """Hand-made oracle for the sampling rule shared by kernel and reference: on a 2 x 3
     map, location ((j + 0.5) / W, (i + 0.5) / H) reads pixel (i, j); half-way between two
