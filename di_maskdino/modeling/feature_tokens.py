@@ -22,13 +22,15 @@ def pixel_centres(height: int, width: int, device: torch.device) -> torch.Tensor
     return torch.stack([grid_x, grid_y], dim=-1).reshape(-1, 2)
 
 
-def shapes_tensor(shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
-    """(L, 2) int64 tensor of L (H_l, W_l) pairs.
+def shapes_tensor(
+    shapes: Sequence[Tuple[int, int]], device: torch.device, dtype: torch.dtype = torch.long
+) -> torch.Tensor:
+    """(L, 2) tensor of L (H_l, W_l) pairs (int64 by default).
 
     Built element by element rather than with `torch.as_tensor`, which would freeze the
     sizes of a dynamic-shape `torch.export` into constants."""
     return torch.stack(
-        [torch.stack([torch.full((), size, dtype=torch.long, device=device) for size in shape]) for shape in shapes]
+        [torch.stack([torch.full((), size, dtype=dtype, device=device) for size in shape]) for shape in shapes]
     )
 
 
@@ -36,16 +38,11 @@ def level_sizes_tensor(shapes: Sequence[Tuple[int, int]], device: torch.device) 
     """(L, 2) float32 tensor of the L levels' (W_l, H_l), which deformable attention divides
     pixel offsets by.
 
-    Made from the sizes themselves, as `shapes_tensor`, rather than by converting that
-    tensor: under `torch.compile` this is one small float buffer that every encoder layer
-    reads, where a conversion would be inlined into each layer's kernel as an int64 gather,
-    which Inductor vectorises badly (about 30 ms per layer at 800 x 1333 on a CPU)."""
-    return torch.stack(
-        [
-            torch.stack([torch.full((), size, dtype=torch.float32, device=device) for size in (width, height)])
-            for height, width in shapes
-        ]
-    )
+    Made from the sizes themselves rather than by converting `shapes_tensor`'s int64 tensor:
+    under `torch.compile` this is one small float buffer that every encoder layer reads,
+    where a conversion would be inlined into each layer's kernel as an int64 gather, which
+    Inductor vectorises badly (about 30 ms per layer at 800 x 1333 on a CPU)."""
+    return shapes_tensor([(width, height) for height, width in shapes], device, torch.float32)
 
 
 def level_start_index_of(spatial_shapes: torch.Tensor) -> torch.Tensor:
