@@ -12,16 +12,13 @@ even and as polygons for odd annotation ids, so that both formats are exercised.
 import argparse
 import json
 import os
-import sys
 
 import cv2
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from di_maskdino.data.synthetic import SHAPE_CLASSES, render_scene  # noqa: E402
+from di_maskdino.synthetic.shapes import SHAPE_CLASSES, render_scene
 
 
 def polygons_of(mask: np.ndarray):

@@ -18,22 +18,13 @@ probability --crowd-probability.
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_util
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from di_maskdino.data import (  # noqa: E402
-    PANOPTIC_CATEGORIES,
-    PANOPTIC_CLASSES,
-    THING_CLASSES,
-    id_to_rgb,
-    panoptic_to_semantic,
-    render_panoptic_scene,
-)
+from di_maskdino.panoptic_format import id_to_rgb, panoptic_to_semantic
+from di_maskdino.synthetic import PANOPTIC_CATEGORIES, PANOPTIC_CLASSES, THING_CLASSES, render_panoptic_scene
 
 
 def categories():

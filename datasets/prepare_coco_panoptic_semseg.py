@@ -14,16 +14,13 @@ for any dataset in COCO's panoptic layout (--splits).
 import argparse
 import json
 import os
-import sys
 from functools import partial
 from multiprocessing import Pool
 
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from di_maskdino.data import panoptic_to_semantic, rgb_to_id  # noqa: E402
+from di_maskdino.panoptic_format import panoptic_to_semantic, rgb_to_id
 
 
 def convert(annotation, panoptic_dir: str, output_dir: str, category_to_class) -> None:

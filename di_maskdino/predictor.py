@@ -1,29 +1,32 @@
 """Batch inference: images in, instances out, from a model in memory or an exported one.
 
     from di_maskdino import Predictor
-    predictor = Predictor.from_config("configs/quick_start.yaml", "model_final.pth")   # detectron2
-    predictor = Predictor.from_exported("output/export/model_aoti.pt2")                # no model code
-    results = predictor(["a.jpg", bgr_array, chw_tensor])
+    predictor = Predictor.from_model(model)                                # a DIMaskDINO in memory
+    predictor = Predictor.from_exported("output/export/model_aoti.pt2")    # no model code
+    results = predictor(["a.jpg", rgb_uint8_array, chw_uint8_tensor])
+
+With detectron2, `di_maskdino.d2.build_predictor(cfg)` builds one from a config and its
+weights, giving detectron2 `Instances`.
 
 Every image is read (paths, EXIF-upright), put in the channel order the network expects,
 resized as at test time (shortest edge, `min_size` / `max_size`), normalised and padded into
-batches of `batch_size`; the results are reported at each image's original size, as
-detectron2 `Instances` when detectron2 is installed (`output="auto"`) and as the core's
-`Detections` otherwise. The same post-processing (`postprocess.detections_from_raw`) serves
-the eager and the exported models, so they give the same instances (an export holds the
-detector's inference: a model whose box mask head refines its masks is not exported).
+batches of `batch_size`; the results are reported at each image's original size, as the
+core's `Detections` (or what `convert` makes of them). Arrays and tensors hold 0-255 pixel
+values as uint8; float ones are accepted when the caller states the value of white
+(`float_input_max`: 255.0 for 0-255 floats, 1.0 for 0-1 floats). The same post-processing
+(`postprocess.detections_from_raw`) serves the eager and the exported models, so they give
+the same instances (an export holds the detector's inference: a model whose box mask head
+refines its masks is not exported).
 
-On the CPU, calling `di_maskdino.allocator.retain_freed_memory()` once makes repeated calls
-faster (R50 at 800 x 1333: about a million page faults less per image; the demo does it), and
-a model in memory runs its 3x3 convolutions by NNPACK's Winograd transform
-(`di_maskdino.ops.winograd`; set `model.winograd_convolutions = False`, or
-TEST.WINOGRAD_CONVOLUTIONS False in the config, for oneDNN's direct ones).
+On the CPU, `di_maskdino.cpu_inference` offers speed-ups that a caller chooses
+(`from_model(..., cpu_inference=CPUInference())`); the demo uses them.
 
 NOTE: like the release, the model has no padding mask: an image batched with larger ones
 is padded further and its predictions change slightly. `batch_size=1` reproduces the
 single-image results exactly.
 """
 
+import contextlib
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -31,16 +34,19 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .cpu_inference import CPUInference
 from .images import read_image_rgb, resize_image, shortest_edge_size
-from .modeling.model import pad_images
+from .modeling.model import PIXEL_MEAN, PIXEL_STD, pad_images
 from .modeling.outputs import RawDetections
-from .modeling.panoptic import thing_detections
 from .modeling.postprocess import Detections, detections_from_raw
+from .modeling.segmentation_inference import thing_detections
 
 __all__ = ["Predictor", "ImageInput"]
 
 ImageInput = Union[str, "os.PathLike[str]", np.ndarray, torch.Tensor]
 Backend = Callable[[torch.Tensor], Any]
+# (an image's detections, its original (H, W)) -> what the predictor returns for it
+Convert = Callable[[Detections, Tuple[int, int]], Any]
 # (network output, image sizes, padded size, output sizes, score_threshold, max_detections) -> detections
 Postprocess = Callable[[Any, List[Tuple[int, int]], Tuple[int, int], List[Tuple[int, int]], float, Optional[int]], list]
 
@@ -49,17 +55,6 @@ def _raw_detections(raw: RawDetections, sizes, padded_size, output_sizes, score_
     return detections_from_raw(
         raw, sizes, padded_size, output_sizes, score_threshold=score_threshold, max_detections=max_detections
     )
-
-
-OUTPUTS = ("auto", "instances", "detections")
-
-
-def _detectron2_available() -> bool:
-    try:
-        import detectron2.structures  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class Predictor:
@@ -74,15 +69,23 @@ class Predictor:
         model_format: channel order the network expects ("RGB" or "BGR").
         input_format: channel order of the arrays and tensors given to the predictor (files
             are read as RGB).
+        float_input_max: the value of white in float arrays and tensors (255.0 for 0-255
+            values, 1.0 for 0-1 values); None refuses float input (uint8 is always taken).
         min_size, max_size: test-time shortest-edge resizing; min_size 0 keeps the size.
         score_threshold: instances scoring below it are dropped.
         max_detections: at most this many instances per image (the best by score).
         batch_size: images per network call.
         device: where the inputs go (the backend's device).
-        output: "instances" (detectron2), "detections" (the core's type) or "auto".
+        convert: (detections, original (H, W)) -> what is returned per image (e.g.
+            `di_maskdino.d2.detections_to_instances` for detectron2 `Instances`); None: the
+            `Detections` themselves.
         class_names: optional names of the classes (for drawing).
         class_mask: (K,) bool, the classes to report (e.g. the things of a panoptic model),
             None: all; applied after `max_detections`, as the detectron2 model does.
+        max_image_size: the largest padded side the backend takes (an exported model's
+            limit), None: no limit.
+        min_padded_size: batches are padded to at least this many pixels per side (an
+            exported model's smallest input), rounded up to `size_divisibility`.
     """
 
     def __init__(
@@ -95,27 +98,28 @@ class Predictor:
         size_divisibility: int = 32,
         model_format: str = "RGB",
         input_format: str = "RGB",
+        float_input_max: Optional[float] = None,
         min_size: int = 0,
         max_size: int = 0,
         score_threshold: float = 0.0,
         max_detections: Optional[int] = 100,
         batch_size: int = 1,
         device: Union[str, torch.device] = "cpu",
-        output: str = "auto",
+        convert: Optional[Convert] = None,
         class_names: Sequence[str] = (),
         class_mask: Optional[torch.Tensor] = None,
+        max_image_size: Optional[int] = None,
+        min_padded_size: int = 0,
     ):
         for name, value in (("model_format", model_format), ("input_format", input_format)):
             if value not in ("RGB", "BGR"):
                 raise ValueError(f"Predictor: {name} must be 'RGB' or 'BGR', got {value!r}")
-        if output not in OUTPUTS:
-            raise ValueError(f"Predictor: output must be one of {OUTPUTS}, got {output!r}")
+        if float_input_max is not None and not float_input_max > 0:
+            raise ValueError(f"Predictor: float_input_max must be positive (or None), got {float_input_max}")
         if batch_size < 1:
             raise ValueError(f"Predictor: batch_size must be at least 1, got {batch_size}")
         if max_detections is not None and max_detections < 1:
             raise ValueError(f"Predictor: max_detections must be at least 1 (or None), got {max_detections}")
-        if output == "instances" and not _detectron2_available():
-            raise ImportError("Predictor: output='instances' needs detectron2; use output='detections'")
         self.backend = backend
         self.postprocess = postprocess
         self.device = torch.device(device)
@@ -124,12 +128,15 @@ class Predictor:
         self.size_divisibility = size_divisibility
         self.model_format = model_format
         self.input_format = input_format
+        self.float_input_max = float_input_max
         self.min_size = min_size
         self.max_size = max_size
         self.score_threshold = score_threshold
         self.max_detections = max_detections
         self.batch_size = batch_size
-        self.instances = output == "instances" or (output == "auto" and _detectron2_available())
+        self.convert = convert
+        self.max_image_size = max_image_size
+        self.min_padded_size = min_padded_size
         self.class_names = list(class_names)
         if class_mask is not None:
             class_mask = torch.as_tensor(class_mask)
@@ -143,7 +150,7 @@ class Predictor:
     # -- constructors ---------------------------------------------------------------------
 
     @classmethod
-    def from_model(cls, model, **kwargs) -> "Predictor":
+    def from_model(cls, model, *, cpu_inference: Optional[CPUInference] = None, **kwargs) -> "Predictor":
         """A predictor running `model` (a `DIMaskDINO`, put in evaluation mode) eagerly, with
         the model's normalisation, size divisibility and `test_topk`, and giving the instances
         the model's own inference gives (`DIMaskDINOArch.forward` for a detectron2 model):
@@ -153,9 +160,15 @@ class Predictor:
           panoptic / semantic model (its instances come from the detector);
         - with panoptic / semantic inference over things and stuff (`model.segmentation`),
           the things only (`class_mask`).
-        On the CPU its 3x3 convolutions run by the Winograd transform unless the model's
-        `winograd_convolutions` is False (`DIMaskDINO.inference_convolutions`)."""
+        cpu_inference: CPU speed-ups to run the model with (`di_maskdino.cpu_inference`),
+        None: the plain model."""
         model.eval()
+
+        def speedups(batch_shape):
+            if cpu_inference is None:
+                return contextlib.nullcontext()
+            return cpu_inference.context(batch_shape, model.pixel_mean.device)
+
         class_mask = model.instance_class_mask()
         if class_mask is not None:
             kwargs.setdefault("class_mask", class_mask)
@@ -163,11 +176,11 @@ class Predictor:
         if refined:
 
             def backend(batch: torch.Tensor):
-                with torch.inference_mode(), model.inference_convolutions(batch.shape):
+                with torch.inference_mode(), speedups(batch.shape):
                     return model.run(batch)
 
             def postprocess(output, sizes, padded_size, output_sizes, score_threshold, max_detections):
-                with torch.inference_mode(), model.inference_convolutions((len(sizes), 3, *padded_size)):
+                with torch.inference_mode(), speedups((len(sizes), 3, *padded_size)):
                     found = model.refined_instances(output, sizes, padded_size, output_sizes)
                 return [f.filtered(score_threshold, max_detections) for f in found]
 
@@ -175,7 +188,7 @@ class Predictor:
         else:
 
             def backend(batch: torch.Tensor) -> RawDetections:
-                with torch.inference_mode(), model.inference_convolutions(batch.shape):
+                with torch.inference_mode(), speedups(batch.shape):
                     return model.detect(batch)
 
         kwargs.setdefault("device", model.pixel_mean.device)
@@ -194,8 +207,8 @@ class Predictor:
         backbone: torch.nn.Module,
         state_dict: Optional[dict] = None,
         *,
-        pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
-        pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
         size_divisibility: int = 32,
         test_topk: int = 100,
         **kwargs,
@@ -238,27 +251,16 @@ class Predictor:
             mask[list(meta.instance_classes)] = True
             settings["class_mask"] = mask
         settings.update(kwargs)
-        predictor = cls(
+        return cls(
             detector,
             pixel_mean=meta.pixel_mean,
             pixel_std=meta.pixel_std,
             size_divisibility=meta.size_divisibility,
             device=device,
+            max_image_size=meta.max_image_size,
+            min_padded_size=MIN_IMAGE_SIZE,
             **settings,
         )
-        predictor.max_image_size = meta.max_image_size
-        predictor.min_padded_size = MIN_IMAGE_SIZE
-        return predictor
-
-    @classmethod
-    def from_config(cls, config_file: str, weights: Optional[str] = None, opts: Sequence[str] = (), **kwargs):
-        """A predictor built from a detectron2 config file (needs detectron2); `weights`
-        (default MODEL.WEIGHTS; without any it raises unless allow_random_weights=True),
-        test-time resizing, input format, DETECTIONS_PER_IMAGE and the test dataset's class
-        names come from the config. See `di_maskdino.d2.predictor_from_config`."""
-        from .d2.predictor import predictor_from_config
-
-        return predictor_from_config(config_file, weights, opts, **kwargs)
 
     # -- inference ------------------------------------------------------------------------
 
@@ -274,11 +276,15 @@ class Predictor:
             if image.ndim != 3 or image.shape[2] != 3:
                 raise ValueError(f"Predictor: image {index} must be an (H, W, 3) array, got shape {image.shape}")
             original = tuple(image.shape[:2])
+            image = self._pixels(
+                image, index, str(image.dtype), image.dtype == np.uint8, np.issubdtype(image.dtype, np.floating)
+            )
             tensor = torch.from_numpy(np.ascontiguousarray(self._resized(image).transpose(2, 0, 1)))
         elif isinstance(image, torch.Tensor):
             if image.dim() != 3 or image.shape[0] != 3:
                 raise ValueError(f"Predictor: image tensor {index} must be (3, H, W), got shape {tuple(image.shape)}")
             original = tuple(image.shape[-2:])
+            image = self._pixels(image, index, str(image.dtype), image.dtype == torch.uint8, image.is_floating_point())
             tensor = self._resized_tensor(image)
         else:
             raise TypeError(
@@ -288,6 +294,22 @@ class Predictor:
         if source_format != self.model_format:
             tensor = tensor.flip(0)
         return tensor.to(self.device, torch.float32), original
+
+    def _pixels(self, image, index: int, dtype: str, is_uint8: bool, is_float: bool):
+        """`image` with 0-255 values: uint8 as it is, floats scaled by 255 / float_input_max;
+        any other element type, or floats without a stated range, is refused."""
+        if is_uint8:
+            return image
+        if not is_float:
+            raise TypeError(f"Predictor: image {index} has elements of type {dtype}; give uint8 pixels (0-255)")
+        if self.float_input_max is None:
+            raise TypeError(
+                f"Predictor: image {index} is a {dtype} array or tensor, and the range of float pixels is not known: "
+                "give uint8 pixels (0-255), or state the value of white with Predictor(..., float_input_max=255.0) "
+                "for 0-255 floats or float_input_max=1.0 for 0-1 floats"
+            )
+        scaled = image.astype(np.float32) if isinstance(image, np.ndarray) else image.float()
+        return scaled if self.float_input_max == 255.0 else scaled * (255.0 / self.float_input_max)
 
     def _target_size(self, height: int, width: int) -> Tuple[int, int]:
         return shortest_edge_size(height, width, self.min_size, self.max_size)
@@ -311,14 +333,14 @@ class Predictor:
     def _run_batch(self, images: List[torch.Tensor], output_sizes: List[Tuple[int, int]]) -> List[Detections]:
         normalised = [(image - self.pixel_mean) / self.pixel_std for image in images]
         batch, sizes = pad_images(normalised, self.size_divisibility)
-        limit = getattr(self, "max_image_size", None)
+        limit = self.max_image_size
         if limit is not None and max(batch.shape[-2:]) > limit:
             raise ValueError(
                 f"Predictor: a padded batch of {tuple(batch.shape[-2:])} exceeds the exported model's largest size "
                 f"{limit}; set a smaller max_size or export with a larger --max-image-size"
             )
         divisor = max(self.size_divisibility, 1)
-        small = -(-getattr(self, "min_padded_size", 0) // divisor) * divisor
+        small = -(-self.min_padded_size // divisor) * divisor
         if min(batch.shape[-2:]) < small:
             # NOTE: an exported model takes batches from MIN_IMAGE_SIZE pixels on; a smaller
             # image is padded further (as in a batch with a larger image), which changes its
@@ -347,8 +369,4 @@ class Predictor:
         return results
 
     def _output(self, found: Detections, size: Tuple[int, int]):
-        if not self.instances:
-            return found
-        from .d2.structures import detections_to_instances
-
-        return detections_to_instances(found, size)
+        return found if self.convert is None else self.convert(found, size)

@@ -50,7 +50,7 @@ def eager(model, rgb: np.ndarray, **kwargs) -> Detections:
 
 def detections_predictor(model, **kwargs) -> Predictor:
     kwargs.setdefault("max_detections", None)
-    return Predictor.from_model(model, output="detections", **kwargs)
+    return Predictor.from_model(model, **kwargs)
 
 
 def test_arrays_tensors_and_files_give_the_models_predictions(model, tmp_path):
@@ -164,7 +164,7 @@ def test_export_metadata_refuses_refined_masks_and_keeps_the_things():
     is refused (its detector's masks, `test_masks = "detector"`, export); a panoptic model's
     export names its thing classes, which its predictor reports."""
     from di_maskdino.export import metadata_for
-    from di_maskdino.modeling.panoptic import SegmentationInference
+    from di_maskdino.modeling.segmentation_inference import SegmentationInference
 
     spec = BoxMaskHeadSpec(hidden_dim=16, roi_size=7, mask_size=14, fine_feature="image")
     refined_model = tiny_model(box_mask_head=spec).eval()
@@ -203,16 +203,36 @@ def test_class_mask_keeps_the_chosen_classes_after_max_detections(model):
     )
 
 
-def test_instances_output_holds_the_detections(model):
-    pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
-    rgb = rgb_image(8, 64, 96)
+def test_convert_gives_what_the_predictor_returns_per_image(model):
+    """`convert` receives each image's detections and original size (the d2 layer passes
+    detectron2's Instances maker here)."""
+    images = [rgb_image(8, 64, 96), rgb_image(9, 72, 60)]
+    expected = detections_predictor(model)(images)
+    found = detections_predictor(model, convert=lambda detections, size: (size, detections))(images)
+    assert [size for size, _ in found] == [(64, 96), (72, 60)]
+    for (_, detections), wanted in zip(found, expected):
+        assert_same(detections, wanted)
+
+
+def test_float_pixels_need_their_range(model):
+    rgb = rgb_image(10, 64, 96)
     expected = detections_predictor(model)([rgb])[0]
-    instances = Predictor.from_model(model, output="instances", max_detections=None)([rgb])[0]
-    assert instances.image_size == (64, 96)
-    assert instances.pred_classes.tolist() == expected.labels.tolist()
-    assert torch.equal(instances.scores, expected.scores)
-    assert torch.equal(instances.pred_boxes.tensor, expected.boxes)
-    assert torch.equal(instances.pred_masks, expected.masks)
+    as_float = rgb.astype(np.float32)
+    with pytest.raises(TypeError, match=r"image 0 is a float32 array or tensor.*float_input_max=255.0"):
+        detections_predictor(model)([as_float])
+    with pytest.raises(TypeError, match=r"image 0 is a torch.float32 .*float_input_max=1.0 for 0-1 floats"):
+        detections_predictor(model)([torch.from_numpy(as_float.transpose(2, 0, 1).copy())])
+    with pytest.raises(TypeError, match="elements of type int64; give uint8 pixels"):
+        detections_predictor(model)([rgb.astype(np.int64)])
+    # 0-255 floats are the same pixels; 0-1 floats the same up to float rounding
+    assert_same(detections_predictor(model, float_input_max=255.0)([as_float])[0], expected)
+    unit = detections_predictor(model, float_input_max=1.0)
+    for image in (as_float / 255.0, torch.from_numpy((as_float / 255.0).transpose(2, 0, 1).copy())):
+        found = unit([image])[0]
+        torch.testing.assert_close(found.scores, expected.scores, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(found.boxes, expected.boxes, rtol=1e-4, atol=1e-3)
+    with pytest.raises(ValueError, match="float_input_max must be positive"):
+        detections_predictor(model, float_input_max=0.0)
 
 
 def test_bad_inputs_are_named(model, tmp_path):

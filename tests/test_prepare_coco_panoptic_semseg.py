@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from di_maskdino.data import id_to_rgb
+from di_maskdino.panoptic_format import id_to_rgb
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "datasets", "prepare_coco_panoptic_semseg.py")

@@ -233,7 +233,7 @@ RELEASES = [
 def test_outputs_equal_the_release(variable, config, mode):
     """Runs the authors' code (from a local checkout named by the environment variable) and
     ours on the same weights and images - predictions, or with --train the losses, Hungarian
-    assignments and gradients of one training step; see tools/compare_with_release.py."""
+    assignments and gradients of one training step; see dev/compare_with_release.py."""
     source = os.environ.get(variable)
     if not source:
         pytest.skip(f"set {variable} to a checkout of the release to compare against it")
@@ -321,7 +321,8 @@ def test_the_panoptic_release_converts_to_the_panoptic_config():
     assert architecture.num_classes == 133 and not architecture.mask_enhanced_boxes
     if not HAS_DETECTRON2:
         pytest.skip("reading the config needs detectron2, which is not installed")
-    from di_maskdino.d2 import architecture_from_config, load_config
+    from di_maskdino.d2 import load_config
+    from di_maskdino.d2.config import architecture_from_config
 
     configured = architecture_from_config(
         load_config(os.path.join(ROOT, "configs/coco/panoptic/maskdino_r50_50ep.yaml"))

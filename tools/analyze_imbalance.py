@@ -20,22 +20,21 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without its import-time warnings
+from detectron2.data import build_detection_test_loader
+from detectron2.modeling import build_model
 
-# isort: split
-from detectron2.data import build_detection_test_loader  # noqa: E402
-from detectron2.modeling import build_model  # noqa: E402
-
-from di_maskdino.d2 import (  # noqa: E402
+from di_maskdino.cpu_inference import CPUInference
+from di_maskdino.d2 import (
     Checkpointer,
     CheckpointError,
+    MissingWeightsError,
     build_mapper,
+    check_weights,
     load_config,
     use_available_device,
 )
-from di_maskdino.d2.layer_evaluation import evaluate_every_layer  # noqa: E402
-from di_maskdino.d2.panoptic import evaluate_every_layer_segmentation  # noqa: E402
+from di_maskdino.d2.engine import TOOL_DEFAULTS
+from di_maskdino.d2.evaluation import evaluate_every_layer, evaluate_every_layer_segmentation
 
 
 def markdown_table(table) -> str:
@@ -122,7 +121,7 @@ def main() -> int:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
     args = parser.parse_args()
 
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, list(TOOL_DEFAULTS) + args.opts)
     note = use_available_device(cfg)
     if note:
         print(note)
@@ -130,13 +129,14 @@ def main() -> int:
     dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else None)
     if not dataset:
         raise SystemExit("no dataset: give --dataset or set DATASETS.TEST in the config")
-    if not cfg.MODEL.WEIGHTS:
-        raise SystemExit("MODEL.WEIGHTS is not set: give the checkpoint to analyse, e.g. MODEL.WEIGHTS model_final.pth")
-    model = build_model(cfg)
     try:
+        check_weights(cfg.MODEL.WEIGHTS, purpose="the analysis")
+        model = build_model(cfg)
         Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
-    except CheckpointError as error:
+    except (MissingWeightsError, CheckpointError) as error:
         raise SystemExit(str(error)) from error
+    if cfg.MODEL.DEVICE == "cpu" and cfg.TEST.CPU_SPEEDUPS:
+        CPUInference().apply_process_settings()
     loader = build_detection_test_loader(cfg, dataset, mapper=build_mapper(cfg, False))
     segmentation = model.segmentation is not None  # panoptic / semantic inference on
     if segmentation:

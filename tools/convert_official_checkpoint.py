@@ -21,16 +21,14 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from di_maskdino.checkpoint_io import (  # noqa: E402
+from di_maskdino.checkpoint_files import (
     CheckpointReadError,
     atomic_torch_save,
     is_project_state_dict,
     read_checkpoint,
 )
-from di_maskdino.modeling import build_encoder, build_head  # noqa: E402
-from di_maskdino.release_conversion import (  # noqa: E402
+from di_maskdino.modeling import build_encoder, build_head
+from di_maskdino.release_conversion import (
     ConversionError,
     check_against_model,
     convert_release_state_dict,

@@ -29,28 +29,26 @@ import sys
 import numpy as np
 import torch
 import tqdm
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.catalog import Metadata
+from PIL import Image
+from pycocotools import mask as mask_util
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without its import-time warnings
-
-# isort: split
-from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from detectron2.data.catalog import Metadata  # noqa: E402
-from PIL import Image  # noqa: E402
-from pycocotools import mask as mask_util  # noqa: E402
-
-from di_maskdino import Predictor  # noqa: E402
-from di_maskdino.allocator import retain_freed_memory  # noqa: E402
-from di_maskdino.d2 import (  # noqa: E402
+from di_maskdino import Predictor
+from di_maskdino.cpu_inference import CPUInference
+from di_maskdino.d2 import (
     CheckpointError,
-    ImageReadError,
+    ConfigArgumentParser,
+    MissingWeightsError,
+    build_predictor,
+    detections_to_instances,
     load_config,
-    parse_command_line,
-    read_image_rgb,
     use_available_device,
 )
-from di_maskdino.d2.panoptic import labels_index_every_class  # noqa: E402
-from di_maskdino.d2.visualization import draw_predictions  # noqa: E402
+from di_maskdino.d2.engine import TOOL_DEFAULTS
+from di_maskdino.d2.modeling import labels_index_every_class
+from di_maskdino.d2.visualizer import draw_predictions
+from di_maskdino.images import ImageReadError, read_image_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -98,7 +96,7 @@ def setup_cfg(args):
     """The config (None when --exported runs without one), on the CPU when CUDA is absent."""
     if args.config_file is None:
         return None
-    cfg = load_config(args.config_file, args.opts)
+    cfg = load_config(args.config_file, list(TOOL_DEFAULTS) + args.opts)
     if args.device:
         cfg.MODEL.DEVICE = args.device
     note = use_available_device(cfg)
@@ -108,7 +106,7 @@ def setup_cfg(args):
     return cfg
 
 
-def build_predictor(args, cfg) -> Predictor:
+def make_predictor(args, cfg) -> Predictor:
     """The Predictor of the exported file, or of the config's model with MODEL.WEIGHTS (which
     must fill it). Every prediction is kept (score_threshold 0): the demo filters them, to
     say how many fell under --confidence-threshold."""
@@ -123,22 +121,20 @@ def build_predictor(args, cfg) -> Predictor:
                 print(f"CUDA is not available: running on the CPU (--device {device} -> cpu)")
                 device = "cpu"
         try:
-            return Predictor.from_exported(args.exported, device=device, input_format="RGB", output="instances")
+            return Predictor.from_exported(
+                args.exported, device=device, input_format="RGB", convert=detections_to_instances
+            )
         except (ValueError, RuntimeError, ImportError, OSError) as error:
             raise SystemExit(f"--exported {args.exported}: {error}") from error
-    if not cfg.MODEL.WEIGHTS and not args.allow_random_weights:
-        raise SystemExit(
-            "MODEL.WEIGHTS is not set: the demo would draw the predictions of an untrained (random) model. "
-            "Give the weights, e.g. MODEL.WEIGHTS output/quick_start/model_final.pth, or pass "
-            "--allow-random-weights to draw them anyway."
-        )
-    if not cfg.MODEL.WEIGHTS:
-        print(
-            "WARNING: no MODEL.WEIGHTS, --allow-random-weights: the drawings show an UNTRAINED model", file=sys.stderr
-        )
     try:
-        return Predictor.from_config(cfg, allow_random_weights=True, input_format="RGB", output="instances")
-    except CheckpointError as error:
+        return build_predictor(
+            cfg,
+            allow_random_weights=args.allow_random_weights,
+            purpose="the demo",
+            how_to_allow="--allow-random-weights",
+            input_format="RGB",
+        )
+    except (MissingWeightsError, CheckpointError) as error:
         raise SystemExit(str(error)) from error
 
 
@@ -203,7 +199,7 @@ def coco_results(instances, path, image_id, terms):
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument(
         "--config-file",
         default=None,
@@ -222,8 +218,7 @@ def parse_args():
     parser.add_argument(
         "--allow-random-weights", action="store_true", help="run without MODEL.WEIGHTS (an untrained model)"
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
-    args = parse_command_line(parser)
+    args = parser.parse_args()
     if args.config_file is None and args.exported is None:
         parser.error("give --config-file (the model of MODEL.WEIGHTS) or --exported (an exported model)")
     if args.config_file is None and args.opts:
@@ -235,9 +230,9 @@ def main() -> int:
     args = parse_args()
     cfg = setup_cfg(args)
     paths = expand_inputs(args.input)
-    predictor = build_predictor(args, cfg)
-    if predictor.device.type == "cpu":
-        retain_freed_memory()  # one forward after another: reuse their memory (di_maskdino/allocator.py)
+    predictor = make_predictor(args, cfg)
+    if predictor.device.type == "cpu" and (cfg is None or cfg.TEST.CPU_SPEEDUPS):
+        CPUInference().apply_process_settings()  # one forward after another: reuse their memory
     terms = DatasetTerms(cfg, predictor)
     os.makedirs(args.output, exist_ok=True)
 

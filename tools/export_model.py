@@ -27,14 +27,18 @@ import sys
 import time
 
 import torch
+from detectron2.modeling import build_model
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from detectron2.modeling import build_model  # noqa: E402
-
-from di_maskdino.d2 import Checkpointer, CheckpointError, load_config, parse_command_line  # noqa: E402
-from di_maskdino.d2.panoptic import class_names  # noqa: E402
-from di_maskdino.export import (  # noqa: E402
+from di_maskdino.d2 import (
+    Checkpointer,
+    CheckpointError,
+    ConfigArgumentParser,
+    MissingWeightsError,
+    check_weights,
+    load_config,
+)
+from di_maskdino.d2.modeling import class_names
+from di_maskdino.export import (
     ExportedDetector,
     compile_aoti,
     decompose_deformable_attention,
@@ -49,7 +53,7 @@ FILE_NAMES = {"export": "model.pt2", "aoti": "model_aoti.pt2", "onnx": "model.on
 
 
 def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ConfigArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--output", required=True, help="folder for the exported files")
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
@@ -79,8 +83,7 @@ def parse_args():
         action="store_true",
         help="export without MODEL.WEIGHTS (an untrained model; for testing the export itself)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
-    return parse_command_line(parser)
+    return parser.parse_args()
 
 
 def verify(model, path, size_divisibility):
@@ -109,23 +112,19 @@ def main() -> int:
     cfg = load_config(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.freeze()
-    if not cfg.MODEL.WEIGHTS and not args.allow_random_weights:
-        print(
-            "error: MODEL.WEIGHTS is not set: the export would hold an untrained (random) model. Give the weights, "
-            "e.g. MODEL.WEIGHTS output/quick_start/model_final.pth, or pass --allow-random-weights to export an "
-            "untrained model on purpose",
-            file=sys.stderr,
+    try:
+        weighted = check_weights(
+            cfg.MODEL.WEIGHTS,
+            purpose="the export",
+            allow_random=args.allow_random_weights,
+            how_to_allow="--allow-random-weights",
         )
-        return 2
-    model = build_model(cfg).eval()
-    if cfg.MODEL.WEIGHTS:
-        try:
+        model = build_model(cfg).eval()
+        if weighted:
             Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
-        except CheckpointError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-    else:
-        print("WARNING: no MODEL.WEIGHTS, --allow-random-weights: exporting an UNTRAINED model", file=sys.stderr)
+    except (MissingWeightsError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     names = class_names(cfg)
     os.makedirs(args.output, exist_ok=True)
 

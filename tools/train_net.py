@@ -5,37 +5,39 @@
     python tools/train_net.py --config-file ... --eval-only MODEL.WEIGHTS model.pth
     python tools/train_net.py --config-file ... --resume               # continue in OUTPUT_DIR
     python tools/train_net.py --config-file ... --num-machines 2 --machine-rank 0 --dist-url tcp://host:port
+    python tools/train_net.py --config-file configs/coco/dimaskdino_r50_12ep.yaml \\
+        --coco-dataset my_train data/train.json data/train_images \\
+        --coco-dataset my_val data/val.json data/val_images \\
+        DATASETS.TRAIN '("my_train",)' DATASETS.TEST '("my_val",)' MODEL.DI_MASKDINO.NUM_CLASSES 3
 
-Without CUDA the run moves to the CPU and says so (AMP is then turned off, as detectron2's
-AMP trainer needs CUDA); --num-gpus N on the CPU runs N CPU processes (gloo). --resume
-continues exactly: the same data order and random draws as an uninterrupted run.
-Evaluation writes COCO box and mask AP (with AP_S/M/L) to OUTPUT_DIR/metrics_<dataset>.json;
-the evaluated checkpoint must fill the model (a mismatch is listed, not half-loaded).
+Without CUDA the run moves to the CPU and says so (AMP is then turned off); --num-gpus N on
+the CPU runs N CPU processes (gloo). --resume continues exactly: the same data order and
+random draws as an uninterrupted run. --coco-dataset registers a COCO-format instance
+dataset under a name (DATASETS.COCO_FORMAT in a config does the same), checked before the
+first iteration. Evaluation writes COCO box and mask AP (with AP_S/M/L) to
+OUTPUT_DIR/metrics_<dataset>.json; the evaluated checkpoint must fill the model (a mismatch
+is listed, not half-loaded). The CPU inference speed-ups (di_maskdino.cpu_inference) are on
+for evaluation; TEST.CPU_SPEEDUPS False turns them off.
 """
 
-import os
-import sys
+from detectron2.engine import default_argument_parser, launch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import di_maskdino.d2  # noqa: E402, F401 - first: imports detectron2 without its import-time warnings
-
-# isort: split
-from detectron2.engine import default_argument_parser, launch  # noqa: E402
-
-from di_maskdino.allocator import retain_freed_memory  # noqa: E402
-from di_maskdino.d2 import (  # noqa: E402
+from di_maskdino.cpu_inference import CPUInference
+from di_maskdino.d2 import (
     Checkpointer,
     CheckpointError,
     ConfigError,
     DatasetError,
+    MissingWeightsError,
     NonFiniteLossError,
     Trainer,
+    check_weights,
     setup,
 )
 
 # errors a user causes and fixes (config, weights, dataset, a diverging run): their message
 # says what and how, a traceback would only bury it
-USER_ERRORS = (ConfigError, CheckpointError, DatasetError, NonFiniteLossError, FileNotFoundError)
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, NonFiniteLossError, MissingWeightsError, FileNotFoundError)
 
 
 def main(args):
@@ -52,21 +54,38 @@ def run(args):
         trainer.resume_or_load(resume=args.resume)
         return trainer.train()
     # evaluation of MODEL.WEIGHTS (or, with --resume, of the last checkpoint in OUTPUT_DIR)
-    if cfg.MODEL.DEVICE == "cpu":
-        retain_freed_memory()  # one forward after another: reuse their memory (di_maskdino/allocator.py)
+    if cfg.MODEL.DEVICE == "cpu" and cfg.TEST.CPU_SPEEDUPS:
+        CPUInference().apply_process_settings()  # one forward after another: reuse their memory
     model = Trainer.build_model(cfg)
     checkpointer = Checkpointer(model, save_dir=cfg.OUTPUT_DIR, mode="strict", what="MODEL.WEIGHTS")
     if not args.resume or not checkpointer.has_checkpoint():
-        if not cfg.MODEL.WEIGHTS:
-            raise SystemExit(
-                "--eval-only needs weights: set MODEL.WEIGHTS path/to/model_final.pth (or --resume to evaluate the "
-                "last checkpoint in OUTPUT_DIR)"
-            )
+        check_weights(cfg.MODEL.WEIGHTS, purpose="--eval-only (or --resume, for the last checkpoint in OUTPUT_DIR)")
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
     return Trainer.test(cfg, model)
 
 
+def argument_parser():
+    parser = default_argument_parser(__doc__)
+    parser.add_argument(
+        "--coco-dataset",
+        nargs=3,
+        action="append",
+        default=[],
+        metavar=("NAME", "JSON", "IMAGE_FOLDER"),
+        help="register a COCO-format instance dataset under NAME (repeat for more; replaces DATASETS.COCO_FORMAT); "
+        "use NAME in DATASETS.TRAIN / DATASETS.TEST",
+    )
+    return parser
+
+
+def parse_args(argv=None):
+    args = argument_parser().parse_args(argv)
+    if args.coco_dataset:  # replaces the config's DATASETS.COCO_FORMAT
+        args.opts += ["DATASETS.COCO_FORMAT", repr([list(entry) for entry in args.coco_dataset])]
+    return args
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = parse_args()
     cluster = {"num_machines": args.num_machines, "machine_rank": args.machine_rank, "dist_url": args.dist_url}
     launch(main, args.num_gpus, args=(args,), **cluster)  # one process per GPU (or CPU process), per machine

@@ -1,79 +1,68 @@
-"""The detectron2 layer: configuration, registration of the meta-architecture, backbones and
-datasets, data mapping, optimizer, checkpointer and trainer. Importing it registers
-everything."""
+"""The detectron2 layer: configuration (`config/`), data and datasets (`data/`), evaluation
+(`evaluation/`), the meta-architecture and backbones (`modeling/`), checkpointing, the
+optimizer, the trainer and the tools' shared set-up (`engine/`).
+
+Importing it registers the meta-architecture "DIMaskDINOArch", the backbone builder
+"build_timm_backbone" and the built-in datasets (under $DETECTRON2_DATASETS, default
+"datasets"; see `data/datasets/builtin.py`), as importing detectron2 registers its own.
+"""
 
 import os
-import warnings
 
-with warnings.catch_warnings():
-    # detectron2 scripts two box-transform classes with torch.jit when detectron2.modeling is
-    # first imported, which torch deprecates: warnings about code neither we nor the user
-    # call. Importing it here, first, keeps them out of every run; other warnings stay.
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    import detectron2.modeling  # noqa: F401
+from ..dependencies import import_quietly
 
-from .backbone import D2TimmBackbone, build_timm_backbone
-from .checkpoint import Checkpointer, CheckpointError, CheckpointMismatchError, ReleaseCheckpointError
-from .config import (
-    add_di_maskdino_config,
-    architecture_from_config,
-    load_config,
-    parse_command_line,
-    use_available_device,
+import_quietly("detectron2.modeling")  # see di_maskdino/dependencies.py for why quietly
+
+from .checkpointer import (  # noqa: E402
+    Checkpointer,
+    CheckpointError,
+    CheckpointMismatchError,
+    ReleaseCheckpointError,
 )
-from .data import DIMaskDINODatasetMapper, ImageReadError, build_augmentation, read_image_rgb
-from .datasets import (
-    BDD100K_CLASSES,
+from .config import ConfigError, add_di_maskdino_config, load_config, use_available_device  # noqa: E402
+from .data import build_mapper  # noqa: E402
+from .data.datasets import (  # noqa: E402
     DatasetError,
-    check_dataset_classes,
     register_builtin_datasets,
     register_coco_instances_checked,
+    register_coco_panoptic_checked,
 )
-from .meta_arch import DIMaskDINOArch, build_criterion
-from .panoptic import PanopticEvaluator, build_segmentation_evaluators, build_segmentation_inference
-from .panoptic_data import PanopticDatasetMapper, SemanticDatasetMapper, build_mapper
-from .panoptic_datasets import register_coco_panoptic_checked
-from .solver import build_optimizer
-from .trainer import NonFiniteLossError, Trainer, setup
-from .validation import ConfigError, validate_config
+from .engine import (  # noqa: E402
+    ConfigArgumentParser,
+    MissingWeightsError,
+    NonFiniteLossError,
+    Trainer,
+    build_predictor,
+    check_weights,
+    setup,
+)
+from .modeling import DIMaskDINOArch, detections_to_instances  # noqa: E402
+from .solver import build_optimizer  # noqa: E402
 
 register_builtin_datasets(os.environ.get("DETECTRON2_DATASETS", "datasets"))
 
 __all__ = [
     "add_di_maskdino_config",
-    "architecture_from_config",
     "load_config",
-    "parse_command_line",
+    "use_available_device",
     "ConfigError",
-    "validate_config",
     "DIMaskDINOArch",
-    "build_criterion",
-    "D2TimmBackbone",
-    "build_timm_backbone",
-    "DIMaskDINODatasetMapper",
-    "ImageReadError",
-    "read_image_rgb",
-    "build_augmentation",
-    "register_coco_instances_checked",
+    "detections_to_instances",
+    "build_mapper",
     "register_builtin_datasets",
+    "register_coco_instances_checked",
+    "register_coco_panoptic_checked",
     "DatasetError",
-    "BDD100K_CLASSES",
     "Checkpointer",
     "CheckpointError",
     "CheckpointMismatchError",
-    "use_available_device",
-    "check_dataset_classes",
-    "NonFiniteLossError",
     "ReleaseCheckpointError",
     "build_optimizer",
     "Trainer",
+    "NonFiniteLossError",
     "setup",
-    # panoptic and semantic segmentation
-    "build_segmentation_inference",
-    "build_segmentation_evaluators",
-    "PanopticEvaluator",
-    "PanopticDatasetMapper",
-    "SemanticDatasetMapper",
-    "build_mapper",
-    "register_coco_panoptic_checked",
+    "build_predictor",
+    "check_weights",
+    "MissingWeightsError",
+    "ConfigArgumentParser",
 ]

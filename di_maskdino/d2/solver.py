@@ -11,9 +11,14 @@ from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_gr
 __all__ = ["build_optimizer", "full_model_gradient_clipping", "optimizer_param_groups", "freeze_parameters"]
 
 NORM_TYPES = (
-    torch.nn.modules.batchnorm._BatchNorm,  # BatchNorm1d/2d/3d, SyncBatchNorm, detectron2's NaiveSyncBatchNorm
+    torch.nn.BatchNorm1d,
+    torch.nn.BatchNorm2d,  # detectron2's NaiveSyncBatchNorm too (a subclass)
+    torch.nn.BatchNorm3d,
+    torch.nn.SyncBatchNorm,
     torch.nn.GroupNorm,
-    torch.nn.modules.instancenorm._InstanceNorm,
+    torch.nn.InstanceNorm1d,
+    torch.nn.InstanceNorm2d,
+    torch.nn.InstanceNorm3d,
     torch.nn.LayerNorm,
     torch.nn.LocalResponseNorm,
 )

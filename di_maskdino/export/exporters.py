@@ -242,7 +242,7 @@ def export_onnx(
     NOTE: after this, `program` cannot be traced again - a second ONNX export or an
     AOTInductor compilation of it fails (torch 2.14: PendingUnbackedSymbolNotFound, also with
     a deep copy). Give every ONNX export a program of its own (`export_program`) and compile
-    AOTInductor packages before (tools/export_model.py and tools/benchmark_model.py do).
+    AOTInductor packages before (tools/export_model.py and dev/benchmark_model.py do).
 
     optimize: run onnxscript's graph optimizer on the result. NOTE: off by default - it took
     minutes on the small test model on two CPU cores, and onnxruntime optimizes the graph

@@ -1,5 +1,6 @@
 """Reusable network blocks, the deformable attention layer and position encodings."""
 
+from .activation_checkpointing import CheckpointedSequential, at_least_float32, checkpointed
 from .blocks import (
     FFN,
     MLP,
@@ -13,7 +14,6 @@ from .blocks import (
     with_pos,
     xavier_init_matrices,
 )
-from .checkpoint import CheckpointedSequential, at_least_float32, checkpointed
 from .ms_deform_attn import MSDeformAttn
 from .position_encoding import (
     BoxPositionalQuery,

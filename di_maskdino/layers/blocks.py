@@ -11,17 +11,12 @@ step out.
 """
 
 import functools
-import warnings
 from typing import Callable, Optional, Type
 
 import torch
+from fvcore.nn.weight_init import c2_xavier_fill
 from torch import nn
 from torch.nn import functional as F
-
-with warnings.catch_warnings():
-    # fvcore.nn scripts its focal loss with torch.jit at import time, which torch deprecates.
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    from fvcore.nn.weight_init import c2_xavier_fill
 
 from .ms_deform_attn import MSDeformAttn
 

@@ -3,7 +3,7 @@
 One module per part of the paper (Sec. 3.2): `encoder` (feature tokens extractor),
 `query_selection` (first selection, Eq. 1), `de_imbalance` (Eq. 2-3), `decoder` (Q_bal,
 Eq. 4; Eq. 9), `bato` (Eq. 5-8), `prediction_heads` (Eq. 10-11); `di_maskdino_head`
-composes them and `architecture` builds them from one description.
+composes them, `architecture` builds them from one description and `objective` the losses.
 """
 
 from .architecture import (
@@ -14,10 +14,12 @@ from .architecture import (
     DeImbalanceSpec,
     DenoisingSpec,
     EncoderSpec,
+    SpecError,
     build_box_mask_head,
     build_encoder,
     build_head,
     build_model,
+    build_parts,
 )
 from .backbone import FeatureSpec, TimmBackbone
 from .bato import (
@@ -39,19 +41,9 @@ from .denoising import DenoisingGenerator, DenoisingQueries, denoising_attention
 from .di_maskdino_head import DIMaskDINOHead
 from .encoder import EncoderOutput, MaskDINOEncoder
 from .feature_tokens import FeatureTokens
-from .model import DIMaskDINO, pad_images
+from .model import PIXEL_MEAN, PIXEL_STD, TEST_MASKS, DIMaskDINO, pad_images
+from .objective import BoxMaskObjective, MatchingCosts, Objective, build_box_mask_criterion, build_criterion
 from .outputs import DenoisingOutput, DIMaskDINOOutput, Predictions, RawDetections
-from .panoptic import (
-    PanopticSegmentation,
-    Segment,
-    SegmentationInference,
-    SegmentationResult,
-    panoptic_inference,
-    predict_segmentation,
-    resize_mask_logits,
-    semantic_inference,
-    thing_detections,
-)
 from .postprocess import (
     Detections,
     box_mask_detections,
@@ -63,8 +55,20 @@ from .postprocess import (
 )
 from .prediction_heads import PredictionHeads
 from .query_selection import QuerySelection, SelectedTokens, TokenSet, select_top_k
+from .segmentation_inference import (
+    PanopticSegmentation,
+    Segment,
+    SegmentationInference,
+    SegmentationResult,
+    panoptic_inference,
+    predict_segmentation,
+    resize_mask_logits,
+    semantic_inference,
+    thing_detections,
+)
 
 __all__ = [
+    "SpecError",
     "Architecture",
     "ActivationCheckpointing",
     "EncoderSpec",
@@ -76,6 +80,15 @@ __all__ = [
     "build_box_mask_head",
     "build_head",
     "build_model",
+    "build_parts",
+    "Objective",
+    "MatchingCosts",
+    "BoxMaskObjective",
+    "build_criterion",
+    "build_box_mask_criterion",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "TEST_MASKS",
     "DIMaskDINO",
     "DIMaskDINOHead",
     "MaskDINOEncoder",

@@ -3,7 +3,7 @@
 `Architecture` holds every size and every optional part; detectron2's configuration
 (`di_maskdino.d2.config.architecture_from_config`), the release converter
 (`di_maskdino.release_conversion.infer_architecture`) and the release comparison
-(`tools/compare_with_release.py`) all describe a model with it, and `build_encoder`,
+(`dev/compare_with_release.py`) all describe a model with it, and `build_encoder`,
 `build_head` and `build_model` are the only places that turn a description into modules.
 
 An optional part is a spec or None: `de_imbalance=None` and `bato=None` describe MaskDINO;
@@ -13,24 +13,31 @@ checkpointing); it changes no result.
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from torch import nn
 
 from ..layers import group_norm
 from .backbone import FeatureSpec, enable_backbone_checkpointing
-from .bato import BalanceAwareTokensOptimization, MaskBoxGuidingTokens, QueryGuidingTokens, guidance_source
+from .bato import (
+    GUIDANCE_SOURCES,
+    BalanceAwareTokensOptimization,
+    MaskBoxGuidingTokens,
+    QueryGuidingTokens,
+    guidance_source,
+)
 from .box_mask_head import BoxMaskHead, MaskQualityHead
 from .de_imbalance import DeImbalance
 from .decoder import DeformableDecoder
 from .denoising import DenoisingGenerator
 from .di_maskdino_head import DIMaskDINOHead
 from .encoder import MaskDINOEncoder
-from .model import DIMaskDINO
+from .model import PIXEL_MEAN, PIXEL_STD, DIMaskDINO
 from .prediction_heads import PredictionHeads
 from .query_selection import QuerySelection
 
 __all__ = [
+    "SpecError",
     "Architecture",
     "ActivationCheckpointing",
     "EncoderSpec",
@@ -41,8 +48,22 @@ __all__ = [
     "build_encoder",
     "build_box_mask_head",
     "build_head",
+    "build_parts",
     "build_model",
 ]
+
+
+class SpecError(ValueError):
+    """A description (`Architecture`, `Objective`) with values that cannot work.
+
+    `problems` lists (field, what its value must be) for every such field; the message shows
+    them all. Other fields named in a requirement stand in backticks, so that a caller that
+    reads the values from elsewhere (a config) can name its own keys for all of them."""
+
+    def __init__(self, what: str, problems: Sequence[Tuple[str, str]]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  {field}: must be {requirement}" for field, requirement in self.problems)
+        super().__init__(f"{what}:\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -92,7 +113,7 @@ class ActivationCheckpointing:
     (MODEL.DI_MASKDINO.ACTIVATION_CHECKPOINTING): they keep only their inputs in the forward
     pass and compute their activations again in backward. Losses and gradients are the same
     with and without; each switch lowers the peak memory of a training step and costs time
-    (see tools/benchmark_memory.py).
+    (see dev/benchmark_memory.py).
 
     backbone: each of detectron2's ResNet stages (res2..res5), or the timm backbone's own
         gradient checkpointing; BatchNorm that updates running statistics is refused.
@@ -166,57 +187,119 @@ class Architecture:
     box_mask_head: Optional[BoxMaskHeadSpec] = None
 
     def __post_init__(self):
-        checks = [
-            (self.num_classes >= 1, f"num_classes must be at least 1, got {self.num_classes}"),
-            (self.num_queries >= 1, f"num_queries must be at least 1, got {self.num_queries}"),
-            (self.num_decoder_layers >= 1, f"num_decoder_layers must be at least 1, got {self.num_decoder_layers}"),
+        problems = self.problems()
+        if problems:
+            raise SpecError("DI-MaskDINO architecture", problems)
+
+    def problems(self) -> List[Tuple[str, str]]:
+        """(field, what its value must be) for every field whose value cannot work, all of
+        them (nested fields as "encoder.num_layers")."""
+        rules = [
+            ("num_classes", self.num_classes >= 1, "at least 1 (the number of categories of the dataset)"),
+            ("hidden_dim", self.hidden_dim >= 1, "at least 1"),
+            ("num_heads", self.num_heads >= 1, "at least 1"),
             (
-                self.hidden_dim % self.num_heads == 0,
-                f"hidden_dim ({self.hidden_dim}) must be divisible by num_heads ({self.num_heads})",
+                "hidden_dim",
+                self.num_heads < 1 or self.hidden_dim % self.num_heads == 0,
+                f"divisible by `num_heads` ({self.num_heads})",
             ),
-            (self.mask_dim >= 1, f"mask_dim must be at least 1, got {self.mask_dim}"),
+            ("num_groups", self.num_groups >= 1, "at least 1"),
             (
-                self.hidden_dim % self.num_groups == 0,
-                f"hidden_dim ({self.hidden_dim}) must be divisible by num_groups ({self.num_groups})",
+                "hidden_dim",
+                self.num_groups < 1 or self.hidden_dim % self.num_groups == 0,
+                f"divisible by `num_groups` ({self.num_groups}, GroupNorm groups)",
             ),
+            ("mask_dim", self.mask_dim >= 1, "at least 1"),
+            ("ffn_dim", self.ffn_dim >= 1, "at least 1"),
+            ("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"),
+            ("num_queries", self.num_queries >= 1, "at least 1"),
+            ("num_decoder_layers", self.num_decoder_layers >= 1, "at least 1"),
+            ("num_points", self.num_points >= 1, "at least 1"),
             (
+                "num_levels",
+                self.num_levels >= len(self.encoder.in_features),
+                f"at least the number of `encoder.in_features` ({len(self.encoder.in_features)})",
+            ),
+            ("encoder.in_features", len(self.encoder.in_features) >= 1, "at least one backbone map"),
+            ("encoder.num_layers", self.encoder.num_layers >= 0, "at least 0"),
+            ("encoder.ffn_dim", self.encoder.ffn_dim >= 1, "at least 1"),
+            ("encoder.num_points", self.encoder.num_points >= 1, "at least 1"),
+            ("encoder.common_stride", self.encoder.common_stride >= 1, "at least 1"),
+            (
+                "mask_enhanced_boxes",
                 self.mask_branch or not self.mask_enhanced_boxes,
-                "a detection-only model (no mask branch) cannot initialise its boxes from masks: set "
-                "mask_enhanced_boxes=False (MODEL.DI_MASKDINO.MASK_ENHANCED_BOXES False)",
-            ),
-            (
-                self.mask_branch or self.box_mask_head is None or not self.box_mask_head.mask_prior,
-                "the box mask head's mask prior is the detector's own mask, which a detection-only model "
-                "(no mask branch) does not make: set MODEL.DI_MASKDINO.BOX_MASK_HEAD.MASK_PRIOR False or "
-                "MODEL.MASK_ON True",
+                "False in a detection-only model (`mask_branch` False): it has no masks to initialise boxes from",
             ),
         ]
         if self.de_imbalance is not None:
             sizes = tuple(self.de_imbalance.selection_sizes)
-            checks.append(
+            rules += [
                 (
-                    len(sizes) > 0 and sizes[-1] == self.num_queries,
-                    f"the last selection size must equal num_queries ({self.num_queries}), got {list(sizes)}",
-                )
-            )
-            checks.append(
+                    "de_imbalance.selection_sizes",
+                    len(sizes) >= 1 and sizes[-1] == self.num_queries,
+                    f"a list ending with `num_queries` ({self.num_queries})",
+                ),
                 (
-                    all(a >= b for a, b in zip(sizes, sizes[1:])),
-                    f"selection sizes must not grow from one selection to the next, got {list(sizes)}",
-                )
-            )
+                    "de_imbalance.selection_sizes",
+                    all(s >= 1 for s in sizes) and all(a >= b for a, b in zip(sizes, sizes[1:])),
+                    "positive sizes that do not grow from one selection to the next",
+                ),
+                (
+                    "de_imbalance.token_interaction_layers",
+                    self.de_imbalance.token_interaction_layers >= 1,
+                    "at least 1",
+                ),
+            ]
+        if self.bato is not None:
+            rules += self._bato_problems()
+        if self.denoising is not None:
+            rules += [
+                ("denoising.num_queries", self.denoising.num_queries >= 1, "at least 1"),
+                ("denoising.noise_scale", self.denoising.noise_scale >= 0, "at least 0"),
+            ]
         if self.box_mask_head is not None:
-            spec = self.box_mask_head
-            checks.append(
+            head = self.box_mask_head
+            rules += [
                 (
-                    spec.hidden_dim % self.num_groups == 0,
-                    f"the box mask head's hidden_dim ({spec.hidden_dim}) must be divisible by num_groups "
-                    f"({self.num_groups})",
-                )
-            )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"DI-MaskDINO architecture: {message}")
+                    "box_mask_head.hidden_dim",
+                    self.num_groups < 1 or head.hidden_dim % self.num_groups == 0,
+                    f"divisible by `num_groups` ({self.num_groups})",
+                ),
+                (
+                    "box_mask_head.mask_prior",
+                    self.mask_branch or not head.mask_prior,
+                    "False in a detection-only model (`mask_branch` False): the prior is the detector's own mask",
+                ),
+            ]
+        return [(field, requirement) for field, ok, requirement in rules if not ok]
+
+    def _bato_problems(self) -> List[Tuple[str, bool, str]]:
+        bato = self.bato
+        rules = [
+            ("bato.guidance_source", bato.guidance_source in GUIDANCE_SOURCES, f"one of {', '.join(GUIDANCE_SOURCES)}"),
+            ("bato.num_guiding_tokens", bato.num_guiding_tokens >= 1, "at least 1"),
+            (
+                "mask_dim",
+                not (bato.generate_guiding_tokens and self.mask_branch) or self.mask_dim == self.hidden_dim,
+                f"equal to `hidden_dim` ({self.hidden_dim}) when BATO generates its guiding tokens from mask "
+                "embeddings (`bato.generate_guiding_tokens`)",
+            ),
+        ]
+        if bato.guidance_source in GUIDANCE_SOURCES:
+            source = guidance_source(bato.guidance_source)
+            rules += [
+                (
+                    "bato.guidance_source",
+                    source.name != "T_s2" or self.de_imbalance is not None,
+                    "other than T_s2 without the De-Imbalance module (it makes T_s2)",
+                ),
+                (
+                    "num_decoder_layers",
+                    source.layer < self.num_decoder_layers,
+                    f"more than {source.layer}: BATO guided by {source.name} runs before decoder layer {source.layer}",
+                ),
+            ]
+        return rules
 
     @property
     def first_selection_size(self) -> int:
@@ -352,29 +435,40 @@ def build_box_mask_head(arch: Architecture, backbone_shapes: Dict[str, FeatureSp
     )
 
 
+def build_parts(arch: Architecture, backbone_shapes: Dict[str, FeatureSpec]) -> Dict[str, Any]:
+    """The parts of `DIMaskDINO` an architecture makes on a backbone whose maps have these
+    shapes: {"encoder", "head", "box_mask_head", "fine_feature"} (keyword arguments of
+    `DIMaskDINO`). `build_model` and detectron2's meta-architecture both build from it."""
+    return {
+        "encoder": build_encoder(arch, backbone_shapes),
+        "head": build_head(arch),
+        "box_mask_head": build_box_mask_head(arch, backbone_shapes),
+        "fine_feature": arch.box_mask_head.fine_feature if arch.box_mask_head is not None else None,
+    }
+
+
 def build_model(
     arch: Architecture,
     backbone: nn.Module,
     *,
-    pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
-    pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+    pixel_mean: Sequence[float] = PIXEL_MEAN,
+    pixel_std: Sequence[float] = PIXEL_STD,
     size_divisibility: int = 32,
     test_topk: int = 100,
+    **kwargs,
 ) -> DIMaskDINO:
     """The whole network on `backbone` (any module with `output_shape()` giving channels and
     stride per map; with `arch.checkpointing.backbone` also `set_grad_checkpointing`, as
-    `TimmBackbone` has)."""
+    `TimmBackbone` has). `kwargs`: further `DIMaskDINO` arguments (`test_masks`,
+    `segmentation`)."""
     if arch.checkpointing.backbone:
         enable_backbone_checkpointing(backbone)
-    shapes = backbone.output_shape()
     return DIMaskDINO(
         backbone,
-        build_encoder(arch, shapes),
-        build_head(arch),
         pixel_mean=pixel_mean,
         pixel_std=pixel_std,
         size_divisibility=size_divisibility,
         test_topk=test_topk,
-        box_mask_head=build_box_mask_head(arch, shapes),
-        fine_feature=arch.box_mask_head.fine_feature if arch.box_mask_head is not None else None,
+        **build_parts(arch, backbone.output_shape()),
+        **kwargs,
     )

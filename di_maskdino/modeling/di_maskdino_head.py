@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .bato import BalanceAwareTokensOptimization, MaskBoxGuidingTokens
+from .bato import BalanceAwareTokensOptimization
 from .boxes import inverse_sigmoid, refine_boxes
 from .de_imbalance import DeImbalance
 from .decoder import DecoderOutput, DeformableDecoder
@@ -61,6 +61,9 @@ class DIMaskDINOHead(nn.Module):
         random_reference_boxes: the position-token constraint of the imbalance tolerance
             test (Tab. 3): the matching queries enter the decoder with uniformly random
             reference boxes.
+
+    Which parts fit together (BATO's guidance source and the decoder's depth, the mask
+    embedding's size) is checked where the parts are described: `Architecture.problems`.
     """
 
     def __init__(
@@ -75,21 +78,6 @@ class DIMaskDINOHead(nn.Module):
         random_reference_boxes: bool = False,
     ):
         super().__init__()
-        if bato is not None:
-            if bato.guidance.name == "T_s2" and de_imbalance is None:
-                raise ValueError("BATO guidance from T_s2 needs the De-Imbalance module (it makes T_s2)")
-            if bato.guidance.layer >= len(decoder.layers):
-                raise ValueError(
-                    f"BATO guided by {bato.guidance.name} runs before decoder layer {bato.guidance.layer}: "
-                    f"the decoder needs more than {bato.guidance.layer} layers, it has {len(decoder.layers)}"
-                )
-            mask_dim = None if heads.mask_embed is None else heads.mask_embed.layers[-1].out_features
-            hidden_dim = heads.class_embed.in_features
-            if isinstance(bato.generator, MaskBoxGuidingTokens) and mask_dim != hidden_dim:
-                raise ValueError(
-                    f"BATO's mask guiding tokens are mask embeddings: MASK_DIM ({mask_dim}) must equal "
-                    f"HIDDEN_DIM ({hidden_dim})"
-                )
         self.heads = heads
         self.query_selection = query_selection
         self.de_imbalance = de_imbalance

@@ -11,14 +11,22 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..ops import winograd
 from .box_mask_head import BoxMaskHead, BoxMasks
 from .di_maskdino_head import DIMaskDINOHead
 from .encoder import MaskDINOEncoder
 from .outputs import DIMaskDINOOutput, Predictions, RawDetections
 from .postprocess import Detections, box_mask_detections, detections_from_raw, instance_inference, top_pairs
+from .segmentation_inference import SegmentationInference
 
-__all__ = ["DIMaskDINO", "pad_images"]
+__all__ = ["DIMaskDINO", "pad_images", "PIXEL_MEAN", "PIXEL_STD", "TEST_MASKS"]
+
+# the per-channel statistics (RGB, 0-255) of ImageNet that torchvision's and the release's
+# backbones were trained on: the model's default input normalisation
+PIXEL_MEAN = (123.675, 116.280, 103.530)
+PIXEL_STD = (58.395, 57.120, 57.375)
+# the masks a model with a box mask head reports: the head's ("refined"), the detector's own
+# ("detector"), or the refined ones with the detector's beside them for evaluation ("both")
+TEST_MASKS = ("refined", "detector", "both")
 
 
 def pad_images(images: Sequence[torch.Tensor], size_divisibility: int) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
@@ -50,6 +58,9 @@ class DIMaskDINO(nn.Module):
         box_mask_head: the box-conditioned mask head (refined masks), or None.
         fine_feature: the backbone map the box mask head fuses (e.g. "res2"), "image" for the
             preprocessed input itself, or None.
+        test_masks: with a box mask head, the masks inference reports (`TEST_MASKS`).
+        segmentation: panoptic / semantic inference over things and stuff, or None
+            (instances only).
 
     The detector is everything but `box_mask_head`. In training, a detector none of whose
     parameters requires grad (frozen) runs as at inference - eval mode, no denoising
@@ -63,16 +74,20 @@ class DIMaskDINO(nn.Module):
         encoder: MaskDINOEncoder,
         head: DIMaskDINOHead,
         *,
-        pixel_mean: Sequence[float] = (123.675, 116.280, 103.530),
-        pixel_std: Sequence[float] = (58.395, 57.120, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
         size_divisibility: int = 32,
         test_topk: int = 100,
         box_mask_head: Optional[BoxMaskHead] = None,
         fine_feature: Optional[str] = None,
+        test_masks: str = "refined",
+        segmentation: Optional[SegmentationInference] = None,
     ):
         super().__init__()
         if (fine_feature is not None) != (box_mask_head is not None and box_mask_head.fine_projection is not None):
             raise ValueError("DIMaskDINO: fine_feature names the backbone map a box mask head fuses, and only that")
+        if test_masks not in TEST_MASKS:
+            raise ValueError(f"DIMaskDINO: test_masks must be one of {TEST_MASKS}, got {test_masks!r}")
         self.backbone = backbone
         self.encoder = encoder
         self.head = head
@@ -80,37 +95,12 @@ class DIMaskDINO(nn.Module):
         self.fine_feature = fine_feature
         self.size_divisibility = size_divisibility
         self.test_topk = test_topk
+        self.test_masks = test_masks
+        self.segmentation = segmentation
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False
         )
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(-1, 1, 1), persistent=False)
-
-    # set by the detectron2 meta-architecture: the masks a model with a box mask head reports
-    # ("refined", "detector" or "both") and its panoptic / semantic inference (None: instances only)
-    test_masks = "refined"
-    segmentation = None
-    # CPU inference runs its 3x3 convolutions by the Winograd transform (TEST.WINOGRAD_CONVOLUTIONS)
-    winograd_convolutions = True
-
-    def runs_winograd(self, batch_shape: Sequence[int]) -> bool:
-        """Whether CPU inference on a preprocessed batch of shape (B, 3, H, W) runs its
-        eligible 3x3 convolutions by NNPACK's Winograd transform (`di_maskdino.ops.winograd`):
-        `winograd_convolutions` is set, the model is on the CPU, NNPACK runs here, and the
-        images are large enough for some convolution to qualify - eligible ones have 64 x 64
-        output pixels per image, and the largest maps of the network are at 1/4 of the input
-        (the backbone's first stage, the mask features; a box mask head's RoIs are smaller),
-        so smaller inputs skip the context and its cost per torch call."""
-        _, _, height, width = batch_shape
-        large = (height // 4) * (width // 4) >= winograd.MIN_OUTPUT_PIXELS
-        on_cpu = self.pixel_mean.device.type == "cpu"
-        return self.winograd_convolutions and large and on_cpu and winograd.winograd_available()
-
-    def inference_convolutions(self, batch_shape: Sequence[int]):
-        """The context CPU inference on a batch of shape (B, 3, H, W) runs in (`predict`, the
-        `Predictor`, detectron2's evaluation): Winograd 3x3 convolutions when
-        `runs_winograd(batch_shape)`, otherwise none. Training and anything with autograd are
-        unaffected."""
-        return winograd.winograd_convolutions(self.runs_winograd(batch_shape))
 
     @property
     def predicts_masks(self) -> bool:
@@ -223,13 +213,10 @@ class DIMaskDINO(nn.Module):
         batch, sizes = self.preprocess(images)
         output_sizes = sizes if output_sizes is None else output_sizes
         if self.box_mask_head is not None:
-            with self.inference_convolutions(batch.shape):
-                found = self.refined_instances(self.run(batch), sizes, tuple(batch.shape[-2:]), output_sizes)
+            found = self.refined_instances(self.run(batch), sizes, tuple(batch.shape[-2:]), output_sizes)
             return [d.filtered(score_threshold, max_detections) for d in found]
-        with self.inference_convolutions(batch.shape):
-            raw = self.detect(batch)
         return detections_from_raw(
-            raw,
+            self.detect(batch),
             sizes,
             tuple(batch.shape[-2:]),
             output_sizes,

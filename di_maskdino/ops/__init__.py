@@ -3,7 +3,6 @@
 from .flops import MS_DEFORM_ATTN_OP, flop_handles, ms_deform_attn_flop_jit
 from .ms_deform_attn import extension_status, kernel_available, ms_deform_attn
 from .reference import ms_deform_attn_reference
-from .winograd import winograd_available, winograd_conv2d_3x3, winograd_convolutions
 
 __all__ = [
     "ms_deform_attn",
@@ -13,7 +12,4 @@ __all__ = [
     "MS_DEFORM_ATTN_OP",
     "flop_handles",
     "ms_deform_attn_flop_jit",
-    "winograd_available",
-    "winograd_conv2d_3x3",
-    "winograd_convolutions",
 ]

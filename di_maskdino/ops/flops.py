@@ -13,15 +13,12 @@ from typing import Any, List
 
 __all__ = [
     "MS_DEFORM_ATTN_OP",
-    "WINOGRAD_OP",
     "ms_deform_attn_flop_jit",
     "sdpa_flop_jit",
-    "winograd_conv_flop_jit",
     "flop_handles",
 ]
 
 MS_DEFORM_ATTN_OP = "di_maskdino::ms_deform_attn_forward"
-WINOGRAD_OP = "di_maskdino::winograd_conv2d_3x3"  # registered by winograd.py
 
 
 def ms_deform_attn_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
@@ -44,18 +41,9 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return leading * query[-2] * key[-2] * (query[-1] + value[-1])
 
 
-def winograd_conv_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """The Winograd 3x3 convolution counted as the direct convolution it computes (as fvcore
-    counts `conv`), so that a count does not depend on the algorithm."""
-    from fvcore.nn.jit_handles import conv_flop_count, get_shape
-
-    return conv_flop_count(get_shape(inputs[0]), get_shape(inputs[1]), get_shape(outputs[0]))
-
-
 def flop_handles() -> dict:
     """Handles to pass to `FlopCountAnalysis(...).set_op_handle(**handles)`."""
     return {
         MS_DEFORM_ATTN_OP: ms_deform_attn_flop_jit,
         "aten::scaled_dot_product_attention": sdpa_flop_jit,
-        WINOGRAD_OP: winograd_conv_flop_jit,
     }

@@ -34,7 +34,7 @@ __all__ = ["ms_deform_attn", "kernel_available", "extension_status"]
 
 def _load_extension() -> Tuple[Optional[object], str]:
     try:
-        from di_maskdino import _C
+        import di_maskdino._C as _C
     except ModuleNotFoundError as error:
         if error.name != "di_maskdino._C":
             raise

@@ -14,8 +14,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 from di_maskdino.d2 import build_optimizer, load_config  # noqa: E402
-
-from .conftest import QUICK, SMALL_BOX_MASK_HEAD  # noqa: E402
+from tests.tooling import QUICK, SMALL_BOX_MASK_HEAD  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DETECTOR = ["backbone.", "encoder.", "head."]

@@ -192,7 +192,7 @@ def test_predictor_on_an_exported_panoptic_model_reports_its_things(model, progr
     """A panoptic model's export stores its thing classes, and `Predictor.from_exported`
     reports those only, as the eager predictor of the model does."""
     from di_maskdino import Predictor
-    from di_maskdino.modeling.panoptic import SegmentationInference
+    from di_maskdino.modeling.segmentation_inference import SegmentationInference
 
     model.segmentation = SegmentationInference(torch.tensor([True, False, True]), panoptic=True)
     try:

@@ -9,7 +9,7 @@ from di_maskdino.modeling import ActivationCheckpointing
 from di_maskdino.modeling.criterion import SetCriterion
 from di_maskdino.modeling.matcher import HungarianMatcher
 
-from ..layers.test_checkpoint import saved_bytes
+from ..layers.test_activation_checkpointing import saved_bytes
 from .tiny import all_predictions, perturb, tiny_images, tiny_mask_targets, tiny_model
 
 SWITCHES = ("backbone", "encoder", "token_interaction", "decoder")

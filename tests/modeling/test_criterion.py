@@ -10,7 +10,7 @@ from di_maskdino.modeling.criterion import SetCriterion
 from di_maskdino.modeling.matcher import HungarianMatcher
 from di_maskdino.modeling.point_sampling import point_sample, uncertain_point_coords
 
-from ..layers.test_checkpoint import saved_bytes
+from ..layers.test_activation_checkpointing import saved_bytes
 from .tiny import perturb, tiny_images, tiny_mask_targets, tiny_model
 
 

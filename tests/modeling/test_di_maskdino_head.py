@@ -9,6 +9,7 @@ from di_maskdino.modeling import (
     Architecture,
     BATOSpec,
     DeImbalanceSpec,
+    SpecError,
     build_head,
     build_model,
 )
@@ -145,26 +146,39 @@ def test_dropout_setting_is_used():
     torch.testing.assert_close(model(batch).layers[1].logits, model(batch).layers[1].logits)
 
 
+def fields_refused(**overrides):
+    """The fields an `Architecture` like TINY with `overrides` reports, in its order."""
+    with pytest.raises(SpecError) as error:
+        Architecture(**{**TINY.__dict__, **overrides})
+    return [field for field, _ in error.value.problems]
+
+
 def test_parts_that_cannot_work_together_are_reported():
+    assert fields_refused(de_imbalance=None, bato=BATOSpec(guidance_source="T_s2")) == ["bato.guidance_source"]
+    assert fields_refused(mask_dim=16) == ["mask_dim"]  # mask guiding tokens are mask embeddings
+    assert fields_refused(num_decoder_layers=1) == ["num_decoder_layers"]  # BATO runs before layer 1
+    # without generated guiding tokens or without BATO the mask size is free
+    Architecture(**{**TINY.__dict__, "mask_dim": 16, "bato": BATOSpec(generate_guiding_tokens=False)})
+    Architecture(**{**TINY.__dict__, "mask_dim": 16, "bato": None})
     head = build_head(TINY)
-    with pytest.raises(ValueError, match="T_s2 needs the De-Imbalance module"):
-        build_head(Architecture(**{**TINY.__dict__, "de_imbalance": None, "bato": BATOSpec(guidance_source="T_s2")}))
-    with pytest.raises(ValueError, match="MASK_DIM"):
-        build_head(Architecture(**{**TINY.__dict__, "mask_dim": 16}))
-    with pytest.raises(ValueError, match="more than 1 layers"):
-        build_head(Architecture(**{**TINY.__dict__, "num_decoder_layers": 1}))
     with pytest.raises(ValueError, match="levels but the decoder expects"):
         model = build_model(Architecture(**{**TINY.__dict__, "num_levels": 3}), TinyBackbone())
         model.head = head  # a 4-level head on a 3-level encoder
         run(model)
 
 
-def test_architecture_checks_its_values():
-    with pytest.raises(ValueError, match="last selection size must equal num_queries"):
-        Architecture(num_queries=300, de_imbalance=DeImbalanceSpec(selection_sizes=(600, 200)))
-    with pytest.raises(ValueError, match="divisible by num_heads"):
-        Architecture(hidden_dim=100, num_heads=8, num_groups=4)
-    with pytest.raises(ValueError, match="num_classes"):
+def test_architecture_checks_its_values_all_at_once():
+    assert fields_refused(num_queries=12, de_imbalance=DeImbalanceSpec(selection_sizes=(24, 10))) == [
+        "de_imbalance.selection_sizes"
+    ]
+    assert fields_refused(de_imbalance=DeImbalanceSpec(selection_sizes=(6, 12))) == ["de_imbalance.selection_sizes"]
+    assert fields_refused(num_classes=0, hidden_dim=30, dropout=1.0) == [
+        "num_classes",
+        "hidden_dim",  # divisible by the heads
+        "hidden_dim",  # divisible by the groups
+        "dropout",
+        "mask_dim",  # no longer the hidden size that BATO's mask guiding tokens need
+    ]
+    with pytest.raises(SpecError) as error:
         Architecture(num_classes=0)
-    with pytest.raises(ValueError, match="must not grow"):
-        Architecture(num_queries=300, de_imbalance=DeImbalanceSpec(selection_sizes=(200, 300)))
+    assert "num_classes: must be at least 1" in str(error.value)

@@ -11,10 +11,10 @@ from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from di_maskdino.data import SHAPE_CLASSES, render_scene
 from di_maskdino.modeling import Architecture, BATOSpec, DeImbalanceSpec, DenoisingSpec, EncoderSpec, build_model
 from di_maskdino.modeling.criterion import SetCriterion
 from di_maskdino.modeling.matcher import HungarianMatcher
+from di_maskdino.synthetic import SHAPE_CLASSES, render_scene
 
 from .tiny import TinyBackbone
 

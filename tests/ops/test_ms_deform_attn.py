@@ -202,7 +202,7 @@ def test_backward_bands_match_reference_for_any_thread_count(threads):
 
 
 def test_operator_imports_with_torch_alone():
-    """di_maskdino.ops is what tools/gpu_check.sh needs on a machine with PyTorch and nothing
+    """di_maskdino.ops is what dev/gpu_check.sh needs on a machine with PyTorch and nothing
     else: it must import, and run, without fvcore (or detectron2)."""
     code = (
         "import sys\n"

@@ -1,5 +1,5 @@
 """The CUDA kernels on a GPU, against the CPU kernel and the float64 reference. Skipped without
-a GPU and a CUDA build (FORCE_CUDA=1); tools/gpu_check.sh runs them. Their logic is also
+a GPU and a CUDA build (FORCE_CUDA=1); dev/gpu_check.sh runs them. Their logic is also
 checked without a GPU in test_cuda_kernels_on_host.py."""
 
 import subprocess

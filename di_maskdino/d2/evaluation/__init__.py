@@ -1,0 +1,20 @@
+"""Evaluation: COCO box / mask AP of the instances (`instance.py`), PQ and mIoU of panoptic
+and semantic outputs (`segmentation.py`), and every supervised output at once, the paper's
+per-layer view of the imbalance (`per_layer.py`)."""
+
+from .instance import DetectorMasksEvaluator, InstanceEvaluator, build_instance_evaluator
+from .per_layer import evaluate_every_layer, evaluate_every_layer_segmentation, evaluate_outputs, named_outputs
+from .segmentation import PanopticEvaluator, build_segmentation_evaluators, pq_backend
+
+__all__ = [
+    "InstanceEvaluator",
+    "DetectorMasksEvaluator",
+    "build_instance_evaluator",
+    "PanopticEvaluator",
+    "build_segmentation_evaluators",
+    "pq_backend",
+    "evaluate_outputs",
+    "evaluate_every_layer",
+    "evaluate_every_layer_segmentation",
+    "named_outputs",
+]

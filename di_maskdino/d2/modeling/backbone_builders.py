@@ -1,0 +1,54 @@
+"""timm backbones for detectron2 configs (MODEL.BACKBONE.NAME = "build_timm_backbone"), and
+activation checkpointing of the backbone (MODEL.DI_MASKDINO.ACTIVATION_CHECKPOINTING.BACKBONE)."""
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ResNet
+
+from ...layers import CheckpointedSequential
+from ...modeling.backbone import TimmBackbone, check_checkpointable, enable_backbone_checkpointing
+
+__all__ = ["D2TimmBackbone", "build_timm_backbone", "checkpoint_backbone"]
+
+
+def checkpoint_backbone(backbone: Backbone) -> Backbone:
+    """Activation checkpointing of the backbone in training: each of detectron2's ResNet
+    stages (res2..res5; not the stem) as one region, or the timm backbone's own. Parameter
+    names and checkpoints are unchanged."""
+    if not isinstance(backbone, ResNet):
+        return enable_backbone_checkpointing(backbone)
+    check_checkpointable(backbone, "the ResNet backbone")
+    # NOTE: detectron2's ResNet runs the stages listed in `stages`; each is replaced by a
+    # Sequential of the same blocks (the same children, so the same parameter names) that
+    # runs as one checkpointed region.
+    for index, (name, stage) in enumerate(zip(backbone.stage_names, backbone.stages)):
+        checkpointed = CheckpointedSequential(*stage)
+        setattr(backbone, name, checkpointed)
+        backbone.stages[index] = checkpointed
+    return backbone
+
+
+class D2TimmBackbone(TimmBackbone, Backbone):
+    """`TimmBackbone` as a detectron2 `Backbone` (maps res2..res5; the timm model's
+    parameters are named backbone.body.*)."""
+
+    def __init__(self, model_name: str, size_divisibility: int = 32, **kwargs):
+        super().__init__(model_name, **kwargs)
+        self._size_divisibility = size_divisibility
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
+
+    def output_shape(self):
+        return {name: ShapeSpec(channels=s.channels, stride=s.stride) for name, s in super().output_shape().items()}
+
+
+@BACKBONE_REGISTRY.register()
+def build_timm_backbone(cfg, input_shape):
+    t = cfg.MODEL.TIMM
+    kwargs = {"drop_path_rate": t.DROP_PATH_RATE}
+    if t.IMG_SIZE:
+        kwargs["img_size"] = t.IMG_SIZE
+    if not t.STRICT_IMG_SIZE:  # only transformer backbones know this argument
+        kwargs["strict_img_size"] = False
+    return D2TimmBackbone(t.NAME, out_strides=tuple(t.OUT_STRIDES), pretrained=t.PRETRAINED, **kwargs)

@@ -1,0 +1,91 @@
+"""The analysis tools of the paper: per-layer evaluation, ablation runner, model benchmark."""
+
+import csv
+import json
+import math
+import re
+
+import pytest
+
+pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
+
+from di_maskdino.cpu_inference.winograd import winograd_available  # noqa: E402
+from tests.tooling import QUICK, run_tool  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test runs a tool in a subprocess
+
+DECODER_LAYERS = 3  # configs/quick_start.yaml
+
+
+def test_every_layer_in_one_pass_and_the_last_equals_the_standard_evaluation(trained, data_root, tmp_path):
+    run_tool(
+        "analyze_imbalance.py",
+        ["--config-file", QUICK, "--output", str(tmp_path), "MODEL.WEIGHTS", str(trained / "model_final.pth")],
+        data_root,
+    )
+    table = json.loads((tmp_path / "imbalance.json").read_text())
+    layers = [f"layer {i}" for i in range(DECODER_LAYERS + 1)]
+    assert list(table) == layers + ["TI 0.0"]
+    for name in layers:
+        assert set(table[name]) == {"bbox", "segm"} and all(math.isfinite(v) for v in table[name].values())
+    assert set(table["TI 0.0"]) == {"bbox"}
+    standard = json.loads((trained / "metrics_synthetic_val.json").read_text())
+    assert table[layers[-1]]["bbox"] == pytest.approx(standard["bbox"]["AP"], abs=1e-9)
+    assert table[layers[-1]]["segm"] == pytest.approx(standard["segm"]["AP"], abs=1e-9)
+    assert (tmp_path / "imbalance.png").stat().st_size > 0 and "| layer 0 |" in (tmp_path / "imbalance.md").read_text()
+
+
+def test_ablation_runner_collects_a_table(data_root, tmp_path):
+    configs = []
+    for name, override in (("full", ""), ("no_bato", "    BATO:\n      ENABLED: False\n")):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(f"_BASE_: {QUICK}\nMODEL:\n  DI_MASKDINO:\n    NUM_CLASSES: 3\n{override}")
+        configs.append(str(path))
+    output = tmp_path / "out"
+    run_tool(
+        "run_ablations.py",
+        [
+            "--output",
+            str(output),
+            "--baseline",
+            "full",
+            "--configs",
+            *configs,
+            "--",
+            "SOLVER.MAX_ITER",
+            "2",
+            "SOLVER.CHECKPOINT_PERIOD",
+            "100",
+        ],
+        data_root,
+    )
+    with open(output / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["run"] for r in rows] == ["full", "no_bato"]
+    assert all(math.isfinite(float(r["box AP"])) and math.isfinite(float(r["mask AP"])) for r in rows)
+    assert rows[0]["box AP change"] in ("+0.0%", "")  # "" when the baseline's AP is 0
+    assert len((output / "results.md").read_text().strip().splitlines()) == 4  # header, rule, two rows
+
+
+def test_model_benchmark_reports_size_flops_and_time(data_root):
+    result = run_tool(
+        "benchmark_model.py",
+        # the overrides after --backend's values are overrides, not more backends
+        # at 256 x 256 the 64-channel 3x3 convolutions at 1/4 run by Winograd (di_maskdino/ops/winograd.py)
+        ["--config-file", QUICK, "--input-size", "256x256", "--warmup", "0", "--repeats", "1", "--breakdown"]
+        + ["--retain-freed-memory", "--backend", "eager", "MODEL.DEVICE", "cpu"],
+        data_root,
+    )
+    out = result.stdout
+    for fragment in ("parameters:", "FLOPs:", "ms_deform_attn_forward", "model time:", "FPS", "peak memory"):
+        assert fragment in out, fragment
+    assert "page faults per run" in out and "freed memory is retained" in out
+    if winograd_available():
+        assert "3x3 stride-1 convolutions of eager / compile: Winograd (NNPACK)" in out
+    shares = {
+        kind: float(share)
+        for kind, share in re.findall(r"    (matrix products|deformable attention|other): \d+ ms \((\d+)%\)", out)
+    }
+    assert set(shares) == {"matrix products", "deformable attention", "other"}, out
+    assert 97 <= sum(shares.values()) <= 103 and shares["matrix products"] > 0
+    assert "matrix products ran at" in out  # their FLOPs were counted
