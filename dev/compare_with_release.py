@@ -242,7 +242,6 @@ def build_pair(args):
                     tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.02)
 
     ours = our_model_for(cfg, release.backbone).eval()
-    ours.winograd_convolutions = False  # the release's convolutions are direct: compare like with like
     converted = convert_release_state_dict(release.state_dict())
     ours.load_state_dict(converted, strict=True)
     print(

@@ -149,30 +149,31 @@ def our_name(release_name: str) -> str:
     return release_name
 
 
-def our_criterion(cfg):
-    from di_maskdino.modeling.criterion import SetCriterion
-    from di_maskdino.modeling.matcher import HungarianMatcher
+def release_objective(cfg):
+    """The `Objective` a release configuration describes."""
+    from di_maskdino.modeling import MatchingCosts, Objective
 
     m = cfg.MODEL.MaskDINO
-    matcher = HungarianMatcher(
+    weights = dict(
         class_weight=m.CLASS_WEIGHT,
         box_weight=m.BOX_WEIGHT,
         giou_weight=m.GIOU_WEIGHT,
         mask_weight=m.MASK_WEIGHT,
         dice_weight=m.DICE_WEIGHT,
-        num_points=m.TRAIN_NUM_POINTS,
     )
-    return SetCriterion(
-        matcher,
-        class_weight=m.CLASS_WEIGHT,
-        box_weight=m.BOX_WEIGHT,
-        giou_weight=m.GIOU_WEIGHT,
-        mask_weight=m.MASK_WEIGHT,
-        dice_weight=m.DICE_WEIGHT,
+    return Objective(
+        **weights,
+        matching=MatchingCosts(**weights),
         num_points=m.TRAIN_NUM_POINTS,
         oversample_ratio=m.OVERSAMPLE_RATIO,
         importance_sample_ratio=m.IMPORTANCE_SAMPLE_RATIO,
     )
+
+
+def our_criterion(cfg):
+    from di_maskdino.modeling import build_criterion
+
+    return build_criterion(release_objective(cfg))
 
 
 def compare_training(

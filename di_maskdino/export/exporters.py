@@ -21,7 +21,6 @@ import os
 from typing import Optional, Sequence
 
 import torch
-import torch.fx.experimental._config
 from torch import nn
 from torch.export import Dim, ExportedProgram
 
@@ -131,6 +130,24 @@ def _dynamic_shapes(model: DIMaskDINO, max_image_size: int):
     return {"images": {0: Dim("batch", min=1, max=MAX_BATCH), 2: height, 3: width}}
 
 
+def size_oblivious_tracing():
+    """A context in which tracing takes decisions that depend on a size being 1 (e.g. whether
+    a reshape of a transposed (B, S, C) tensor can be a view) as for the general size, instead
+    of guarding the exported program to batches other than 1.
+
+    NOTE: torch (2.14) has no public switch for this; it is the private
+    `torch.fx.experimental._config.backed_size_oblivious`, used here only.
+    tests/export/test_exporters.py fails loudly if torch drops or renames it."""
+    import torch.fx.experimental._config as fx_config
+
+    if not hasattr(fx_config, "backed_size_oblivious"):
+        raise RuntimeError(
+            "this torch has no torch.fx.experimental._config.backed_size_oblivious, which the export relies on; "
+            "use the torch version of requirements.txt"
+        )
+    return fx_config.patch(backed_size_oblivious=True)
+
+
 def export_program(
     model: DIMaskDINO, *, max_image_size: int = 4096, example: Optional[torch.Tensor] = None
 ) -> ExportedProgram:
@@ -139,10 +156,7 @@ def export_program(
     if model.training:
         raise ValueError("export_program: put the model in evaluation mode first (model.eval())")
     example = example_batch(model) if example is None else example
-    # Size-oblivious reasoning: decisions that depend on a size being 1 (e.g. whether a
-    # reshape of a transposed (B, S, C) tensor can be a view) are taken as for the general
-    # size, instead of guarding the program to batches other than 1.
-    with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
+    with torch.no_grad(), size_oblivious_tracing():
         return torch.export.export(
             DetectorGraph(model), (example,), dynamic_shapes=_dynamic_shapes(model, max_image_size), strict=False
         )

@@ -19,11 +19,10 @@ from di_maskdino.d2.checkpointer import (  # noqa: E402
     CheckpointMismatchError,
     ReleaseCheckpointError,
 )
-from tests.tooling import QUICK, ROOT, run_tool  # noqa: E402
+from tests.tooling import QUICK, run_tool  # noqa: E402
 
 SAVER = """
 import os, sys, torch
-sys.path.insert(0, {root!r})
 from detectron2.checkpoint import DetectionCheckpointer
 from di_maskdino.d2.checkpointer import Checkpointer
 kind, folder = sys.argv[1:]
@@ -34,46 +33,53 @@ for i in range(1000):
     model.bias.data.fill_(i)
     print("saving", i, flush=True)
     checkpointer.save("model_final")
+    print("saved", i, flush=True)
 """
 
 
 def kill_during_a_save(kind, folder, delay):
     """Starts repeated saves of model_final.pth and kills the process `delay` s after the
-    third save began."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", SAVER.format(root=ROOT), kind, str(folder)], stdout=subprocess.PIPE, text=True
-    )
+    third save began. Returns (the last save begun, the last save completed)."""
+    process = subprocess.Popen([sys.executable, "-c", SAVER, kind, str(folder)], stdout=subprocess.PIPE, text=True)
+    lines = []
     for line in process.stdout:
+        lines.append(line.split())
         if line.strip() == "saving 2":
             break
     time.sleep(delay)
     process.kill()
+    lines += [line.split() for line in process.stdout.read().splitlines()]
     process.wait()
+    begun = max(int(i) for word, i in lines if word == "saving")
+    completed = max((int(i) for word, i in lines if word == "saved"), default=-1)
+    return begun, completed
 
 
-def tagged_checkpoint_loads(folder):
+def tagged_checkpoint_holds(folder, begun, completed):
+    """The guarantee: the checkpoint `last_checkpoint` names loads and holds one complete save,
+    at least as new as the last save that completed and no newer than the last one begun."""
     try:
         name = (folder / "last_checkpoint").read_text().strip()
         state = torch.load(folder / name, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any failure to read is the failure tested for
         return False
     bias = state["model"]["bias"]
-    return bool((bias == bias[0]).all()) and bias[0].item() in (0.0, 1.0, 2.0)
+    return bool((bias == bias[0]).all()) and completed <= bias[0].item() <= begun
 
 
 @pytest.mark.slow
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
     for attempt, delay in enumerate((0.02, 0.1, 0.3)):
         folder = tmp_path / f"ours{attempt}"
-        kill_during_a_save("ours", folder, delay)
-        assert tagged_checkpoint_loads(folder), f"killed {delay} s into a save"
+        begun, completed = kill_during_a_save("ours", folder, delay)
+        assert completed >= 1, "the first two saves complete before the kill is armed"
+        assert tagged_checkpoint_holds(folder, begun, completed), f"killed {delay} s into save {begun}"
         assert torch.load(folder / "model_final.pth", weights_only=True)  # never a truncated file in place
     # the same kills break detectron2's plain checkpointer at least once: the test can fail
     broken = 0
     for attempt, delay in enumerate((0.02, 0.05, 0.1, 0.02, 0.05)):
         folder = tmp_path / f"plain{attempt}"
-        kill_during_a_save("plain", folder, delay)
-        broken += not tagged_checkpoint_loads(folder)
+        broken += not tagged_checkpoint_holds(folder, *kill_during_a_save("plain", folder, delay))
         if broken:
             break
     assert broken
@@ -217,3 +223,36 @@ def test_evaluation_with_a_checkpoint_of_another_architecture_fails(data_root, h
     assert result.returncode != 0
     assert "does not fit the model" in result.stderr and "Skip loading parameter" not in result.stderr
     assert not (tmp_path / "metrics_synthetic_val.json").exists()
+
+
+def test_detectron2_still_reads_files_through_torch_load(tmp_path):
+    """Checkpointer overrides DetectionCheckpointer's `_torch_load` (detectron2 has no public hook
+    there, see checkpointer.py): detectron2 must still call it for a .pth file."""
+    from detectron2.checkpoint import DetectionCheckpointer
+
+    assert hasattr(DetectionCheckpointer, "_torch_load"), "detectron2 dropped _torch_load: rework Checkpointer"
+    model = torch.nn.Linear(2, 2)
+    path = tmp_path / "weights.pth"
+    torch.save({"model": model.state_dict()}, path)
+    calls = []
+
+    class Recording(Checkpointer):
+        def _torch_load(self, f):
+            calls.append(f)
+            return super()._torch_load(f)
+
+    Recording(torch.nn.Linear(2, 2)).load(str(path))
+    assert calls == [str(path)]
+
+
+def test_tied_weights_are_not_reported_missing():
+    """A tensor shared under two names loads when either name is in the checkpoint."""
+    from di_maskdino.d2.checkpointer import missing_without_aliases
+
+    model = torch.nn.Module()
+    model.a = torch.nn.Linear(2, 2)
+    model.b = torch.nn.Linear(2, 2)
+    model.b.weight = model.a.weight  # tied
+    assert missing_without_aliases(model, ["b.weight"]) == []  # a.weight loads it
+    assert missing_without_aliases(model, ["a.weight", "b.weight"]) == ["a.weight", "b.weight"]
+    assert missing_without_aliases(model, ["b.bias"]) == ["b.bias"]

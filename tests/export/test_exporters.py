@@ -210,3 +210,18 @@ def test_predictor_on_an_exported_panoptic_model_reports_its_things(model, progr
     assert 0 < len(want) < len(everything) and set(want.labels.tolist()) <= {0, 2}
     assert got.labels.tolist() == want.labels.tolist()
     torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-4)
+
+
+def test_the_private_size_oblivious_switch_still_exists():
+    """The export relies on torch's private `torch.fx.experimental._config.backed_size_oblivious`
+    (no public switch exists, see `exporters.size_oblivious_tracing`): it must exist, and the
+    context must set it only for its duration."""
+    import torch.fx.experimental._config as fx_config
+
+    from di_maskdino.export.exporters import size_oblivious_tracing
+
+    assert hasattr(fx_config, "backed_size_oblivious"), "torch dropped backed_size_oblivious: rework the export"
+    before = fx_config.backed_size_oblivious
+    with size_oblivious_tracing():
+        assert fx_config.backed_size_oblivious is True
+    assert fx_config.backed_size_oblivious == before

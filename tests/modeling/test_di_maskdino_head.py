@@ -48,28 +48,85 @@ def test_without_de_imbalance_the_first_selection_gives_the_queries():
     assert output.token_interaction == [] and output.encoder.logits.shape[1] == TINY.num_queries
 
 
+class Recorder:
+    """Records, in one forward pass, what each decoder layer attends to, the decoder's input
+    T_i and token sets, BATO's candidates, guiding tokens and output T_bal."""
+
+    def __init__(self, model):
+        self.memories, self.seen = [], {}
+        head = model.head
+        head.decoder.register_forward_pre_hook(self._decoder, with_kwargs=True)
+        self.layer_outputs = []
+        for layer in head.decoder.layers:
+            layer.register_forward_pre_hook(lambda _, args: self.memories.append(args[3].tokens))
+            layer.register_forward_hook(lambda _, args, out: self.layer_outputs.append(out))
+        if head.bato is not None:
+            head.bato.register_forward_hook(lambda _, args, out: self.seen.update(t_bal=out[0]))
+            head.bato.generator.register_forward_pre_hook(lambda _, args: self.seen.update(candidates=args[0]))
+            head.bato.register_forward_pre_hook(lambda _, args: self.seen.update(guide=args[2]))
+
+    def _decoder(self, _, args, kwargs):
+        self.seen.update(t_i=args[2].tokens, token_sets=kwargs.get("token_sets"))
+
+
 def test_without_bato_every_layer_attends_to_t_i():
     on = tiny_model()
     off = same_weights(on, bato=None)
     assert parameter_names(on) - parameter_names(off) == {n for n in parameter_names(on) if n.startswith("head.bato.")}
-    assert not torch.allclose(final_logits(on), final_logits(off))
-    # the layers before BATO (layer 0 and the initial prediction) are unchanged
-    torch.testing.assert_close(run(on).layers[1].logits, run(off).layers[1].logits)
+    recorded = Recorder(off)
+    run(off)
+    assert len(recorded.memories) == TINY.num_decoder_layers
+    assert all(memory is recorded.seen["t_i"] for memory in recorded.memories)
 
 
-def test_every_guidance_source_gives_a_different_computation():
-    reference = tiny_model()
-    logits = {s: final_logits(same_weights(reference, bato=dict(guidance_source=s))) for s in GUIDANCE_SOURCES}
-    for i, a in enumerate(GUIDANCE_SOURCES):
-        for b in GUIDANCE_SOURCES[i + 1 :]:
-            assert not torch.allclose(logits[a], logits[b]), (a, b)
-    assert parameter_names(same_weights(reference, bato=dict(guidance_source="T_i"))) == parameter_names(reference)
+def test_with_bato_layer_0_attends_to_t_i_and_the_later_layers_to_t_bal():
+    """Q_bal guidance (the paper's): BATO runs after decoder layer 0 (Eq. 4), whose output
+    gives the guiding tokens; layers 1.. attend to T_bal (Eq. 9)."""
+    model = tiny_model()
+    recorded = Recorder(model)
+    output = run(model)
+    assert recorded.memories[0] is recorded.seen["t_i"]
+    assert all(memory is recorded.seen["t_bal"] for memory in recorded.memories[1:])
+    # the candidates are the best-scored of the queries leaving layer 0 (Q_bal)
+    torch.testing.assert_close(recorded.seen["candidates"], best_tokens(model, recorded.layer_outputs[0]))
+    assert recorded.seen["t_bal"].shape == recorded.seen["t_i"].shape
+    assert output.final.logits.shape[1] == TINY.num_queries
 
 
-@pytest.mark.parametrize("bato", [dict(generate_guiding_tokens=False), dict(num_guiding_tokens=1)])
-def test_guiding_token_settings_change_the_computation(bato):
-    reference = tiny_model()
-    assert not torch.allclose(final_logits(reference), final_logits(same_weights(reference, bato=bato)))
+def best_tokens(model, tokens):
+    """The G tokens with the highest class score (Eq. 5-7's choice), in score order."""
+    scores = model.head.heads.class_embed(tokens).max(-1).values
+    best = scores.topk(model.head.bato.num_guiding_tokens, dim=1).indices
+    return torch.gather(tokens, 1, best[..., None].expand(-1, -1, tokens.shape[-1]))
+
+
+@pytest.mark.parametrize("source", ["T_i", "T_s1", "T_s2"])
+def test_a_token_set_guides_from_its_best_tokens_before_layer_0(source):
+    """Tab. 5: with a token set as guidance source, BATO runs before decoder layer 0, which
+    already attends to T_bal, and its candidates are that token set's tokens."""
+    model = same_weights(tiny_model(), bato=dict(guidance_source=source))
+    assert parameter_names(model) == parameter_names(tiny_model())  # the same parameters, used otherwise
+    recorded = Recorder(model)
+    run(model)
+    assert all(memory is recorded.seen["t_bal"] for memory in recorded.memories)
+    chosen = recorded.seen["token_sets"][source].tokens
+    torch.testing.assert_close(recorded.seen["candidates"], best_tokens(model, chosen))
+
+
+@pytest.mark.parametrize("generate", [True, False])
+def test_guiding_tokens_are_mask_embeddings_or_the_queries_themselves(generate):
+    """Tab. 6: with generation, T_g are the mask embeddings of the best candidates (Eq. 5) with
+    their positional queries as keys; without it, the candidates themselves, no key positions."""
+    model = same_weights(tiny_model(), bato=dict(generate_guiding_tokens=generate, num_guiding_tokens=3))
+    recorded = Recorder(model)
+    run(model)
+    candidates, guide = recorded.seen["candidates"], recorded.seen["guide"]
+    assert candidates.shape[1] == 3
+    if generate:
+        torch.testing.assert_close(guide.values, model.head.heads.mask_embed(candidates))
+        assert guide.key_pos is not None and guide.key_pos.shape == candidates.shape
+    else:
+        assert guide.values is candidates and guide.key_pos is None
 
 
 @pytest.mark.parametrize("sizes,stages", [((12,), 1), ((24, 12), 1), ((36, 24, 12), 2)])
@@ -135,15 +192,17 @@ def test_size_settings_shape_the_parameters(overrides, changed):
 
 
 def test_dropout_setting_is_used():
+    """DROPOUT reaches every dropout of the network; in evaluation the model is the
+    dropout-free one with the same weights."""
     model = tiny_model(dropout=0.5)
+    rates = {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {0.5}
+    plain = same_weights(model, dropout=0.0)
     batch, _ = model.preprocess(tiny_images())
-    model.train()
-    torch.manual_seed(0)
-    first = model(batch).layers[1].logits
-    torch.manual_seed(1)
-    assert not torch.allclose(first, model(batch).layers[1].logits)
     model.eval()
-    torch.testing.assert_close(model(batch).layers[1].logits, model(batch).layers[1].logits)
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch).final.logits, plain(batch).final.logits, rtol=0, atol=0)
 
 
 def fields_refused(**overrides):
