@@ -19,8 +19,9 @@ resident-set high-water mark), and per backend the median over --repeats runs, a
 Backends: eager (PyTorch), compile (torch.compile, Inductor with frozen weights), export
 (the torch.export program), aoti (AOTInductor package), onnxruntime (the ONNX model on the
 CPU). Exported files are written to (or, when present, read from) --export-dir. On the CPU,
-eager and compile run in the context CPU inference runs in: 3x3 convolutions by NNPACK's
-Winograd transform (`di_maskdino.cpu_inference.winograd`) unless TEST.WINOGRAD_CONVOLUTIONS False is given.
+eager and compile run as the tools run them: with the CPU speed-ups of TEST.CPU_SPEEDUPS (on
+unless TEST.CPU_SPEEDUPS False is given), 3x3 convolutions by NNPACK's Winograd transform
+(`di_maskdino.cpu_inference.winograd`).
 --dtype bfloat16 runs eager / compile under bfloat16 autocast (the deformable attention,
 encoder and decoder stay in float32, as in training). Random input, random weights unless
 MODEL.WEIGHTS is given.
@@ -44,6 +45,10 @@ import tempfile
 import time
 
 import torch
+
+import di_maskdino.d2  # noqa: F401 - first: detectron2 imported quietly (di_maskdino/dependencies.py)
+
+# isort: split
 from detectron2.modeling import build_model
 from fvcore.nn import FlopCountAnalysis
 

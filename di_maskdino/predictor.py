@@ -36,7 +36,7 @@ from torch.nn import functional as F
 
 from .cpu_inference import CPUInference
 from .images import read_image_rgb, resize_image, shortest_edge_size
-from .modeling.model import PIXEL_MEAN, PIXEL_STD, pad_images
+from .modeling.model import pad_images
 from .modeling.outputs import RawDetections
 from .modeling.postprocess import Detections, detections_from_raw
 from .modeling.segmentation_inference import thing_detections
@@ -199,35 +199,6 @@ class Predictor:
             size_divisibility=model.size_divisibility,
             **kwargs,
         )
-
-    @classmethod
-    def from_architecture(
-        cls,
-        architecture,
-        backbone: torch.nn.Module,
-        state_dict: Optional[dict] = None,
-        *,
-        pixel_mean: Sequence[float] = PIXEL_MEAN,
-        pixel_std: Sequence[float] = PIXEL_STD,
-        size_divisibility: int = 32,
-        test_topk: int = 100,
-        **kwargs,
-    ) -> "Predictor":
-        """A predictor for the network `architecture` describes on `backbone`, with the
-        weights of `state_dict` (all of them must fit), without detectron2."""
-        from .modeling.architecture import build_model
-
-        model = build_model(
-            architecture,
-            backbone,
-            pixel_mean=pixel_mean,
-            pixel_std=pixel_std,
-            size_divisibility=size_divisibility,
-            test_topk=test_topk,
-        )
-        if state_dict is not None:
-            model.load_state_dict(state_dict.get("model", state_dict), strict=True)
-        return cls.from_model(model, **kwargs)
 
     @classmethod
     def from_exported(cls, path: str, *, device: str = "cpu", onnx_threads: Optional[int] = None, **kwargs):

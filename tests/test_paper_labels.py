@@ -1,6 +1,6 @@
 """The paper is the table of contents: every equation of Sec. 3.2.2-3.2.3 (Eq. 1-8) is cited
-in the module that README.md's table names for it, and every module the table names exists
-and cites its section."""
+in the module that the table of docs/design.md names for it, and every module the table
+names exists and cites its section."""
 
 import os
 import re
@@ -12,8 +12,8 @@ PACKAGE = os.path.join(ROOT, "di_maskdino")
 
 
 def readme_table():
-    """(paper cell, [module paths]) of every row of the README table headed | paper | what | module |."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    """(paper cell, [module paths]) of every row of the table headed | paper | what | module |."""
+    text = open(os.path.join(ROOT, "docs", "design.md")).read()
     start = text.index("| paper | what | module |")
     rows = []
     for line in text[start:].splitlines()[2:]:
@@ -34,7 +34,7 @@ def equations(text):
 
 def module_text(path):
     full = os.path.join(PACKAGE, path)
-    assert os.path.isfile(full), f"README names {path}, which does not exist"
+    assert os.path.isfile(full), f"docs/design.md names {path}, which does not exist"
     return open(full).read()
 
 

@@ -242,7 +242,7 @@ def test_outputs_equal_the_release(variable, config, mode):
     run = subprocess.run(
         [
             sys.executable,
-            os.path.join(ROOT, "tools", "compare_with_release.py"),
+            os.path.join(ROOT, "dev", "compare_with_release.py"),
             "--release-source",
             source,
             "--config",
@@ -297,9 +297,7 @@ def test_shipped_release_configs_fit_the_released_weights(kind):
     from detectron2.modeling import build_model
 
     from di_maskdino.d2 import load_config
-
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from convert_official_checkpoint import matching_release
+    from di_maskdino.release_conversion import matching_release
 
     converted = convert_release_state_dict(release_state_dict(kind))
     architecture, _ = infer_architecture(converted)

@@ -20,6 +20,9 @@ import json
 import os
 import sys
 
+import di_maskdino.d2  # noqa: F401 - first: detectron2 imported quietly (di_maskdino/dependencies.py)
+
+# isort: split
 from detectron2.data import build_detection_test_loader
 from detectron2.modeling import build_model
 

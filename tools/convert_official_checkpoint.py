@@ -33,56 +33,8 @@ from di_maskdino.release_conversion import (
     check_against_model,
     convert_release_state_dict,
     infer_architecture,
+    matching_release,
 )
-
-# Released checkpoints (README, "Released checkpoints"): what tells them apart in the weights,
-# and the shipped configs describing that network (the schedules of one network evaluate alike).
-RELEASED = [
-    {
-        "name": "DI-MaskDINO R50 (12, 24 or 50 epochs)",
-        "de_imbalance": True,
-        "num_levels": 4,
-        "num_decoder_layers": 6,
-        "encoder_ffn_dim": 2048,
-        "configs": [
-            "configs/coco/dimaskdino_r50_12ep.yaml",
-            "configs/coco/dimaskdino_r50_24ep.yaml",
-            "configs/coco/dimaskdino_r50_50ep.yaml",
-        ],
-    },
-    {
-        "name": "MaskDINO R50 instance, 50 epochs, 3 scales, hidden FFN 2048",
-        "de_imbalance": False,
-        "num_levels": 4,
-        "num_decoder_layers": 9,
-        "encoder_ffn_dim": 2048,
-        "configs": ["configs/release/maskdino_r50_3s_hid2048_50ep.yaml"],
-    },
-    {
-        "name": "MaskDINO R50 panoptic, 50 epochs",
-        "num_classes": 133,
-        "de_imbalance": False,
-        "num_levels": 4,
-        "num_decoder_layers": 9,
-        "encoder_ffn_dim": 2048,
-        "configs": ["configs/coco/panoptic/maskdino_r50_50ep.yaml"],
-    },
-]
-
-
-def matching_release(architecture):
-    """The RELEASED entry whose network `architecture` is (80 COCO classes unless the entry
-    says otherwise), or None."""
-    for entry in RELEASED:
-        if (
-            (architecture.de_imbalance is not None) == entry["de_imbalance"]
-            and architecture.num_levels == entry["num_levels"]
-            and architecture.num_decoder_layers == entry["num_decoder_layers"]
-            and architecture.encoder.ffn_dim == entry["encoder_ffn_dim"]
-            and architecture.num_classes == entry.get("num_classes", 80)
-        ):
-            return entry
-    return None
 
 
 def load_release(path: str, trust_pickle: bool) -> dict:

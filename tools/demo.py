@@ -29,6 +29,10 @@ import sys
 import numpy as np
 import torch
 import tqdm
+
+import di_maskdino.d2  # noqa: F401 - first: detectron2 imported quietly (di_maskdino/dependencies.py)
+
+# isort: split
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.catalog import Metadata
 from PIL import Image

@@ -27,6 +27,10 @@ import sys
 import time
 
 import torch
+
+import di_maskdino.d2  # noqa: F401 - first: detectron2 imported quietly (di_maskdino/dependencies.py)
+
+# isort: split
 from detectron2.modeling import build_model
 
 from di_maskdino.d2 import (

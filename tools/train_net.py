@@ -20,6 +20,9 @@ is listed, not half-loaded). The CPU inference speed-ups (di_maskdino.cpu_infere
 for evaluation; TEST.CPU_SPEEDUPS False turns them off.
 """
 
+import di_maskdino.d2  # noqa: F401 - first: detectron2 imported quietly (di_maskdino/dependencies.py)
+
+# isort: split
 from detectron2.engine import default_argument_parser, launch
 
 from di_maskdino.cpu_inference import CPUInference

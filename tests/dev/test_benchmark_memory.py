@@ -16,7 +16,7 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (install i
 @pytest.mark.slow
 def test_benchmark_memory_reports_stages_and_the_switches_save_memory(tmp_path):
     output = tmp_path / "memory.json"
-    command = [sys.executable, os.path.join(ROOT, "tools", "benchmark_memory.py")]
+    command = [sys.executable, os.path.join(ROOT, "dev", "benchmark_memory.py")]
     command += ["--config-file", os.path.join(ROOT, "configs", "quick_start.yaml"), "--input-size", "256x256"]
     command += ["--batch", "2", "--objects", "3", "--steps", "1", "--variants", "none", "all", "--json", str(output)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)

@@ -18,7 +18,7 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (install i
 def test_inference_and_amp_training_report():
     command = [
         sys.executable,
-        os.path.join(ROOT, "tools", "gpu_model_check.py"),
+        os.path.join(ROOT, "dev", "gpu_model_check.py"),
         "--config-file",
         os.path.join(ROOT, "configs", "quick_start.yaml"),
         "--device",

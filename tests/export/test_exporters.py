@@ -173,8 +173,8 @@ def test_predictor_on_the_exported_program(model, program, folder):
 
     path = os.path.join(folder, "predictor.pt2")
     save_program(program, path, metadata_for(model, max_image_size=512))
-    exported = Predictor.from_exported(path, output="detections", score_threshold=0.05)
-    eager = Predictor.from_model(model, output="detections", score_threshold=0.05)
+    exported = Predictor.from_exported(path, score_threshold=0.05)
+    eager = Predictor.from_model(model, score_threshold=0.05)
     generator = torch.Generator().manual_seed(4)
     images = [torch.randint(0, 256, (3, 140, 190), generator=generator, dtype=torch.uint8) for _ in range(2)]
     images[1] = torch.randint(0, 256, (3, 200, 150), generator=generator, dtype=torch.uint8)
@@ -197,16 +197,16 @@ def test_predictor_on_an_exported_panoptic_model_reports_its_things(model, progr
     model.segmentation = SegmentationInference(torch.tensor([True, False, True]), panoptic=True)
     try:
         metadata = metadata_for(model, max_image_size=512)
-        eager = Predictor.from_model(model, output="detections", max_detections=30)
+        eager = Predictor.from_model(model, max_detections=30)
     finally:
-        del model.segmentation
+        model.segmentation = None
     assert metadata.instance_classes == [0, 2]
     path = os.path.join(folder, "panoptic.pt2")
     save_program(program, path, metadata)
-    exported = Predictor.from_exported(path, output="detections", max_detections=30)
+    exported = Predictor.from_exported(path, max_detections=30)
     image = torch.randint(0, 256, (3, 140, 190), generator=torch.Generator().manual_seed(5), dtype=torch.uint8)
     (got,), (want,) = exported([image]), eager([image])
-    everything = Predictor.from_model(model, output="detections", max_detections=30)([image])[0]
+    everything = Predictor.from_model(model, max_detections=30)([image])[0]
     assert 0 < len(want) < len(everything) and set(want.labels.tolist()) <= {0, 2}
     assert got.labels.tolist() == want.labels.tolist()
     torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-4)

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from di_maskdino.modeling import (
-    GUIDANCE_SOURCES,
     Architecture,
     BATOSpec,
     DeImbalanceSpec,

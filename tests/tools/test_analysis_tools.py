@@ -69,9 +69,9 @@ def test_ablation_runner_collects_a_table(data_root, tmp_path):
 
 def test_model_benchmark_reports_size_flops_and_time(data_root):
     result = run_tool(
-        "benchmark_model.py",
+        "dev/benchmark_model.py",
         # the overrides after --backend's values are overrides, not more backends
-        # at 256 x 256 the 64-channel 3x3 convolutions at 1/4 run by Winograd (di_maskdino/ops/winograd.py)
+        # at 256 x 256 the 64-channel 3x3 convolutions at 1/4 run by Winograd (di_maskdino/cpu_inference/winograd.py)
         ["--config-file", QUICK, "--input-size", "256x256", "--warmup", "0", "--repeats", "1", "--breakdown"]
         + ["--retain-freed-memory", "--backend", "eager", "MODEL.DEVICE", "cpu"],
         data_root,

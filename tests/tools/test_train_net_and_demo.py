@@ -225,7 +225,8 @@ def test_evaluation_names_missing_weights(data_root, tmp_path):
     result = run_tool(
         "train_net.py", ["--config-file", QUICK, "--eval-only", "OUTPUT_DIR", str(tmp_path)], data_root, check=False
     )
-    assert result.returncode != 0 and "--eval-only needs weights: set MODEL.WEIGHTS" in result.stderr
+    assert result.returncode != 0 and "MODEL.WEIGHTS is not set: --eval-only" in result.stderr
+    assert "FutureWarning" not in result.stderr
     result = run_tool(
         "train_net.py",
         ["--config-file", QUICK, "--eval-only", "MODEL.WEIGHTS", "model.pth", "OUTPUT_DIR", str(tmp_path)],

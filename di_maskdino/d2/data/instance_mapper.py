@@ -65,6 +65,12 @@ class DIMaskDINODatasetMapper:
         if not self.use_instance_mask:
             annotations = [{k: v for k, v in a.items() if k != "segmentation"} for a in annotations]
         annotations = [utils.transform_instance_annotations(a, transforms, image.shape[:2]) for a in annotations]
+        for annotation in annotations:
+            # RLE masks come back from detectron2's resizing as PIL's read-only arrays, which
+            # torch warns about when detectron2 turns them into tensors: hand over writable ones
+            mask = annotation.get("segmentation")
+            if isinstance(mask, np.ndarray) and not mask.flags.writeable:
+                annotation["segmentation"] = mask.copy()
         if not self.use_instance_mask:
             instances = utils.annotations_to_instances(annotations, image.shape[:2])
             dataset_dict["instances"] = utils.filter_empty_instances(instances)
