@@ -110,12 +110,12 @@ def build(args, switches):
     return cfg, model, optimizer
 
 
-def random_inputs(args, num_classes: int, device: str) -> List[Dict]:
+def random_inputs(args, num_classes: int, device: str, seed: int = 0) -> List[Dict]:
     """--batch images of random pixels with --objects elliptical instances each."""
     from detectron2.structures import BitMasks, Boxes, Instances
 
     height, width = args.size
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     ys, xs = np.mgrid[0:height, 0:width]
     inputs = []
     for _ in range(args.batch):
@@ -170,27 +170,37 @@ class StageMarks:
         return hook
 
 
-def training_step(model, optimizer, inputs, amp: bool, scaler, marks: StageMarks, mark):
-    """detectron2's order: forward and losses, zero_grad, backward, step. Returns the losses."""
+def training_step(model, optimizer, micro_batches, amp: bool, scaler, marks: StageMarks, mark):
+    """detectron2's order: forward and losses, zero_grad, backward, step; with several
+    micro-batches (--accumulation-steps) forward and backward of each in turn, normalised by
+    the objects of all of them (as engine/train_step.py does), then one step. Returns the
+    losses of the first micro-batch."""
     device_type = model.device.type
-    marks.active = True
-    with torch.autocast(device_type=device_type, enabled=amp):
-        losses = model(inputs)
-    marks.active = False
-    total = sum(losses.values())
-    mark("backward")
-    optimizer.zero_grad()
+    kwargs = {}
+    if len(micro_batches) > 1:
+        kwargs["num_objects"] = float(sum(len(x["instances"]) for batch in micro_batches for x in batch))
+    first = None
+    for index, inputs in enumerate(micro_batches):
+        marks.active = True
+        with torch.autocast(device_type=device_type, enabled=amp):
+            losses = model(inputs, **kwargs)
+        marks.active = False
+        total = sum(losses.values())
+        mark("backward")
+        if index == 0:
+            optimizer.zero_grad()
+            first = {k: float(v) for k, v in losses.items()}
+        (total if scaler is None else scaler.scale(total)).backward()
+        del losses, total
+        mark(None)
+    mark("optimizer")
     if scaler is not None:
-        scaler.scale(total).backward()
-        mark("optimizer")
         scaler.step(optimizer)
         scaler.update()
     else:
-        total.backward()
-        mark("optimizer")
         optimizer.step()
     mark(None)
-    return {k: float(v) for k, v in losses.items()}
+    return first
 
 
 def tensor_bytes(model, optimizer, inputs) -> int:
@@ -208,9 +218,10 @@ def tensor_bytes(model, optimizer, inputs) -> int:
     for state in optimizer.state.values():
         for value in state.values():
             add(value)
-    for item in inputs:
-        add(item["image"])
-        add(item["instances"].gt_masks.tensor)
+    for batch in inputs:
+        for item in batch:
+            add(item["image"])
+            add(item["instances"].gt_masks.tensor)
     return sum(seen.values())
 
 
@@ -275,7 +286,10 @@ def measure(args) -> Dict:
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     cfg, model, optimizer = build(args, switches)
     device = torch.device(args.device)
-    inputs = random_inputs(args, cfg.MODEL.DI_MASKDINO.NUM_CLASSES, args.device)
+    inputs = [
+        random_inputs(args, cfg.MODEL.DI_MASKDINO.NUM_CLASSES, args.device, seed)
+        for seed in range(args.accumulation_steps)
+    ]
     scaler = torch.amp.GradScaler(device.type) if args.amp and device.type == "cuda" else None
     result = {
         "variant": args.variant,
@@ -285,6 +299,7 @@ def measure(args) -> Dict:
         "threads": torch.get_num_threads(),
         "amp": args.amp,
         "batch": args.batch,
+        "accumulation_steps": args.accumulation_steps,
         "input_size": list(args.size),
         "di_maskdino": __import__("di_maskdino").__file__,
     }
@@ -356,6 +371,7 @@ def run_child(args, variant: str, mode: str) -> Dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", "--variant", variant, "--mode", mode]
     command += ["--config-file", args.config_file, "--input-size", args.input_size, "--batch", str(args.batch)]
     command += ["--device", args.device, "--steps", str(args.steps), "--objects", str(args.objects)]
+    command += ["--accumulation-steps", str(args.accumulation_steps)]
     command += ["--threads", str(args.threads)] + (["--amp"] if args.amp else []) + list(args.opts)
     load = os.getloadavg()
     completed = subprocess.run(command, capture_output=True, text=True)
@@ -408,7 +424,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--input-size", default="1024x1024", help="HxW of every image")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=1, help="images per process and micro-batch")
+    parser.add_argument(
+        "--accumulation-steps", type=int, default=1, help="micro-batches per optimizer step (SOLVER.ACCUMULATION_STEPS)"
+    )
     parser.add_argument("--objects", type=int, default=10, help="instances per image")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="autocast (float16 on CUDA, bfloat16 on the CPU)")

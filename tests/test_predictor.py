@@ -142,7 +142,7 @@ def test_score_threshold_and_max_detections_filter_the_unfiltered_output(model):
 def test_a_box_mask_head_gives_its_refined_masks():
     """The predictor of a model with a box mask head reports the head's masks, as the
     model's own `predict` does, and not the detector's; with the detector's masks asked for
-    (`test_masks = "detector"`, as the detectron2 model sets it) it reports the detector's."""
+    (`test_masks="detector"`, a constructor argument) it reports the detector's."""
     spec = BoxMaskHeadSpec(hidden_dim=16, roi_size=7, mask_size=14, fine_feature="image")
     refined_model = perturb(tiny_model(box_mask_head=spec)).eval()
     rgb = rgb_image(11, 64, 96)
@@ -153,7 +153,7 @@ def test_a_box_mask_head_gives_its_refined_masks():
     try:
         detector = detections_predictor(refined_model)([rgb])[0]
     finally:
-        del refined_model.test_masks
+        refined_model.test_masks = "refined"
     assert found.labels.tolist() == detector.labels.tolist()  # the same (query, class) pairs
     torch.testing.assert_close(found.boxes, detector.boxes, rtol=0, atol=0)
     assert not torch.equal(found.masks, detector.masks)  # other masks (and so other scores)

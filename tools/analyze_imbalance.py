@@ -135,7 +135,7 @@ def main() -> int:
     try:
         check_weights(cfg.MODEL.WEIGHTS, purpose="the analysis")
         model = build_model(cfg)
-        Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
+        Checkpointer.for_evaluation(model, cfg).load(cfg.MODEL.WEIGHTS)
     except (MissingWeightsError, CheckpointError) as error:
         raise SystemExit(str(error)) from error
     if cfg.MODEL.DEVICE == "cpu" and cfg.TEST.CPU_SPEEDUPS:

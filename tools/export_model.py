@@ -125,7 +125,7 @@ def main() -> int:
         )
         model = build_model(cfg).eval()
         if weighted:
-            Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
+            Checkpointer.for_evaluation(model, cfg).load(cfg.MODEL.WEIGHTS)
     except (MissingWeightsError, CheckpointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

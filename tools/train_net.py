@@ -37,6 +37,7 @@ from di_maskdino.d2 import (
     check_weights,
     setup,
 )
+from di_maskdino.d2.engine import UnreachableMachineError, wait_for_machine_zero
 
 # errors a user causes and fixes (config, weights, dataset, a diverging run): their message
 # says what and how, a traceback would only bury it
@@ -60,7 +61,7 @@ def run(args):
     if cfg.MODEL.DEVICE == "cpu" and cfg.TEST.CPU_SPEEDUPS:
         CPUInference().apply_process_settings()  # one forward after another: reuse their memory
     model = Trainer.build_model(cfg)
-    checkpointer = Checkpointer(model, save_dir=cfg.OUTPUT_DIR, mode="strict", what="MODEL.WEIGHTS")
+    checkpointer = Checkpointer.for_evaluation(model, cfg, save_dir=cfg.OUTPUT_DIR)
     if not args.resume or not checkpointer.has_checkpoint():
         check_weights(cfg.MODEL.WEIGHTS, purpose="--eval-only (or --resume, for the last checkpoint in OUTPUT_DIR)")
     checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
@@ -69,6 +70,12 @@ def run(args):
 
 def argument_parser():
     parser = default_argument_parser(__doc__)
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=600.0,
+        help="on a machine of rank > 0: seconds to wait for machine 0 to answer at --dist-url before giving up",
+    )
     parser.add_argument(
         "--coco-dataset",
         nargs=3,
@@ -90,5 +97,10 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     args = parse_args()
+    if args.num_machines > 1 and args.machine_rank > 0:
+        try:
+            wait_for_machine_zero(args.dist_url, args.dist_timeout)
+        except UnreachableMachineError as error:
+            raise SystemExit(f"UnreachableMachineError: {error}") from error
     cluster = {"num_machines": args.num_machines, "machine_rank": args.machine_rank, "dist_url": args.dist_url}
     launch(main, args.num_gpus, args=(args,), **cluster)  # one process per GPU (or CPU process), per machine

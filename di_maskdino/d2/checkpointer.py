@@ -87,13 +87,33 @@ def _listing(title: str, lines: Sequence[str]) -> str:
 
 class Checkpointer(DetectionCheckpointer):
     """DetectionCheckpointer with atomic saving, load modes (see the module docstring) and
-    errors that name the file. `what` names the file's role in messages."""
+    errors that name the file. `what` names the file's role in messages. With `ema_weights`,
+    a checkpoint that holds EMA weights ("model_ema", MODEL_EMA) loads those into the model
+    instead of its trained weights (evaluation); one without loads its trained weights."""
 
-    def __init__(self, model, save_dir: str = "", *, mode: str = "strict", what: str = "checkpoint", **kwargs):
+    def __init__(
+        self,
+        model,
+        save_dir: str = "",
+        *,
+        mode: str = "strict",
+        what: str = "checkpoint",
+        ema_weights: bool = False,
+        **kwargs,
+    ):
         super().__init__(model, save_dir, **kwargs)
         self.mode = mode
         self.what = what
+        self.ema_weights = ema_weights
         self._path = None
+
+    @classmethod
+    def for_evaluation(cls, model, cfg, save_dir: str = "") -> "Checkpointer":
+        """The checkpointer that loads MODEL.WEIGHTS (or, in `save_dir`, the last checkpoint)
+        for evaluation: strictly, the EMA weights when MODEL_EMA.ENABLED and
+        MODEL_EMA.USE_FOR_EVALUATION."""
+        ema = cfg.MODEL_EMA.ENABLED and cfg.MODEL_EMA.USE_FOR_EVALUATION
+        return cls(model, save_dir, mode="strict", what="MODEL.WEIGHTS", ema_weights=ema)
 
     @property
     def mode(self) -> str:
@@ -180,6 +200,12 @@ class Checkpointer(DetectionCheckpointer):
             return None
 
     def _load_model(self, checkpoint):
+        if self.ema_weights:
+            if "model_ema" in checkpoint:
+                logger.info(f"{self.what} {self._path}: loading its EMA weights (MODEL_EMA.USE_FOR_EVALUATION)")
+                checkpoint["model"] = checkpoint.pop("model_ema")
+            else:
+                logger.info(f"{self.what} {self._path} holds no EMA weights: loading its trained weights")
         names = checkpoint.get("model", {})
         if any(name.startswith("sem_seg_head.") for name in names):
             raise ReleaseCheckpointError(

@@ -18,7 +18,7 @@ Shape glossary: n matched objects, M mask resolution, P points, H x W padded inp
 """
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -94,12 +94,16 @@ class BoxMaskCriterion(nn.Module):
         return BoxMatches(image.to(device), query.to(device), target.to(device))
 
     def forward(
-        self, masks: BoxMasks, targets: List[Dict[str, torch.Tensor]], matches: BoxMatches
+        self,
+        masks: BoxMasks,
+        targets: List[Dict[str, torch.Tensor]],
+        matches: BoxMatches,
+        num_objects: Optional[float] = None,
     ) -> Dict[str, torch.Tensor]:
         """Weighted losses of the head's `masks` (in the frames of their RoI boxes) for the
-        matched queries; `targets` as for `SetCriterion`."""
+        matched queries; `targets` and `num_objects` as for `SetCriterion`."""
         boxes = masks.boxes
-        num_objects = _num_objects(targets, masks.logits.device)
+        num_objects = _num_objects(targets, masks.logits.device) if num_objects is None else num_objects
         logits = masks.logits.float()[:, None]  # (n, 1, M, M)
         if len(matches) == 0:
             zero = 0.0 * masks.logits.sum()

@@ -227,16 +227,24 @@ class SetCriterion(nn.Module):
             indices.append((query, target))
         return indices
 
-    def forward(self, output: DIMaskDINOOutput, targets: List[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    def forward(
+        self,
+        output: DIMaskDINOOutput,
+        targets: List[Dict[str, torch.Tensor]],
+        num_objects: Optional[float] = None,
+    ) -> Dict[str, torch.Tensor]:
         """Weighted losses of every supervised output.
 
         targets: per image "labels" (M,) int64, "boxes" (M, 4) normalised cxcywh of the padded
         input, "masks" (M, H, W) at the padded input resolution, and optionally "is_thing"
         (M,) bool (panoptic and semantic targets).
+        num_objects: the normaliser, when it spans more than this batch (gradient
+            accumulation: the objects of all micro-batches, averaged per process); default:
+            the objects of `targets`, averaged over the processes.
         """
         device = output.final.logits.device
         targets = self.with_box_flags(targets)
-        num_objects = _num_objects(targets, device)
+        num_objects = _num_objects(targets, device) if num_objects is None else num_objects
         # (loss-name suffix, description for error messages, output)
         named: List[Tuple[str, str, Predictions]] = [("", "the final layer", output.final)]
         named += [(f"_{i}", f"decoder output {i}", p) for i, p in enumerate(output.layers[:-1])]

@@ -129,10 +129,8 @@ class DIMaskDINO(nn.Module):
     def preprocess(self, images: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, List[Tuple[int, int]]]:
         """Normalises (3, H_i, W_i) images and pads them into one batch (the padding is 0
         after normalisation)."""
-        device = self.pixel_mean.device
-        normalised = [
-            (image.to(device=device, dtype=torch.float32) - self.pixel_mean) / self.pixel_std for image in images
-        ]
+        device, dtype = self.pixel_mean.device, self.pixel_mean.dtype  # float32, or the model's (float64) dtype
+        normalised = [(image.to(device=device, dtype=dtype) - self.pixel_mean) / self.pixel_std for image in images]
         return pad_images(normalised, self.size_divisibility)
 
     def run(

@@ -144,6 +144,22 @@ def _add_input_and_solver_keys(cfg: CN) -> None:
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.CHECKPOINTS_TO_KEEP = 0  # newest periodic checkpoints kept (0: all); model_final.pth always
+    # micro-batches per optimizer step: SOLVER.IMS_PER_BATCH images per step in all, in
+    # ACCUMULATION_STEPS micro-batches of IMS_PER_BATCH / (ACCUMULATION_STEPS x processes) per
+    # process; the losses are those of the whole batch (engine/train_step.py). MAX_ITER, STEPS,
+    # CHECKPOINT_PERIOD and EVAL_PERIOD count optimizer steps.
+    cfg.SOLVER.ACCUMULATION_STEPS = 1
+
+    # exponential moving average of the weights (engine/ema.py, timm's ModelEmaV3): off in the
+    # configs that reproduce the paper; *_ema.yaml configs turn it on
+    cfg.MODEL_EMA = CN()
+    cfg.MODEL_EMA.ENABLED = False
+    cfg.MODEL_EMA.DECAY = 0.9998
+    cfg.MODEL_EMA.WARMUP = True  # decay 1 - (1 + step) ** -WARMUP_POWER until it reaches DECAY
+    cfg.MODEL_EMA.WARMUP_POWER = 0.75
+    # evaluation (during training, --eval-only, demo, Predictor, export) uses the EMA weights of
+    # a checkpoint that has them
+    cfg.MODEL_EMA.USE_FOR_EVALUATION = True
 
     # evaluation under autocast: "" (float32), "bfloat16" or "float16" (as training's AMP: the
     # deformable attention, encoder and decoder arithmetic stay in float32 where they ask for it)

@@ -61,6 +61,15 @@ def _rules(cfg) -> List[Tuple[str, Callable[[object], bool], str]]:
             lambda v: not cfg.SOLVER.CLIP_GRADIENTS.ENABLED or v > 0,
             "positive when SOLVER.CLIP_GRADIENTS.ENABLED",
         ),
+        ("SOLVER.ACCUMULATION_STEPS", positive, "at least 1 (micro-batches per optimizer step)"),
+        (
+            "SOLVER.IMS_PER_BATCH",
+            lambda v: cfg.SOLVER.ACCUMULATION_STEPS < 1 or v % cfg.SOLVER.ACCUMULATION_STEPS == 0,
+            f"divisible by SOLVER.ACCUMULATION_STEPS ({cfg.SOLVER.ACCUMULATION_STEPS}): the images of one "
+            "optimizer step are shared out over its micro-batches",
+        ),
+        ("MODEL_EMA.DECAY", lambda v: 0.0 < v < 1.0, "in (0, 1), e.g. 0.9998"),
+        ("MODEL_EMA.WARMUP_POWER", lambda v: v > 0, "positive (timm's warmup_power; 2/3 or 3/4)"),
         ("DATALOADER.NUM_WORKERS", lambda v: v >= 0, "at least 0"),
         ("INPUT.DATASET_MAPPER_NAME", lambda v: v in MAPPER_NAMES, "one of " + ", ".join(MAPPER_NAMES)),
         ("INPUT.FORMAT", lambda v: v in ("RGB", "BGR"), "RGB or BGR"),

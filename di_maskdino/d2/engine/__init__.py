@@ -5,9 +5,11 @@ from .defaults import (
     TOOL_DEFAULTS,
     ConfigArgumentParser,
     MissingWeightsError,
+    UnreachableMachineError,
     build_predictor,
     check_weights,
     setup,
+    wait_for_machine_zero,
 )
 from .hooks import ResumeState
 from .train_step import NonFiniteLossError, TrainStep
@@ -22,6 +24,8 @@ __all__ = [
     "build_predictor",
     "check_weights",
     "MissingWeightsError",
+    "UnreachableMachineError",
+    "wait_for_machine_zero",
     "ConfigArgumentParser",
     "TOOL_DEFAULTS",
 ]

@@ -5,7 +5,10 @@ model (`check_weights`) and an argument parser that keeps config overrides apart
 
 import argparse
 import logging
+import socket
 import sys
+import time
+import urllib.parse
 from typing import List, Optional, Sequence, Union
 
 from detectron2.config import CfgNode, get_cfg
@@ -26,6 +29,8 @@ __all__ = [
     "build_predictor",
     "check_weights",
     "MissingWeightsError",
+    "UnreachableMachineError",
+    "wait_for_machine_zero",
     "ConfigArgumentParser",
     "TOOL_DEFAULTS",
 ]
@@ -39,6 +44,34 @@ TOOL_DEFAULTS = ("TEST.CPU_SPEEDUPS", "True")
 
 class MissingWeightsError(ValueError):
     """No weights were given where a trained model is needed."""
+
+
+class UnreachableMachineError(ConnectionError):
+    """The machine of rank 0 does not answer at --dist-url."""
+
+
+def wait_for_machine_zero(dist_url: str, timeout: float, poll: float = 1.0) -> None:
+    """On a machine of rank > 0 of a multi-machine run: waits until the address of `dist_url`
+    (tcp://HOST:PORT, where machine 0 listens) accepts a connection, and raises
+    UnreachableMachineError naming it and the fixes after `timeout` seconds, instead of
+    hanging in the rendezvous."""
+    parsed = urllib.parse.urlparse(dist_url)
+    if parsed.scheme != "tcp" or not parsed.hostname or not parsed.port:
+        raise UnreachableMachineError(f"--dist-url {dist_url}: give the address of machine 0 as tcp://HOST:PORT")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((parsed.hostname, parsed.port), timeout=min(poll, timeout) or 0.1):
+                return
+        except OSError as error:
+            if time.monotonic() >= deadline:
+                raise UnreachableMachineError(
+                    f"--dist-url {dist_url}: no machine answered within {timeout:.0f} s ({error}). Start machine 0 "
+                    "(--machine-rank 0) with the same --dist-url first; check that HOST is machine 0's address as "
+                    "seen from here and that PORT is free there and open in its firewall; --dist-timeout sets how "
+                    "long to wait."
+                ) from error
+            time.sleep(poll)
 
 
 def check_weights(weights: str, *, purpose: str, allow_random: bool = False, how_to_allow: str = "") -> bool:
@@ -109,7 +142,7 @@ def build_predictor(
     check_weights(weights, purpose=purpose, allow_random=allow_random_weights, how_to_allow=how_to_allow)
     model = build_model(cfg).eval()
     if weights:
-        Checkpointer(model, mode="strict", what="weights").load(weights)
+        Checkpointer.for_evaluation(model, cfg).load(weights)
     settings = dict(
         model_format=cfg.INPUT.FORMAT,
         min_size=cfg.INPUT.MIN_SIZE_TEST,

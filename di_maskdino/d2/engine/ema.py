@@ -16,16 +16,15 @@ communication; tests/d2/engine/test_ema.py checks it with 2 processes.
 """
 
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 from detectron2.engine import HookBase
-from timm.utils import ModelEmaV3
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpointer import CheckpointMismatchError
 
-__all__ = ["WeightEMA", "unwrapped"]
+__all__ = ["EMAWeights", "WeightEMAHook", "build_ema", "unwrapped"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,25 +34,32 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-class WeightEMA(HookBase):
-    """The EMA of the weights of the trainer's model, as a hook (update after each step) and
-    as a checkpointable (its state is the averaged weights)."""
+class EMAWeights:
+    """The averaged weights (timm's `ModelEmaV3` over the unwrapped model), and their
+    checkpoint entry "model_ema" (`state_dict` / `load_state_dict`, checked against the
+    model)."""
 
     def __init__(self, model: torch.nn.Module, *, decay: float, warmup: bool, warmup_power: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"MODEL_EMA.DECAY must be in (0, 1), got {decay}")
-        self.ema = ModelEmaV3(
-            unwrapped(model), decay=decay, use_warmup=warmup, warmup_power=warmup_power, foreach=True
-        )
+        from timm.utils import ModelEmaV3  # imported when used: timm is a large import
+
+        self.ema = ModelEmaV3(unwrapped(model), decay=decay, use_warmup=warmup, warmup_power=warmup_power)
+        self.loaded = False  # whether a checkpoint's "model_ema" was loaded
 
     @property
     def module(self) -> torch.nn.Module:
         """The model holding the averaged weights (in evaluation mode)."""
         return self.ema.module
 
-    def after_step(self):
-        # step counts optimizer steps from 1; timm's warm-up starts from it
-        self.ema.update(unwrapped(self.trainer.model), step=self.trainer.iter + 1)
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """One update after optimizer step `step` (counted from 1; timm's warm-up starts from it)."""
+        self.ema.update(unwrapped(model), step=step)
+
+    @torch.no_grad()
+    def restart_from(self, model: torch.nn.Module) -> None:
+        """The average restarted at the model's current weights."""
+        self.ema.module.load_state_dict(unwrapped(model).state_dict())
 
     def state_dict(self) -> Dict[str, Any]:
         return self.ema.module.state_dict()
@@ -68,7 +74,26 @@ class WeightEMA(HookBase):
             raise CheckpointMismatchError(
                 "the checkpoint's EMA weights (model_ema) do not fit the model built from the config: "
                 f"{len(missing)} missing, {len(unexpected)} unexpected, {len(shapes)} of another shape "
-                f"(e.g. {(missing + unexpected + shapes)[:3]}). Resume with the config the run was trained with, "
-                "or start the EMA afresh from this checkpoint's weights with MODEL.WEIGHTS and without --resume."
+                f"(e.g. {(missing + unexpected + shapes)[:3]}). Resume with the config the run was trained with "
+                "(MODEL_EMA included), or start from this checkpoint's weights with MODEL.WEIGHTS and without --resume."
             )
         self.ema.module.load_state_dict(state)
+        self.loaded = True
+
+
+class WeightEMAHook(HookBase):
+    """Updates `weights` after every optimizer step of the trainer."""
+
+    def __init__(self, weights: EMAWeights):
+        self.weights = weights
+
+    def after_step(self):
+        self.weights.update(self.trainer.model, step=self.trainer.iter + 1)
+
+
+def build_ema(cfg, model: torch.nn.Module) -> Optional[EMAWeights]:
+    """The EMA of `model`'s weights MODEL_EMA describes, or None when it is off."""
+    e = cfg.MODEL_EMA
+    if not e.ENABLED:
+        return None
+    return EMAWeights(model, decay=e.DECAY, warmup=e.WARMUP, warmup_power=e.WARMUP_POWER)

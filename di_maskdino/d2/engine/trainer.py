@@ -34,10 +34,11 @@ from ..data.datasets import check_dataset_classes, check_images_exist, check_reg
 from ..data.samplers import ResumableTrainingSampler, SeededMapDataset
 from ..evaluation import build_instance_evaluator, build_segmentation_evaluators
 from ..solver import build_optimizer
+from .ema import WeightEMAHook, build_ema
 from .hooks import ResumeState
 from .train_step import TrainStep
 
-__all__ = ["Trainer", "build_periodic_checkpointer", "weights_load_mode", "evaluation_precision"]
+__all__ = ["Trainer", "build_periodic_checkpointer", "weights_load_mode", "evaluation_precision", "micro_batch_size"]
 
 logger = logging.getLogger("di_maskdino")
 
@@ -66,6 +67,19 @@ def build_periodic_checkpointer(cfg, checkpointer) -> PeriodicCheckpointer:
     return PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=keep or None)
 
 
+def micro_batch_size(cfg, world: int) -> int:
+    """Images per process and micro-batch: SOLVER.IMS_PER_BATCH / (world x
+    SOLVER.ACCUMULATION_STEPS), which must divide evenly."""
+    steps = cfg.SOLVER.ACCUMULATION_STEPS
+    if cfg.SOLVER.IMS_PER_BATCH % (world * steps):
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by {world} processes x "
+            f"SOLVER.ACCUMULATION_STEPS ({steps}): each process takes micro-batches of IMS_PER_BATCH / "
+            "(processes x ACCUMULATION_STEPS) images"
+        )
+    return cfg.SOLVER.IMS_PER_BATCH // (world * steps)
+
+
 def data_seed(cfg) -> int:
     """The seed of the data order and augmentation: SEED, or one drawn and shared by all
     processes when SEED < 0 (it is stored in the checkpoints, so resume continues it)."""
@@ -92,9 +106,18 @@ class Trainer(DefaultTrainer):
         data_loader = self.build_train_loader(cfg)
         on_cpu = next(model.parameters()).device.type == "cpu"
         model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
-        self._trainer = TrainStep(model, data_loader, optimizer, amp=cfg.SOLVER.AMP.ENABLED)
+        self._trainer = TrainStep(
+            model,
+            data_loader,
+            optimizer,
+            amp=cfg.SOLVER.AMP.ENABLED,
+            accumulation_steps=cfg.SOLVER.ACCUMULATION_STEPS,
+        )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = Checkpointer(model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+        self.ema = build_ema(cfg, model)
+        if self.ema is not None:
+            self.checkpointer.add_checkpointable("model_ema", self.ema)
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
@@ -106,10 +129,11 @@ class Trainer(DefaultTrainer):
         return self._trainer.data_loader.resumable_sampler
 
     def build_hooks(self):
-        """DefaultTrainer's hooks, with `ResumeState` (on every process: it gathers the RNG
-        states) and this project's periodic checkpointer (on the main process) in place of
-        detectron2's, before the evaluation hook."""
-        result = []
+        """DefaultTrainer's hooks, with the EMA update first (MODEL_EMA), `ResumeState` (on
+        every process: it gathers the RNG states) and this project's periodic checkpointer (on
+        the main process) in place of detectron2's before the evaluation hook, which evaluates
+        the EMA weights when MODEL_EMA.USE_FOR_EVALUATION."""
+        result = [] if self.ema is None else [WeightEMAHook(self.ema)]
         for hook in super().build_hooks():
             if isinstance(hook, hooks.PeriodicCheckpointer):
                 continue  # replaced below (only the main process has one)
@@ -117,16 +141,28 @@ class Trainer(DefaultTrainer):
                 result.append(self.resume_state)
                 if comm.is_main_process():
                     result.append(build_periodic_checkpointer(self.cfg, self.checkpointer))
+                if self.ema is not None and self.cfg.MODEL_EMA.USE_FOR_EVALUATION:
+                    hook = hooks.EvalHook(self.cfg.TEST.EVAL_PERIOD, self.test_ema_weights)
             result.append(hook)
         return result
+
+    def test_ema_weights(self):
+        """The evaluation of the EMA weights (as DefaultTrainer's evaluation hook does for the
+        trained ones)."""
+        self._last_eval_results = self.test(self.cfg, self.ema.module)
+        return self._last_eval_results
 
     def resume_or_load(self, resume=True):
         resuming = resume and self.checkpointer.has_checkpoint()
         self.checkpointer.mode = weights_load_mode(self.cfg, resuming)
         self.checkpointer.what = "the last checkpoint" if resuming else "MODEL.WEIGHTS"
         super().resume_or_load(resume=resume)
+        if self.ema is not None and self.start_iter > 0 and not self.ema.loaded:
+            logger.warning("the checkpoint holds no EMA weights: the EMA (MODEL_EMA) restarts from its weights")
+            self.ema.restart_from(self._trainer.model)
         if resuming:
-            self.sampler.start_batch = self.start_iter  # one batch per process per iteration
+            # one micro-batch per process per accumulation step of every iteration
+            self.sampler.start_batch = self.start_iter * self.cfg.SOLVER.ACCUMULATION_STEPS
             if not self.resume_state.restored:
                 logger.warning(
                     "the checkpoint holds no data order or RNG states (written by an older version): training "
@@ -156,15 +192,12 @@ class Trainer(DefaultTrainer):
         dicts = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS)
         check_images_exist(dicts, ", ".join(cfg.DATASETS.TRAIN))
         world = comm.get_world_size()
-        if cfg.SOLVER.IMS_PER_BATCH % world:
-            raise ValueError(
-                f"SOLVER.IMS_PER_BATCH ({cfg.SOLVER.IMS_PER_BATCH}) must be divisible by {world} processes"
-            )
+        micro_batch = micro_batch_size(cfg, world)
         grouping = cfg.DATALOADER.ASPECT_RATIO_GROUPING and all("width" in d and "height" in d for d in dicts)
         seed = data_seed(cfg)
         sampler = ResumableTrainingSampler(
             len(dicts),
-            cfg.SOLVER.IMS_PER_BATCH // world,
+            micro_batch,
             seed,
             aspect_ratios=[d["width"] > d["height"] for d in dicts] if grouping else None,
         )
@@ -172,7 +205,7 @@ class Trainer(DefaultTrainer):
         loader = build_batch_data_loader(
             dataset,
             sampler,
-            cfg.SOLVER.IMS_PER_BATCH,
+            micro_batch * world,  # the micro-batch of all processes
             aspect_ratio_grouping=False,  # done by the sampler
             num_workers=cfg.DATALOADER.NUM_WORKERS,
             seed=seed,  # the workers' base seed comes from this, not from the training RNG

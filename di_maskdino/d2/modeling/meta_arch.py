@@ -119,13 +119,14 @@ class DIMaskDINOArch(DIMaskDINO):
         # predictions (and the masks) live in the padded frame; the two agree when every image of
         # the batch has the padded size (LSJ's fixed crops) and differ by 0.5-2% otherwise
         # (resize mappers). Normalising by the padded size keeps targets and predictions in one
-        # frame; we keep it on purpose (docs/design.md, "Departures from the release").
+        # frame, on purpose (docs/design.md, "Departures from the paper").
         height, width = padded_size
-        scale = torch.tensor([width, height, width, height], dtype=torch.float32, device=self.device)
+        dtype = self.pixel_mean.dtype  # float32, or the model's (float64) dtype
+        scale = torch.tensor([width, height, width, height], dtype=dtype, device=self.device)
         targets = []
         for item in batched_inputs:
             instances = item["instances"].to(self.device)
-            boxes = box_convert(instances.gt_boxes.tensor, "xyxy", "cxcywh") / scale
+            boxes = box_convert(instances.gt_boxes.tensor.to(dtype), "xyxy", "cxcywh") / scale
             target = {"labels": instances.gt_classes, "boxes": boxes}
             if self.predicts_masks:
                 masks = instances.gt_masks.tensor if hasattr(instances, "gt_masks") else None
@@ -136,17 +137,19 @@ class DIMaskDINOArch(DIMaskDINO):
                     )
                 padded = masks.new_zeros((masks.shape[0], height, width))
                 padded[:, : masks.shape[1], : masks.shape[2]] = masks
-                target["masks"] = padded.float()
+                target["masks"] = padded.to(dtype)
             if instances.has("gt_is_thing"):  # panoptic / semantic targets: things and stuff
                 target["is_thing"] = instances.gt_is_thing
             targets.append(target)
         return targets
 
-    def forward(self, batched_inputs: List[Dict]):
+    def forward(self, batched_inputs: List[Dict], num_objects: Optional[float] = None):
+        """Training: the losses (`num_objects`: the criterion's normaliser when it spans more
+        than this batch, see `SetCriterion.forward`); inference: detectron2's results."""
         batch, sizes = self.preprocess([x["image"] for x in batched_inputs])
         if self.training:
             targets = self.targets(batched_inputs, batch.shape[-2:])
-            return self.losses(self.run(batch, targets=targets), targets)
+            return self.losses(self.run(batch, targets=targets), targets, num_objects)
         with self.inference_context(batch.shape):
             return self.inference(batched_inputs, batch, sizes)
 
@@ -169,15 +172,15 @@ class DIMaskDINOArch(DIMaskDINO):
             result["instances"] = detections_to_instances(found, size)
         return results
 
-    def losses(self, output, targets) -> Dict[str, torch.Tensor]:
+    def losses(self, output, targets, num_objects: Optional[float] = None) -> Dict[str, torch.Tensor]:
         """The detector's losses if any of its parameters trains, the box mask head's if any
         of its parameters trains."""
-        losses = self.criterion(output, targets) if self.detector_trains else {}
+        losses = self.criterion(output, targets, num_objects) if self.detector_trains else {}
         head = self.box_mask_head
         if head is not None and self.box_mask_criterion is not None and any(p.requires_grad for p in head.parameters()):
             matches = self.box_mask_criterion.match(output.final, targets)
             masks = self.box_masks(output, matches.image, matches.query)
-            losses.update(self.box_mask_criterion(masks, targets, matches))
+            losses.update(self.box_mask_criterion(masks, targets, matches, num_objects))
         if not losses:
             raise ValueError("no parameter trains: MODEL.FREEZE freezes the whole model")
         return losses

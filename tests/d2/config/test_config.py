@@ -20,9 +20,11 @@ from di_maskdino.d2 import (  # noqa: E402
 from di_maskdino.d2.config import objective_from_config  # noqa: E402
 from di_maskdino.d2.data import DIMaskDINODatasetMapper, PanopticDatasetMapper, SemanticDatasetMapper  # noqa: E402
 from di_maskdino.d2.data.datasets import register_config_datasets  # noqa: E402
+from di_maskdino.d2.engine.ema import build_ema  # noqa: E402
 from di_maskdino.d2.engine.trainer import (  # noqa: E402
     build_periodic_checkpointer,
     evaluation_precision,
+    micro_batch_size,
     weights_load_mode,
 )
 from tests.tooling import ROOT  # noqa: E402
@@ -79,6 +81,11 @@ def test_every_declared_key_is_read():
     build_periodic_checkpointer(view, Checkpointer(model))
     evaluation_precision(view)
     register_config_datasets(view.DATASETS.COCO_FORMAT)
+    micro_batch_size(view, 1)
+    ema_cfg = cfg.clone()
+    ema_cfg.MODEL_EMA.ENABLED = True  # the EMA's settings are read when it is on
+    build_ema(tracked(ema_cfg, reads), torch.nn.Linear(1, 1))
+    Checkpointer.for_evaluation(model, tracked(ema_cfg, reads))
     head_cfg = cfg.clone()
     head_cfg.MODEL.DI_MASKDINO.BOX_MASK_HEAD.ENABLED = True  # the head's losses are read when it is on
     objective_from_config(tracked(head_cfg, reads))
