@@ -90,20 +90,22 @@ def make_batch(sizes, num_classes: int, seed: int):
 
 
 class _Recorder:
-    """Wraps a matcher's forward and records every assignment it returns."""
+    """Wraps a matcher's method (`forward`: one output's assignment; `match_all`: several
+    outputs' at once) and records every assignment of an output it returns."""
 
-    def __init__(self, matcher):
-        self.matcher, self.forward, self.calls = matcher, matcher.forward, []
+    def __init__(self, matcher, method: str = "forward"):
+        self.matcher, self.method, self.original, self.calls = matcher, method, getattr(matcher, method), []
 
         def record(*args, **kwargs):
-            indices = self.forward(*args, **kwargs)
-            self.calls.append(tuple(tuple(sorted(zip(r.tolist(), c.tolist()))) for r, c in indices))
-            return indices
+            result = self.original(*args, **kwargs)
+            for indices in [result] if method == "forward" else result:
+                self.calls.append(tuple(tuple(sorted(zip(r.tolist(), c.tolist()))) for r, c in indices))
+            return result
 
-        matcher.forward = record
+        setattr(matcher, method, record)
 
     def restore(self):
-        self.matcher.forward = self.forward
+        setattr(self.matcher, self.method, self.original)
 
 
 def release_losses(release, batch) -> Tuple[Dict[str, torch.Tensor], List]:
@@ -133,7 +135,7 @@ def our_losses(ours, criterion, batch) -> Tuple[Dict[str, torch.Tensor], List]:
         padded = torch.zeros(masks.shape[0], height, width)
         padded[:, : masks.shape[1], : masks.shape[2]] = masks.float()
         targets.append({"labels": classes, "boxes": box_convert(boxes, "xyxy", "cxcywh") / scale, "masks": padded})
-    recorder = _Recorder(criterion.matcher)
+    recorder = _Recorder(criterion.matcher, "match_all")
     try:
         losses = criterion(ours.run(images, targets=targets), targets)
     finally:

@@ -11,6 +11,11 @@ place where this project quiets anything a dependency prints.
   about running a model. `import_build_helper_quietly` imports it with its logger at ERROR
   for the import only; any later message of the helper prints.
 
+- DistributedDataParallel with `find_unused_parameters` (which the trainer sets for CPU
+  processes, to keep the gradient buckets' layout and resume exactly) warns at the first
+  backward that no parameter was unused and that the flag costs a walk of the autograd
+  graph: expected, and quieted by `quiet_unused_parameter_hint` in those processes only.
+
 Every other warning and log message shows as its source writes it.
 """
 
@@ -20,7 +25,7 @@ import sys
 import warnings
 from types import ModuleType
 
-__all__ = ["import_quietly", "import_build_helper_quietly"]
+__all__ = ["import_quietly", "import_build_helper_quietly", "quiet_unused_parameter_hint"]
 
 JIT_SCRIPT_DEPRECATION = r".*`torch\.jit\.script` is deprecated.*"
 
@@ -46,3 +51,9 @@ def import_build_helper_quietly() -> None:
         importlib.import_module("torch.utils.cpp_extension")
     finally:
         helper.setLevel(level)
+
+
+def quiet_unused_parameter_hint() -> None:
+    """Ignores DDP's hint that find_unused_parameters found no unused parameter (in this
+    process, which chose the flag on purpose)."""
+    warnings.filterwarnings("ignore", message=r"find_unused_parameters=True was specified in DDP constructor")

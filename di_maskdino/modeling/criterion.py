@@ -52,12 +52,14 @@ DETECTION_TERMS = ("loss_ce", "loss_bbox", "loss_giou")
 
 
 def _num_objects(targets: List[Dict[str, torch.Tensor]], device: torch.device) -> float:
-    count = torch.tensor([float(sum(t["labels"].numel() for t in targets))], device=device)
-    world = 1
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(count)
-        world = torch.distributed.get_world_size()
-    return max(count.item() / world, 1.0)
+    """The target objects of the batch, averaged over the processes (at least 1); one
+    process counts them on the host."""
+    count = float(sum(t["labels"].numel() for t in targets))
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return max(count, 1.0)
+    total = torch.tensor([count], device=device)
+    torch.distributed.all_reduce(total)
+    return max(total.item() / torch.distributed.get_world_size(), 1.0)
 
 
 class SetCriterion(nn.Module):
@@ -156,15 +158,17 @@ class SetCriterion(nn.Module):
     @staticmethod
     def point_labels(targets, indices: Indices, points: torch.Tensor) -> torch.Tensor:
         """(n, P) target masks of the matches sampled at their (n, P, 2) points; each target
-        mask is sampled once for all its matches (the denoising groups repeat every target)."""
+        mask is sampled once for all its matches (the denoising groups repeat every target).
+        The matches are grouped on the host, where the indices are (no synchronisation)."""
         labels = points.new_empty(points.shape[:2])
         offset = 0
         for target, (_, tgt) in zip(targets, indices):
             masks = target["masks"]
-            rows = torch.arange(offset, offset + len(tgt), device=points.device)
-            tgt = tgt.to(points.device)
-            for index in tgt.unique().tolist():
-                chosen = rows[tgt == index]
+            rows_of: Dict[int, List[int]] = {}
+            for row, index in enumerate(tgt.tolist(), start=offset):
+                rows_of.setdefault(index, []).append(row)
+            for index in sorted(rows_of):
+                chosen = torch.tensor(rows_of[index], device=points.device)
                 mask = masks[index][None, None].to(device=points.device, dtype=points.dtype)
                 labels[chosen] = point_sample(mask, points[chosen].reshape(1, -1, 2)).view(len(chosen), -1)
             offset += len(tgt)
@@ -254,8 +258,9 @@ class SetCriterion(nn.Module):
             named += [(f"_ti{s}_{i}", f"token-interaction layer {i} of DI stage {s}", p) for i, p in enumerate(stage)]
 
         raw: Dict[str, torch.Tensor] = {}
-        for suffix, description, prediction in named:
-            indices = self.matcher(prediction, targets, name=description)
+        # every output matched at once: their costs come to the host in one copy
+        matches = self.matcher.match_all([(prediction, description) for _, description, prediction in named], targets)
+        for (suffix, _, prediction), indices in zip(named, matches):
             for key, value in self.losses(prediction, targets, indices, num_objects).items():
                 raw[key + suffix] = value
 

@@ -19,8 +19,9 @@ computed `chunk_size` predictions at a time, so that their (N, P) temporaries st
 Shape glossary: N predictions, M targets of one image, K classes, P points.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -170,23 +171,45 @@ class HungarianMatcher(nn.Module):
             name: names the output in error messages (e.g. "decoder layer 3").
 
         Returns:
-            per image (prediction indices, target indices), int64, of equal length min(N, M).
+            per image (prediction indices, target indices), int64 on the host, of equal
+            length min(N, M).
         """
-        indices = []
-        device_type = prediction.logits.device.type
+        return self.match_all([(prediction, name)], targets)[0]
+
+    @torch.no_grad()
+    def match_all(
+        self, predictions: Sequence[Tuple[Predictions, Optional[str]]], targets: List[Dict[str, torch.Tensor]]
+    ) -> List[Indices]:
+        """`forward` for several outputs (with their names) at once: every cost matrix of every
+        output and image is computed on the device, then all come to the host in one copy
+        (one synchronisation on a GPU, instead of one per output and image) for the
+        assignment."""
+        costs = []
+        device_type = predictions[0][0].logits.device.type if predictions else "cpu"
         with torch.autocast(device_type=device_type, enabled=False):
+            for prediction, _ in predictions:
+                for image, target in enumerate(targets):
+                    if target["labels"].numel():
+                        costs.append(self.cost_matrix(prediction, image, target))
+        host = torch.cat([c.flatten().double() for c in costs]).cpu().split([c.numel() for c in costs]) if costs else []
+        shapes = iter([(c.shape, h) for c, h in zip(costs, host)])
+        results = []
+        for _, name in predictions:
+            indices = []
             for image, target in enumerate(targets):
                 if target["labels"].numel() == 0:
                     empty = torch.zeros(0, dtype=torch.int64)
                     indices.append((empty, empty))
                     continue
-                cost = self.cost_matrix(prediction, image, target).cpu()
-                if not torch.isfinite(cost).all():
+                shape, values = next(shapes)
+                cost = values.view(shape).numpy()
+                if not np.isfinite(cost).all():
                     raise FloatingPointError(
                         f"HungarianMatcher: the matching cost of {name or 'an output'} is not finite for image {image} "
-                        f"({int((~torch.isfinite(cost)).sum())} of {cost.numel()} entries); the predictions or targets "
+                        f"({int((~np.isfinite(cost)).sum())} of {cost.size} entries); the predictions or targets "
                         "hold NaN/inf or degenerate boxes"
                     )
-                rows, cols = linear_sum_assignment(cost.numpy())
+                rows, cols = linear_sum_assignment(cost)
                 indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+            results.append(indices)
+        return results

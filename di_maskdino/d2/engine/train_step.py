@@ -11,12 +11,16 @@ The step is detectron2's - next batch, forward, backward, metrics, optimizer ste
   for one batch), so that their sum is the loss of the k-times larger batch and the
   accumulated gradient is its gradient; DistributedDataParallel synchronises the gradients
   on the last micro-batch only;
-- a check of the loss terms before backward: every process reports its non-finite terms and
-  all stop with one message naming the iteration, the terms and the likely causes (so that
-  no process waits for another, and the last checkpoint stays the one before the step).
+- a check of the loss terms before the optimizer step: every process reports its non-finite
+  terms and all stop with one message naming the iteration, the terms and the likely causes
+  (so that no process waits for another, and the last checkpoint stays the one before the
+  step). The terms come to the host in one copy, for the check and for detectron2's metric
+  logging: one synchronisation with a GPU per step, where a term-by-term check and log would
+  make two per term.
 """
 
 import contextlib
+import math
 import time
 from typing import Dict, List
 
@@ -88,13 +92,16 @@ class TrainStep(SimpleTrainer):
             last = index == len(micro_batches) - 1
             with self._synchronised(last):
                 loss_dict = self._forward(data, normaliser)
-                self.check_finite(loss_dict)
                 losses = sum(loss_dict.values())
                 (losses if self.grad_scaler is None else self.grad_scaler.scale(losses)).backward()
             for key, value in loss_dict.items():
                 total[key] = total[key] + value.detach() if key in total else value.detach()
         self.after_backward()
-        SimpleTrainer.write_metrics(total, data_time, self.iter)
+        # every loss term to the host in one copy (one synchronisation on a GPU): checked, then
+        # logged by detectron2 from the host values
+        host = dict(zip(total, torch.stack(list(total.values())).float().cpu().unbind()))
+        self.check_finite(host)
+        SimpleTrainer.write_metrics(host, data_time, self.iter)
         if self.grad_scaler is None:
             self.optimizer.step()
         else:
@@ -122,8 +129,9 @@ class TrainStep(SimpleTrainer):
         return torch.autocast(self.device_type, dtype=self.precision)
 
     def check_finite(self, loss_dict: Dict[str, torch.Tensor]) -> None:
-        """Raises NonFiniteLossError on every process when any process has a non-finite term."""
-        bad = sorted(k for k, v in loss_dict.items() if not torch.isfinite(v.detach()).all())
+        """Raises NonFiniteLossError on every process when any process has a non-finite term
+        (`loss_dict`: the terms on the host)."""
+        bad = sorted(k for k, v in loss_dict.items() if not math.isfinite(float(v)))
         everyone = comm.all_gather(bad) if comm.get_world_size() > 1 else [bad]
         if any(everyone):
             raise NonFiniteLossError(self._message(everyone, len(loss_dict)))

@@ -27,6 +27,7 @@ from detectron2.data.build import build_batch_data_loader, build_detection_test_
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.utils.logger import setup_logger
 
+from ...dependencies import quiet_unused_parameter_hint
 from ...rng import preserved_rng
 from ..checkpointer import Checkpointer, PeriodicCheckpointer
 from ..data import build_mapper, is_segmentation_recipe
@@ -67,6 +68,26 @@ def build_periodic_checkpointer(cfg, checkpointer) -> PeriodicCheckpointer:
     return PeriodicCheckpointer(checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, max_to_keep=keep or None)
 
 
+def cpu_ddp_arguments(model) -> Dict:
+    """DistributedDataParallel's arguments for a model on the CPU (gloo processes): no
+    device ids, and `find_unused_parameters`, which keeps DDP's gradient buckets as they were
+    first laid out.
+
+    NOTE: DDP lays its buckets out again after the first iteration of a process, by the order
+    in which the gradients became ready. With more than two processes a resumed run (whose
+    first iteration uses the first layout again) then differs from the uninterrupted one in
+    the last bits (tests/tools/test_multi_machine.py: 4 processes). With
+    `find_unused_parameters` DDP keeps the first layout and a resumed run equals the
+    uninterrupted one with any number of processes, at the cost of a walk of the autograd
+    graph per iteration; torch's hint that no parameter was unused is expected and quieted
+    (`dependencies.quiet_unused_parameter_hint`). GPU runs keep detectron2's default: their
+    reductions and some of their kernels are not bit-reproducible anyway."""
+    if next(model.parameters()).device.type != "cpu":
+        return {}
+    quiet_unused_parameter_hint()
+    return {"device_ids": None, "find_unused_parameters": True}
+
+
 def micro_batch_size(cfg, world: int) -> int:
     """Images per process and micro-batch: SOLVER.IMS_PER_BATCH / (world x
     SOLVER.ACCUMULATION_STEPS), which must divide evenly."""
@@ -104,8 +125,7 @@ class Trainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
-        on_cpu = next(model.parameters()).device.type == "cpu"
-        model = create_ddp_model(model, broadcast_buffers=False, **({"device_ids": None} if on_cpu else {}))
+        model = create_ddp_model(model, broadcast_buffers=False, **cpu_ddp_arguments(model))
         self._trainer = TrainStep(
             model,
             data_loader,

@@ -119,12 +119,12 @@ TINY = [
 ]
 
 
-def train(output, data_root, extra=(), resume=False, kill_after_checkpoint=False):
+def train(output, data_root, extra=(), resume=False, kill_after_checkpoint=False, overrides=()):
     """tools/train_net.py on the tiny setting; with `kill_after_checkpoint` the process group
     is killed as soon as a checkpoint is tagged (mid-run, as an interruption would)."""
     command = [sys.executable, os.path.join(ROOT, "tools", "train_net.py"), "--config-file", QUICK]
     command += ["--resume"] if resume else []
-    command += list(extra) + TINY + ["OUTPUT_DIR", str(output)]
+    command += list(extra) + TINY + list(overrides) + ["OUTPUT_DIR", str(output)]
     env = dict(os.environ, DETECTRON2_DATASETS=str(data_root))
     output.mkdir(parents=True, exist_ok=True)
     log = output.parent / f"{output.name}.{'resumed' if resume else 'first'}.out"
@@ -146,8 +146,8 @@ def train(output, data_root, extra=(), resume=False, kill_after_checkpoint=False
     return text
 
 
-def final_weights(output):
-    return torch.load(output / "model_final.pth", map_location="cpu", weights_only=True)["model"]
+def final_weights(output, entry="model"):
+    return torch.load(output / "model_final.pth", map_location="cpu", weights_only=True)[entry]
 
 
 def assert_bit_equal(a, b):
@@ -156,16 +156,30 @@ def assert_bit_equal(a, b):
     assert not different, f"{len(different)} tensors differ, e.g. {different[:5]}"
 
 
+EMA = ["MODEL_EMA.ENABLED", "True", "MODEL_EMA.DECAY", "0.9"]
+ACCUMULATION = ["SOLVER.ACCUMULATION_STEPS", "2", "SOLVER.IMS_PER_BATCH", "4"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2])
-def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data_root, tmp_path, processes):
+@pytest.mark.parametrize(
+    "processes,settings",
+    [(1, []), (2, []), (1, EMA), (2, EMA + ACCUMULATION)],
+    ids=["1", "2", "1-ema", "2-ema-accumulation"],
+)
+def test_interrupted_and_resumed_run_equals_the_uninterrupted_one(data_root, tmp_path, processes, settings):
     """6 iterations, against 3 (killed after the checkpoint of iteration 2) + resumed; data
-    workers 2; one process, then two CPU processes."""
+    workers 2; one process, then two CPU processes; with the EMA of the weights (its average
+    too), and with gradient accumulation."""
     extra = ["--num-gpus", str(processes)]
-    train(tmp_path / "whole", data_root, extra)
+    train(tmp_path / "whole", data_root, extra, overrides=settings)
     interrupted = tmp_path / "interrupted"
-    train(interrupted, data_root, extra, kill_after_checkpoint=True)
+    train(interrupted, data_root, extra, kill_after_checkpoint=True, overrides=settings)
     assert (interrupted / "last_checkpoint").read_text() == "model_0000002.pth"
-    log = train(interrupted, data_root, extra, resume=True)
+    log = train(interrupted, data_root, extra, resume=True, overrides=settings)
     assert "Starting training from iteration 3" in log
     assert_bit_equal(final_weights(tmp_path / "whole"), final_weights(interrupted))
+    if "MODEL_EMA.ENABLED" not in settings:
+        return
+    ema = final_weights(interrupted, "model_ema")
+    assert_bit_equal(final_weights(tmp_path / "whole", "model_ema"), ema)
+    assert any(not torch.equal(ema[k], v) for k, v in final_weights(interrupted).items())  # an average
