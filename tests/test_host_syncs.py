@@ -86,3 +86,16 @@ def test_nested_code_is_attributed_to_its_own_line():
             helper(device)
     ((place, count),) = syncs.by_place().items()
     assert count == 3 and place.endswith(f":{inspect.getsourcelines(helper)[1] + 1} (item)")
+
+
+def test_moves_are_seen_when_a_harness_replaced_the_tensor_methods(monkeypatch):
+    """dev/benchmark_training.py runs CUDA-only code on the CPU by replacing `Tensor.cuda` and
+    `Tensor.to`; a move made through the replacements still makes a device tensor."""
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: to(self, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: to(self, torch.device("cpu")))
+    with SyncCounter() as syncs:
+        torch.ones(2).cuda().sum().item()
+        torch.ones(2).to(torch.device("cpu")).sum().item()
+        torch.ones(2).sum().item()  # a host tensor: free
+    assert syncs.total == 2

@@ -106,3 +106,21 @@ def test_training_refuses_a_dataset_with_more_categories_before_the_first_step(t
     cfg = load_config(QUICK, ["DATASETS.TRAIN", f"('{name}',)", "DATASETS.TEST", "()"])
     with pytest.raises(DatasetError, match="has 4 categories"):
         Trainer.build_train_loader(cfg)
+
+
+def test_a_name_maskdino_registered_first_is_kept():
+    """MaskDINO's and Mask2Former's code register "coco_2017_*_panoptic_with_sem_seg" for the
+    same files; importing di_maskdino.d2 after them keeps theirs instead of failing."""
+    import subprocess
+    import sys
+
+    program = (
+        "from detectron2.data import DatasetCatalog\n"
+        "DatasetCatalog.register('coco_2017_train_panoptic_with_sem_seg', lambda: ['theirs'])\n"
+        "import di_maskdino.d2\n"
+        "print(DatasetCatalog.get('coco_2017_train_panoptic_with_sem_seg'), "
+        "'coco_2017_val_panoptic_with_sem_seg' in DatasetCatalog.list())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["['theirs']", "True"]

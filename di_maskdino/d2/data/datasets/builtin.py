@@ -71,8 +71,12 @@ def _register_bdd100k(root: str) -> None:
 
 
 def _register_coco_panoptic_with_semantic_maps(root: str) -> None:
+    """MaskDINO's and Mask2Former's code registers the same names for the same files: in a
+    program that imported one of them first, its registration is kept."""
     coco = os.path.join(root, "coco")
     for split in ("train", "val"):
+        if f"coco_2017_{split}_panoptic_with_sem_seg" in DatasetCatalog.list():
+            continue
         register_coco_panoptic_checked(
             f"coco_2017_{split}_panoptic_with_sem_seg",
             image_root=os.path.join(coco, f"{split}2017"),
