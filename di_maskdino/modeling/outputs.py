@@ -5,7 +5,7 @@ Shape glossary: B batch, N queries, K classes, D mask dim, h x w mask-feature re
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -121,6 +121,15 @@ class DIMaskDINOOutput:
     @property
     def final(self) -> Predictions:
         return self.layers[-1]
+
+    def named(self) -> List[Tuple[str, Predictions]]:
+        """Every supervised output with its name: "layer 0" (the initial prediction),
+        "layer 1", ... (the decoder layers), then "TI s.i" (stage s, token-interaction layer
+        i of the DI module)."""
+        named = [(f"layer {i}", p) for i, p in enumerate(self.layers)]
+        for s, stage in enumerate(self.token_interaction):
+            named += [(f"TI {s}.{i}", p) for i, p in enumerate(stage)]
+        return named
 
 
 @dataclass

@@ -3,7 +3,7 @@ and semantic outputs (`segmentation.py`), and every supervised output at once, t
 per-layer view of the imbalance (`per_layer.py`)."""
 
 from .instance import DetectorMasksEvaluator, InstanceEvaluator, build_instance_evaluator
-from .per_layer import evaluate_every_layer, evaluate_every_layer_segmentation, evaluate_outputs, named_outputs
+from .per_layer import evaluate_every_layer, evaluate_every_layer_segmentation, evaluate_outputs
 from .segmentation import PanopticEvaluator, build_segmentation_evaluators, pq_backend
 
 __all__ = [
@@ -16,5 +16,4 @@ __all__ = [
     "evaluate_outputs",
     "evaluate_every_layer",
     "evaluate_every_layer_segmentation",
-    "named_outputs",
 ]

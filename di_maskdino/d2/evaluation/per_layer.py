@@ -6,24 +6,15 @@ question is asked of PQ and mIoU (`evaluate_every_layer_segmentation`).
 """
 
 from collections import OrderedDict
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 from detectron2.evaluation import COCOEvaluator, SemSegEvaluator
 
-from ...modeling.outputs import DIMaskDINOOutput, Predictions
 from ..modeling.results import segmentation_results
 from .segmentation import PanopticEvaluator
 
-__all__ = ["evaluate_every_layer", "evaluate_every_layer_segmentation", "evaluate_outputs", "named_outputs"]
-
-
-def named_outputs(output: DIMaskDINOOutput) -> List[Tuple[str, Predictions]]:
-    """("layer 0", initial prediction), ("layer 1", ...), ..., ("TI s.i", token interaction)."""
-    named = [(f"layer {i}", p) for i, p in enumerate(output.layers)]
-    for s, stage in enumerate(output.token_interaction):
-        named += [(f"TI {s}.{i}", p) for i, p in enumerate(stage)]
-    return named
+__all__ = ["evaluate_every_layer", "evaluate_every_layer_segmentation", "evaluate_outputs"]
 
 
 @torch.no_grad()
@@ -41,7 +32,7 @@ def evaluate_outputs(model, data_loader, make_evaluators, results) -> "OrderedDi
             with model.inference_context(batch.shape):
                 output = model.run(batch, all_layer_masks=True)
             padded = tuple(batch.shape[-2:])
-            for name, prediction in named_outputs(output):
+            for name, prediction in output.named():
                 if name not in evaluators:
                     evaluators[name] = make_evaluators(prediction)
                     for evaluator in evaluators[name]:
