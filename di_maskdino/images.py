@@ -4,12 +4,16 @@
 16-bit images, EXIF orientation. Unreadable files raise an error naming the file.
 """
 
-from typing import Tuple
+import glob
+import os
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageReadError", "read_image_rgb", "shortest_edge_size", "resize_image"]
+__all__ = ["ImageReadError", "read_image_rgb", "shortest_edge_size", "resize_image", "image_paths", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class ImageReadError(ValueError):
@@ -59,3 +63,25 @@ def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
         return image
     resized = Image.fromarray(np.ascontiguousarray(image)).resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(resized)
+
+
+def image_paths(patterns: Sequence[str]) -> List[str]:
+    """Files, folders (their images, sorted) and glob patterns -> paths, each once; a folder
+    or pattern without images raises ValueError naming it."""
+    paths: List[str] = []
+    for pattern in patterns:
+        if os.path.isdir(pattern):
+            found = sorted(
+                os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS)
+            )
+            if not found:
+                raise ValueError(f"{pattern}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif os.path.isfile(pattern):
+            paths.append(pattern)
+        else:
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise ValueError(f"{pattern}: no such file, folder or matching image")
+            paths += matches
+    return list(dict.fromkeys(paths))

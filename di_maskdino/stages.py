@@ -37,6 +37,7 @@ from .predictor import Predictor
 
 __all__ = [
     "Stage",
+    "GroundTruth",
     "GroundTruthMatch",
     "stage_predictor",
     "ordered_stages",
@@ -95,6 +96,16 @@ def box_mask_iou(detections: Detections) -> Optional[torch.Tensor]:
     if boxes.shape[0] == 0:
         return boxes.new_zeros((0,))
     return box_iou(boxes, mask_boxes(detections.masks).to(boxes.device)).diagonal()
+
+
+@dataclass
+class GroundTruth:
+    """The objects of an image at its original size: boxes (m, 4) xyxy, classes (m,) the
+    model's class indices, masks (m, H, W) bool or None."""
+
+    boxes: torch.Tensor
+    classes: torch.Tensor
+    masks: Optional[torch.Tensor] = None
 
 
 @dataclass

@@ -9,6 +9,11 @@ token-interaction outputs, all in one evaluation pass.
 Writes OUTPUT/imbalance.json, OUTPUT/imbalance.md (a table) and OUTPUT/imbalance.png (box vs
 mask AP per layer). --dataset picks a dataset other than the config's first test set.
 
+--html also writes OUTPUT/imbalance.html, one self-contained file for papers and slides (no
+server, images embedded): the per-layer AP curves, the table, and the --examples images (of
+the dataset's first --example-pool) where the first decoder layer's masks beat its boxes by
+the most (mean over matched objects of mask IoU - box IoU), drawn at every stage.
+
 With panoptic or semantic inference on (MODEL.DI_MASKDINO.TEST.PANOPTIC_ON / SEMANTIC_ON, e.g.
 configs/coco/panoptic/dimaskdino_r50_50ep.yaml), every layer also gets PQ (things PQ_th,
 stuff PQ_st) and mIoU, and box / mask AP count things only: the paper's imbalance question
@@ -16,6 +21,9 @@ asked of panoptic segmentation.
 """
 
 import argparse
+import base64
+import html
+import io
 import json
 import os
 import sys
@@ -23,7 +31,7 @@ import sys
 import di_maskdino.d2  # noqa: F401 - first: detectron2 imported quietly (di_maskdino/dependencies.py)
 
 # isort: split
-from detectron2.data import build_detection_test_loader
+from detectron2.data import DatasetCatalog, build_detection_test_loader
 from detectron2.modeling import build_model
 
 from di_maskdino.cpu_inference import CPUInference
@@ -37,7 +45,10 @@ from di_maskdino.d2 import (
     use_available_device,
 )
 from di_maskdino.d2.engine import TOOL_DEFAULTS
-from di_maskdino.d2.evaluation import evaluate_every_layer, evaluate_every_layer_segmentation
+from di_maskdino.d2.evaluation import evaluate_every_layer, evaluate_every_layer_segmentation, largest_imbalance
+from di_maskdino.d2.modeling import class_names
+from di_maskdino.images import read_image_rgb
+from di_maskdino.stages import draw_detections, stage_predictor
 
 
 def markdown_table(table) -> str:
@@ -116,11 +127,93 @@ def bar_plot_segmentation(table, path: str) -> None:
     plt.close(figure)
 
 
+def png_data(image=None, figure=None) -> str:
+    """A data: URL of an RGB uint8 array or a matplotlib figure, as PNG."""
+    buffer = io.BytesIO()
+    if figure is not None:
+        figure.savefig(buffer, format="png", dpi=110)
+    else:
+        from PIL import Image
+
+        Image.fromarray(image).save(buffer, format="png")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def curve_figure(table):
+    """Box and mask AP (and PQ / mIoU where present) per decoder layer, as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [n for n in table if n.startswith("layer")]
+    figure, axis = plt.subplots(figsize=(max(4.5, 0.9 * len(layers)), 3.2))
+    for key, title in SEGMENTATION_COLUMNS:
+        if key in ("bbox", "segm", "PQ", "mIoU") and all(key in table[n] for n in layers):
+            axis.plot(range(len(layers)), [table[n][key] for n in layers], marker="o", label=title)
+    axis.set_xticks(range(len(layers)))
+    axis.set_xticklabels(layers)
+    axis.set_ylabel("AP / PQ / mIoU")
+    axis.set_title("Detection vs segmentation per decoder layer")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    return figure
+
+
+def html_report(table, text_table: str, examples, names, title: str, threshold: float) -> str:
+    """The self-contained HTML page (see the module's docstring)."""
+    import matplotlib.pyplot as plt
+
+    figure = curve_figure(table)
+    curve = png_data(figure=figure)
+    plt.close(figure)
+    rows = [line.strip("|").split("|") for line in text_table.strip().splitlines()]
+    header, body = rows[0], rows[2:]
+    cells = "".join(f"<th>{html.escape(c.strip())}</th>" for c in header)
+    lines = [f"<tr>{cells}</tr>"]
+    lines += ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in body]
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}"
+        "figure{display:inline-block;margin:4px;text-align:center}figcaption{font-size:small}</style>",
+        "</head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+        f'<img alt="AP per decoder layer" src="{curve}">',
+        "<table>" + "".join(lines) + "</table>",
+        "<h2>Images where the first decoder layer's masks beat its boxes by the most</h2>",
+        f"<p>Detections scoring at least {threshold:g}; objects matched one to one by box IoU within a class.</p>",
+    ]
+    if not examples:
+        parts.append("<p>No image with ground-truth masks and matched detections in the examined images.</p>")
+    for record, stages, value in examples:
+        image = read_image_rgb(record["file_name"])
+        name = html.escape(os.path.basename(record["file_name"]))
+        parts.append(f'<h3>{name}: mask IoU - box IoU at layer 1 = {value:.3f}</h3><div class="stages">')
+        for stage in stages:
+            drawing = draw_detections(image, stage.detections.filtered(threshold), class_names=names)
+            parts.append(
+                f'<figure><img alt="{html.escape(stage.name)}" src="{png_data(drawing)}" width="256">'
+                f"<figcaption>{html.escape(stage.name)}</figcaption></figure>"
+            )
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--dataset", help="dataset name (default: the config's first test set)")
+    parser.add_argument("--html", action="store_true", help="also write imbalance.html (plots and example images)")
+    parser.add_argument("--examples", type=int, default=4, help="example images in the HTML report")
+    parser.add_argument("--example-pool", type=int, default=50, help="images examined for the examples")
+    parser.add_argument(
+        "--example-threshold", type=float, default=0.3, help="score threshold of the detections matched and drawn"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, e.g. MODEL.WEIGHTS model.pth")
     args = parser.parse_args()
 
@@ -154,8 +247,26 @@ def main() -> int:
     with open(os.path.join(args.output, "imbalance.md"), "w") as handle:
         handle.write(text)
     (bar_plot_segmentation if segmentation else bar_plot)(table, os.path.join(args.output, "imbalance.png"))
+    written = "imbalance.json, imbalance.md and imbalance.png"
+    if args.html:
+        predictor = stage_predictor(
+            model,
+            model_format=cfg.INPUT.FORMAT,
+            min_size=cfg.INPUT.MIN_SIZE_TEST,
+            max_size=cfg.INPUT.MAX_SIZE_TEST,
+            max_detections=cfg.TEST.DETECTIONS_PER_IMAGE,
+        )
+        records = DatasetCatalog.get(dataset)[: args.example_pool]
+        examples = largest_imbalance(
+            lambda path: predictor([path])[0], records, args.examples, threshold=args.example_threshold
+        )
+        title = f"Per-layer imbalance on {dataset}"
+        page = html_report(table, text, examples, class_names(cfg), title, args.example_threshold)
+        with open(os.path.join(args.output, "imbalance.html"), "w") as handle:
+            handle.write(page)
+        written = "imbalance.json, imbalance.md, imbalance.png and imbalance.html"
     print(text)
-    print(f"wrote imbalance.json, imbalance.md and imbalance.png to {args.output}")
+    print(f"wrote {written} to {args.output}")
     return 0
 
 

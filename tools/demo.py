@@ -21,7 +21,6 @@ the exit status is then 1. Without CUDA the demo runs on the CPU and says so.
 """
 
 import argparse
-import glob
 import json
 import os
 import sys
@@ -52,35 +51,11 @@ from di_maskdino.d2 import (
 from di_maskdino.d2.engine import TOOL_DEFAULTS
 from di_maskdino.d2.modeling import labels_index_every_class
 from di_maskdino.d2.visualizer import draw_predictions
-from di_maskdino.images import ImageReadError, read_image_rgb
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+from di_maskdino.images import ImageReadError, image_paths, read_image_rgb
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
-
-
-def expand_inputs(patterns):
-    """Files, folders (their images, sorted) and glob patterns -> list of paths; a folder or
-    pattern without images is an error naming it."""
-    paths = []
-    for pattern in patterns:
-        if os.path.isdir(pattern):
-            found = sorted(
-                os.path.join(pattern, f) for f in os.listdir(pattern) if f.lower().endswith(IMAGE_EXTENSIONS)
-            )
-            if not found:
-                raise SystemExit(f"--input {pattern}: the folder holds no image ({', '.join(IMAGE_EXTENSIONS)})")
-            paths += found
-        elif os.path.isfile(pattern):
-            paths.append(pattern)
-        else:
-            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-            if not matches:
-                raise SystemExit(f"--input {pattern}: no such file, folder or matching image")
-            paths += matches
-    return list(dict.fromkeys(paths))  # an image named twice is drawn once
 
 
 def output_names(paths):
@@ -233,7 +208,10 @@ def parse_args():
 def main() -> int:
     args = parse_args()
     cfg = setup_cfg(args)
-    paths = expand_inputs(args.input)
+    try:
+        paths = image_paths(args.input)
+    except ValueError as error:
+        raise SystemExit(f"--input {error}") from error
     predictor = make_predictor(args, cfg)
     if predictor.device.type == "cpu" and (cfg is None or cfg.TEST.CPU_SPEEDUPS):
         CPUInference().apply_process_settings()  # one forward after another: reuse their memory
