@@ -20,8 +20,9 @@ near 1 where box and mask agree, low where one of them lags the other. Against g
 """
 
 import contextlib
+import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -48,18 +49,47 @@ __all__ = [
 ]
 
 
-@dataclass
 class Stage:
     """One stage's detections of one image (best first) and, per detection, the IoU of its
-    box with its mask's bounding box (None for a box-only stage)."""
+    box with its mask's bounding box (None for a box-only stage).
 
-    name: str
-    detections: Detections
-    box_mask_iou: Optional[torch.Tensor]
+    `detections` is the detections, or a function that computes them on first use (the
+    `stage_predictor` defers each stage's post-processing, the masks pasted at the image's
+    size, until the stage is looked at; several threads may ask at once)."""
+
+    def __init__(
+        self, name: str, detections: Union[Detections, Callable[[], Detections]], has_masks: Optional[bool] = None
+    ):
+        self.name = name
+        if isinstance(detections, Detections):
+            self._detections, self._compute = detections, None
+            has_masks = detections.masks is not None
+        else:
+            self._detections, self._compute = None, detections
+            if has_masks is None:
+                raise ValueError("Stage: give has_masks with a deferred computation")
+        self.has_masks = has_masks
+        self._box_mask_iou: Optional[torch.Tensor] = None
+        self._lock = threading.Lock()
 
     @property
-    def has_masks(self) -> bool:
-        return self.detections.masks is not None
+    def detections(self) -> Detections:
+        with self._lock:
+            if self._detections is None:
+                self._detections, self._compute = self._compute(), None
+            return self._detections
+
+    @property
+    def box_mask_iou(self) -> Optional[torch.Tensor]:
+        if not self.has_masks:
+            return None
+        if self._box_mask_iou is None:
+            self._box_mask_iou = box_mask_iou(self.detections)
+        return self._box_mask_iou
+
+    def __repr__(self) -> str:
+        state = "computed" if self._detections is not None else "deferred"
+        return f"Stage({self.name!r}, {state}, masks={self.has_masks})"
 
 
 def ordered_stages(output: DIMaskDINOOutput) -> List[Tuple[str, Predictions]]:
@@ -155,11 +185,31 @@ def match_ground_truth(
     return GroundTruthMatch(index, box_values, mask_values)
 
 
+class _DeferredBatch:
+    """One output's detections of every image of a batch, computed once, on first use."""
+
+    def __init__(self, model, prediction, sizes, padded_size, output_sizes, speedups):
+        self._arguments = (prediction, sizes, padded_size, output_sizes)
+        self._model, self._speedups = model, speedups
+        self._found: Optional[List[Detections]] = None
+        self._lock = threading.Lock()
+
+    def detections(self) -> List[Detections]:
+        with self._lock:
+            if self._found is None:
+                prediction, sizes, padded_size, output_sizes = self._arguments
+                with torch.inference_mode(), self._speedups((len(sizes), 3, *padded_size)):
+                    self._found = self._model.instances(prediction, sizes, padded_size, output_sizes)
+                self._arguments = None
+            return self._found
+
+
 def stage_predictor(model, *, cpu_inference: Optional[CPUInference] = None, **kwargs) -> Predictor:
     """A `Predictor` whose result for an image is its list of `Stage`s, every stage from one
-    forward pass of `model` (a `DIMaskDINO`, put in evaluation mode). The input handling
-    (files, arrays, resizing) is the `Predictor`'s, and so are its arguments; `score_threshold`
-    and `max_detections` apply to every stage. A panoptic model's stages hold its things."""
+    forward pass of `model` (a `DIMaskDINO`, put in evaluation mode); each stage's
+    post-processing runs when its detections are first asked for. The input handling (files,
+    arrays, resizing) is the `Predictor`'s, and so are its arguments; `score_threshold` and
+    `max_detections` apply to every stage. A panoptic model's stages hold its things."""
     model.eval()
     is_thing = model.instance_class_mask()
     device = model.pixel_mean.device
@@ -169,17 +219,23 @@ def stage_predictor(model, *, cpu_inference: Optional[CPUInference] = None, **kw
 
     def backend(batch: torch.Tensor) -> DIMaskDINOOutput:
         with torch.inference_mode(), speedups(batch.shape):
-            return model.run(batch, all_layer_masks=True)
+            # every layer's masks as their two factors: a stage's mask logits are made when it is
+            # post-processed
+            return model.run(batch, all_layer_masks=True, factored_masks=True)
 
     def postprocess(output, sizes, padded_size, output_sizes, score_threshold, max_detections) -> List[List[Stage]]:
         per_image: List[List[Stage]] = [[] for _ in sizes]
-        with torch.inference_mode(), speedups((len(sizes), 3, *padded_size)):
-            for name, prediction in ordered_stages(output):
-                for image, found in enumerate(model.instances(prediction, sizes, padded_size, output_sizes)):
+        for name, prediction in ordered_stages(output):
+            batch = _DeferredBatch(model, prediction, sizes, padded_size, output_sizes, speedups)
+            for image in range(len(sizes)):
+
+                def compute(image=image, batch=batch):
+                    found = batch.detections()[image]
                     if is_thing is not None:
                         found = thing_detections(found, is_thing)
-                    found = found.filtered(score_threshold, max_detections)
-                    per_image[image].append(Stage(name, found, box_mask_iou(found)))
+                    return found.filtered(score_threshold, max_detections)
+
+                per_image[image].append(Stage(name, compute, has_masks=prediction.has_masks))
         return per_image
 
     if kwargs.get("convert") is not None or kwargs.get("class_mask") is not None:
@@ -219,8 +275,9 @@ def draw_detections(
     class_names: Sequence[str] = (),
     min_side: int = 384,
 ) -> np.ndarray:
-    """(H, W, 3) uint8 RGB image with the detections' masks (filled, translucent) and / or
-    boxes (outlined, labelled with class and score) drawn in a color per class; images whose
+    """(H, W, 3) uint8 RGB image with the detections' masks (filled, translucent; the masks of
+    a class as one region) and / or boxes (outlined, labelled with class and score) drawn in
+    a color per class (torchvision's drawing); images whose
     shorter side is below `min_side` come out enlarged by an integer factor (nearest pixel)."""
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"draw_detections: give an (H, W, 3) uint8 RGB image, got {image.dtype} {image.shape}")
@@ -233,10 +290,14 @@ def draw_detections(
     labels = detections.labels.tolist()
     colors = [_class_color(label) for label in labels]
     if masks and detections.masks is not None:
-        drawn = detections.masks.cpu()
+        # one mask per class, the union of its instances' masks: the same drawing (a color per
+        # class, blended once), at the cost of the classes rather than of the instances
+        classes = list(dict.fromkeys(labels))
+        label_tensor = detections.labels.cpu()
+        drawn = torch.stack([detections.masks.cpu()[label_tensor == c].any(dim=0) for c in classes])
         if scale > 1:
             drawn = drawn.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
-        canvas = draw_segmentation_masks(canvas, drawn, alpha=0.45, colors=colors)
+        canvas = draw_segmentation_masks(canvas, drawn, alpha=0.45, colors=[_class_color(c) for c in classes])
     if boxes:
         names = [class_names[c] if c < len(class_names) else str(c) for c in labels]
         text = [f"{name} {score:.2f}" for name, score in zip(names, detections.scores.tolist())]

@@ -184,3 +184,42 @@ def test_drawing_sets_the_pixels_of_boxes_and_masks():
     assert enlarged.shape == (120, 150, 3) and enlarged[3 * 25, 3 * 35].any() and not enlarged[3 * 35, 3 * 45].any()
     with pytest.raises(ValueError, match="uint8"):
         draw_detections(rgb.astype(np.float32), detections)
+
+
+def test_stages_are_post_processed_once_on_first_use(model):
+    from concurrent.futures import ThreadPoolExecutor
+
+    stages = stage_predictor(model)([image(2, 64, 64)])[0]
+    assert all("deferred" in repr(s) for s in stages)
+    last = stages[-1]
+    with ThreadPoolExecutor(4) as pool:  # several threads asking at once get one computation
+        found = list(pool.map(lambda _: last.detections, range(8)))
+    assert all(f is found[0] for f in found) and "computed" in repr(last)
+    assert all("deferred" in repr(s) for s in stages[:-1])
+    with pytest.raises(ValueError, match="has_masks"):
+        type(last)("layer 1", lambda: found[0])
+
+
+def test_masks_of_one_class_are_drawn_as_their_union():
+    """torchvision's drawing of every instance, except where masks of a class overlap: there
+    the class color (torchvision blackens overlaps)."""
+    from torchvision.utils import draw_segmentation_masks
+
+    from di_maskdino.stages import _class_color
+
+    generator = torch.Generator().manual_seed(5)
+    rgb = torch.randint(0, 256, (30, 40, 3), dtype=torch.uint8, generator=generator).numpy()
+    masks = torch.rand(5, 30, 40, generator=generator) > 0.6
+    labels = torch.tensor([2, 2, 2, 0, 0])
+    masks[3:] &= ~masks[:3].any(0)  # no overlap across classes
+    detections = Detections(torch.rand(5), labels, torch.zeros(5, 4), masks)
+    image = torch.from_numpy(rgb).permute(2, 0, 1)
+    colors = [_class_color(int(c)) for c in labels]
+    each = draw_segmentation_masks(image, masks, alpha=0.45, colors=colors).permute(1, 2, 0).numpy()
+    unions = torch.stack([masks[:3].any(0), masks[3:].any(0)])
+    by_class = draw_segmentation_masks(image, unions, alpha=0.45, colors=[colors[0], colors[3]])
+    drawn = draw_detections(rgb, detections, boxes=False, min_side=0)
+    assert np.array_equal(drawn, by_class.permute(1, 2, 0).numpy())
+    overlap = (masks.sum(0) > 1).numpy()
+    assert overlap.any() and np.array_equal(drawn[~overlap], each[~overlap])
+    assert not np.array_equal(drawn[overlap], each[overlap])

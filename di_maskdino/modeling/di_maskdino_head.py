@@ -126,10 +126,11 @@ class DIMaskDINOHead(nn.Module):
         return torch.cat([dn.content, content], 1), torch.cat([dn.box_logits, box_logits], 1), attn_mask, dn
 
     def layer_prediction(
-        self, decoded: DecoderOutput, index: int, with_masks: bool
+        self, decoded: DecoderOutput, index: int, with_masks: bool, factored: Optional[bool] = None
     ) -> Tuple[Predictions, torch.Tensor]:
         """The supervised prediction of decoder layer `index` (Eq. 10-11) and its normed
-        output (B, N, C), from which masks of chosen queries can be made later."""
+        output (B, N, C), from which masks of chosen queries can be made later; `factored`:
+        see `forward`."""
         # NOTE: as in the release, a layer's output passes the heads' LayerNorm here and
         # again inside the heads (LayerNorm twice), and its supervised box refines the
         # layer's reference box from this normed output, whereas the reference box handed
@@ -138,15 +139,21 @@ class DIMaskDINOHead(nn.Module):
         boxes = refine_boxes(decoded.references[index], self.heads.box_embed(normed))
         features = decoded.mask_features[index] if with_masks else None
         # in training the masks stay factored (mask embeddings and mask features, see `Predictions`)
-        prediction = self.heads.predict(normed, boxes, features, factored=self.training)
+        factored = self.training if factored is None else factored
+        prediction = self.heads.predict(normed, boxes, features, factored=factored)
         prediction.embeddings = normed  # what the box mask head reads of each query
         return prediction, normed
 
-    def layer_predictions(self, decoded: DecoderOutput, all_layer_masks: bool) -> List[Predictions]:
+    def layer_predictions(
+        self, decoded: DecoderOutput, all_layer_masks: bool, factored: Optional[bool] = None
+    ) -> List[Predictions]:
         """The supervised prediction of every decoder layer (Eq. 10-11); masks at every layer
         or at the last one only."""
         last = len(decoded.hidden) - 1
-        return [self.layer_prediction(decoded, index, all_layer_masks or index == last)[0] for index in range(last + 1)]
+        return [
+            self.layer_prediction(decoded, index, all_layer_masks or index == last, factored)[0]
+            for index in range(last + 1)
+        ]
 
     def decode(self, encoder_output: EncoderOutput, targets=None) -> HeadState:
         """Everything up to and including the decoder: Eq. 1-9."""
@@ -177,6 +184,7 @@ class DIMaskDINOHead(nn.Module):
         encoder_output: EncoderOutput,
         targets: Optional[List[Dict[str, torch.Tensor]]] = None,
         all_layer_masks: Optional[bool] = None,
+        factored_masks: Optional[bool] = None,
     ) -> DIMaskDINOOutput:
         """
         Args:
@@ -185,15 +193,18 @@ class DIMaskDINOHead(nn.Module):
                 denoising queries in training.
             all_layer_masks: predict masks at every layer (default: in training; evaluation
                 needs only the last layer's masks).
+            factored_masks: keep the masks as their two factors, the product made when a
+                prediction's `masks` is first read (default: in training; see `Predictions`).
         """
         all_layer_masks = self.training if all_layer_masks is None else all_layer_masks
+        factored = self.training if factored_masks is None else factored_masks
         state = self.decode(encoder_output, targets)
         layers = [
             self.heads.predict(
-                state.content, state.reference, state.mask_features if all_layer_masks else None, factored=self.training
+                state.content, state.reference, state.mask_features if all_layer_masks else None, factored=factored
             )
         ]
-        layers += self.layer_predictions(state.decoded, all_layer_masks)
+        layers += self.layer_predictions(state.decoded, all_layer_masks, factored)
 
         dn = state.denoising
         denoising = None

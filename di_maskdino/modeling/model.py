@@ -138,8 +138,10 @@ class DIMaskDINO(nn.Module):
         batch: torch.Tensor,
         targets: Optional[List[Dict[str, torch.Tensor]]] = None,
         all_layer_masks: Optional[bool] = None,
+        factored_masks: Optional[bool] = None,
     ) -> DIMaskDINOOutput:
-        """batch: (B, 3, H, W) preprocessed images; targets: see `DIMaskDINOHead.forward`.
+        """batch: (B, 3, H, W) preprocessed images; targets, all_layer_masks, factored_masks:
+        see `DIMaskDINOHead.forward`.
 
         (`forward` does the same here; detectron2's meta-architecture overrides `forward` to
         take detectron2's batched inputs and keeps this.)"""
@@ -147,7 +149,12 @@ class DIMaskDINO(nn.Module):
         with self.detector_frozen() if frozen else contextlib.nullcontext():
             features = self.backbone(batch)
             encoded = self.encoder(features)
-            output = self.head(encoded, targets=None if frozen else targets, all_layer_masks=all_layer_masks)
+            output = self.head(
+                encoded,
+                targets=None if frozen else targets,
+                all_layer_masks=all_layer_masks,
+                factored_masks=factored_masks,
+            )
         if self.box_mask_head is not None:
             fine = batch if self.fine_feature == "image" else features.get(self.fine_feature)
             output.box_features = self.box_mask_head.encode_image(encoded.mask_features, fine)
