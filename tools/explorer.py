@@ -356,12 +356,22 @@ def build_app(explorer: Explorer, title: str = "DI-MaskDINO stage explorer"):
                     )
         controls = [stage, threshold, classes, mode]
         outputs = [analysis, status, stage, stage_label, *images, *tables]
-        upload.upload(read_upload, upload, [analysis, status, upload]).then(
-            after_analysis, [analysis, status, *controls], outputs
-        )
-        listed.input(pick, listed, [analysis, status]).then(after_analysis, [analysis, status, *controls], outputs)
+
+        def upload_and_show(path, *settings):
+            found, message, emptied = read_upload(path)
+            return [*after_analysis(found, message, *settings), emptied]
+
+        def pick_and_show(name, *settings):
+            return after_analysis(*pick(name), *settings)
+
+        # one event per new image: read, run the models, draw the current stage
+        upload.upload(upload_and_show, [upload, *controls], [*outputs, upload])
+        listed.input(pick_and_show, [listed, *controls], outputs)
         for control in controls:
-            control.change(render, [analysis, *controls], [stage_label, *images, *tables])
+            # redraws answer at once: no queue, no progress animation
+            control.change(
+                render, [analysis, *controls], [stage_label, *images, *tables], queue=False, show_progress="hidden"
+            )
     return app
 
 

@@ -216,13 +216,15 @@ def test_the_app_in_a_browser(app, loaded, data_root, tmp_path):
         page.goto(url)
         page.wait_for_selector("#status")
 
-        # an image of the dataset: every stage computed, ground truth known
-        page.click("#listed input")
-        start = time.perf_counter()
-        page.locator("#listed li[role=option]", has_text="000002.png").click()
-        wait_text(page, "#status", "with ground truth")
-        wait_text(page, "#stage-label", f"Stage 1 of {len(names)}: {names[0]}")
-        timings["new image"] = time.perf_counter() - start
+        # images of the dataset: every stage computed, ground truth known (the app's first
+        # image also warms it up, so the second one is the one timed as a new image)
+        for name, timing in (("000001.png", "first image"), ("000002.png", "new image")):
+            page.click("#listed input")
+            start = time.perf_counter()
+            page.locator("#listed li[role=option]", has_text=name).click()
+            wait_text(page, "#status", f"{name}: 128 x 128 pixels, with ground truth")
+            wait_text(page, "#stage-label", f"Stage 1 of {len(names)}: {names[0]}")
+            timings[timing] = time.perf_counter() - start
         threshold = 0.3  # the app's default
         expected = [round(float(s), 3) for s in stages[0].detections.scores if s >= threshold]
         shown = shown_scores(page, expected)
