@@ -35,6 +35,9 @@ if [ "$variant" = cpu ] && ! "$PYTHON" -c "import torch, sys; sys.exit(torch.ver
     fi
 fi
 "$PYTHON" -m pip install -r requirements.txt
+# the stage explorer (Gradio) and its browser tests' driver (Playwright); optional
+"$PYTHON" -m pip install -r requirements-explorer.txt playwright ||
+    echo "Gradio or Playwright could not be installed: tools/explorer.py and its tests will say so" >&2
 
 echo "== [2/5] di_maskdino and its compiled operators (csrc/)"
 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
