@@ -319,3 +319,48 @@ def test_html_report_opens_without_console_errors(trained, data_root, tmp_path):
             assert images.nth(i).evaluate("img => img.complete && img.naturalWidth > 0")
         assert not errors, errors
         browser.close()
+
+
+def test_without_gradio_the_explorer_says_how_to_install_it(tmp_path):
+    shadow = tmp_path / "gradio"  # a gradio package that cannot be imported
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('no gradio here')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", "explorer.py"), "--config-file", QUICK],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+    )
+    assert result.returncode != 0 and "pip install -r requirements-explorer.txt" in result.stderr
+
+
+def test_two_models_side_by_side_stage_by_stage(explorer, loaded, dataset):
+    """DI-MaskDINO beside a MaskDINO (no DI module, no BATO): stages matched by name; the
+    token-interaction stage exists in the first only."""
+    from detectron2.modeling import build_model
+
+    from di_maskdino.d2 import load_config
+    from di_maskdino.d2.modeling import class_names
+    from di_maskdino.stages import stage_predictor
+
+    first, _ = loaded
+    cfg = load_config(
+        QUICK, ["MODEL.DI_MASKDINO.DE_IMBALANCE.ENABLED", "False", "MODEL.DI_MASKDINO.BATO.ENABLED", "False"]
+    )
+    network = build_model(cfg).eval()
+    predictor = stage_predictor(network, max_detections=cfg.TEST.DETECTIONS_PER_IMAGE)
+    second = explorer.ExplorerModel("MaskDINO", lambda image: predictor([image])[0], class_names(cfg), network)
+    app = explorer.Explorer([first, second], {})
+    record = DatasetCatalog.get(dataset)[0]
+    analysis = app.analyse(read_image_rgb(record["file_name"]), "image")
+    names = [s.name for s in analysis.stages[0]]
+    assert names[0].startswith("TI") and [s.name for s in analysis.stages[1]] == names[1:]
+    (_, drawn, rows), (missing, none, nothing) = app.view(analysis, 0, 0.0, [], "boxes")
+    assert drawn is not None and rows and none is None and nothing == [] and "no stage 'TI 0.0'" in missing
+    last = len(names) - 1
+    views = app.view(analysis, last, 0.0, [], "boxes and masks")
+    for view, stages in zip(views, analysis.stages):
+        assert names[last] in view[0] and view[1] is not None
+        assert [r[2] for r in view[2]] == [round(float(s), 3) for s in stages[-1].detections.scores]
