@@ -12,7 +12,7 @@ Choose an image (an upload, one of --images, or one of --dataset's images, whose
 is then known), then move the slider over the stages: the token-interaction outputs of the DI
 module, the initial prediction (layer 0) and every decoder layer, in the order the model
 computes them. Each stage's kept detections (score threshold, class filter) are drawn as
-boxes, masks or both, and listed with, per instance, the IoU of the box with the box of its
+boxes, masks or both (or the ground truth is drawn instead), and listed with, per instance, the IoU of the box with the box of its
 own mask and, with ground truth, the IoU of box and mask with the matched object. One
 forward pass per image and model computes every stage; moving the slider redraws only.
 
@@ -60,7 +60,9 @@ from di_maskdino.images import ImageReadError, image_paths, read_image_rgb, resi
 from di_maskdino.modeling.postprocess import Detections
 from di_maskdino.stages import GroundTruth, Stage, draw_detections, match_ground_truth, stage_predictor
 
-VIEWS = ("boxes and masks", "boxes", "masks")
+# what the drawing shows: the stage's kept detections, or the ground truth (the table lists the
+# detections either way)
+VIEWS = ("boxes and masks", "boxes", "masks", "ground truth")
 TABLE_COLUMNS = ["#", "class", "score", "box vs own mask IoU", "box IoU with GT", "mask IoU with GT"]
 
 
@@ -174,11 +176,16 @@ class Explorer:
                         _iou_cell(None if match is None else match.mask_iou[i]),
                     ]
                 )
-            show_boxes, show_masks = mode in ("boxes and masks", "boxes"), mode in ("boxes and masks", "masks")
-            drawing = draw_detections(
-                analysis.image, kept, boxes=show_boxes, masks=show_masks, class_names=model.class_names
-            )
-            views.append((f"{model.name}: {name}, {len(kept)} instances", drawing, rows))
+            title = f"{model.name}: {name}, {len(kept)} instances"
+            if mode == "ground truth":
+                drawing = _draw_truth(analysis, model.class_names)
+                title += ", drawn: the ground truth" if truth is not None else ", no ground truth to draw"
+            else:
+                show_boxes, show_masks = mode in ("boxes and masks", "boxes"), mode in ("boxes and masks", "masks")
+                drawing = draw_detections(
+                    analysis.image, kept, boxes=show_boxes, masks=show_masks, class_names=model.class_names
+                )
+            views.append((title, drawing, rows))
         return views
 
 
@@ -190,6 +197,16 @@ def _resized_truth(truth: GroundTruth, original: Tuple[int, int], size: Tuple[in
     elif masks is not None:
         masks = masks.new_zeros((0, *size))
     return GroundTruth(truth.boxes * scale, truth.classes, masks)
+
+
+def _draw_truth(analysis: Analysis, class_names: Sequence[str]) -> np.ndarray:
+    """The image with its ground-truth objects drawn (the plain image when none is known)."""
+    truth = analysis.ground_truth
+    if truth is None:
+        nothing = Detections(torch.zeros(0), torch.zeros(0, dtype=torch.int64), torch.zeros(0, 4), None)
+        return draw_detections(analysis.image, nothing)
+    objects = Detections(torch.ones(len(truth.classes)), truth.classes, truth.boxes, truth.masks)
+    return draw_detections(analysis.image, objects, class_names=class_names)
 
 
 def _select(detections: Detections, keep: torch.Tensor) -> Detections:

@@ -107,6 +107,17 @@ def test_views_filter_by_score_and_class_and_match_the_ground_truth(explorer, lo
     # token interaction: boxes only, so no own-mask IoU and no mask IoU with the ground truth
     ((_, _, boxes_only),) = app.view(analysis, 0, 0.0, [], "boxes")
     assert stages[0].name.startswith("TI") and all(r[3] == "" and r[5] == "" for r in boxes_only)
+    # the ground truth drawn instead of the detections: every object's mask is colored
+    ((title, truth_drawn, same_rows),) = app.view(analysis, last, threshold, [], "ground truth")
+    assert "drawn: the ground truth" in title and same_rows == rows
+    scale = truth_drawn.shape[0] // analysis.image.shape[0]
+    for mask in analysis.ground_truth.masks:
+        ys, xs = np.nonzero(mask.numpy())
+        y, x = ys[len(ys) // 2], xs[len(xs) // 2]
+        assert not np.array_equal(truth_drawn[y * scale, x * scale], analysis.image[y, x])
+    no_truth = app.analyse(analysis.image, "no truth")
+    ((title, plain, _),) = app.view(no_truth, last, threshold, [], "ground truth")
+    assert "no ground truth to draw" in title and np.array_equal(plain[::scale, ::scale], analysis.image)
     # ground truth that is the last stage's best detection itself: it matches with IoU 1, and
     # no other detection matches (one to one)
     best = stages[last].detections
@@ -190,6 +201,13 @@ def shown_scores(page, expected, index=0):
     return [float(c[2]) for c in cells]
 
 
+def shown_column(page, column, index=0):
+    """A column of the rows the instance table has drawn (columns 0-3 are never empty)."""
+    rows = page.locator(f"#table-{index} [role=row]")
+    texts = [rows.nth(i).inner_text() for i in range(1, rows.count())]
+    return [float(t.split("\n")[column]) for t in texts if t.strip()]
+
+
 def wait_text(page, selector, text, timeout=120_000):
     page.wait_for_function(
         "([s, t]) => document.querySelector(s) && document.querySelector(s).innerText.includes(t)",
@@ -259,6 +277,8 @@ def test_the_app_in_a_browser(app, loaded, data_root, tmp_path):
         assert expected
         shown = shown_scores(page, expected)
         assert shown == expected[: len(shown)]
+        agreement = [round(float(v), 3) for v in stages[-1].box_mask_iou[: len(shown)]]
+        assert shown_column(page, 3)[: len(shown)] == agreement  # box vs own mask IoU
         page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
         print(f"\nscreenshot: {tmp_path / 'explorer.png'}")
 
