@@ -1,6 +1,7 @@
 """What the tests of the detectron2 layer and of the scripts share: the repository's paths,
 the quick-start config, a small box mask head, and running a script as a user runs it."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -29,3 +30,13 @@ def run_tool(tool, args, data_root, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{tool} failed ({result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def load_script(tool: str, name: str):
+    """A script of the repository (`tool` as in `run_tool`) loaded as module `name`, to test
+    its functions in process (tools/ and dev/ are not packages)."""
+    path = os.path.join(ROOT, tool if os.sep in tool or "/" in tool else os.path.join("tools", tool))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

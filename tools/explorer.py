@@ -12,9 +12,10 @@ Choose an image (an upload, one of --images, or one of --dataset's images, whose
 is then known), then move the slider over the stages: the token-interaction outputs of the DI
 module, the initial prediction (layer 0) and every decoder layer, in the order the model
 computes them. Each stage's kept detections (score threshold, class filter) are drawn as
-boxes, masks or both (or the ground truth is drawn instead), and listed with, per instance, the IoU of the box with the box of its
-own mask and, with ground truth, the IoU of box and mask with the matched object. One
-forward pass per image and model computes every stage; moving the slider redraws only.
+boxes, masks or both (or the ground truth is drawn instead), and listed with, per instance,
+the IoU of the box with the box of its own mask and, with ground truth, the IoU of box and
+mask with the matched object. One forward pass per image and model computes every stage;
+moving the slider redraws only.
 
 With --compare-config-file the second model (e.g. MaskDINO) is shown beside the first, stage
 by stage where their stages share a name.

@@ -2,8 +2,6 @@
 tests of test_tools.py and test_panoptic_tools.py): labels become the dataset's category ids
 and names for instance models and for panoptic models under both metadata conventions."""
 
-import importlib.util
-import os
 import types
 
 import pytest
@@ -15,15 +13,12 @@ from detectron2.data import MetadataCatalog  # noqa: E402
 from detectron2.structures import Boxes, Instances  # noqa: E402
 
 from di_maskdino.d2 import load_config  # noqa: E402
-from tests.tooling import QUICK, ROOT  # noqa: E402
+from tests.tooling import QUICK, load_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def demo():
-    spec = importlib.util.spec_from_file_location("di_maskdino_demo", os.path.join(ROOT, "tools", "demo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("demo.py", "di_maskdino_demo")
 
 
 def config(dataset, panoptic):

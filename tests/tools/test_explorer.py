@@ -8,7 +8,6 @@ either is missing): the running app answers an image chosen from the dataset, sl
 and threshold changes with what the model predicts, keeps serving after bad uploads, and
 the HTML report opens without console errors. The browser test prints its response times."""
 
-import importlib.util
 import json
 import os
 import re
@@ -30,15 +29,12 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 
 from di_maskdino.d2 import build_mapper, register_coco_instances_checked  # noqa: E402
 from di_maskdino.images import read_image_rgb  # noqa: E402
-from tests.tooling import QUICK, ROOT, run_tool  # noqa: E402
+from tests.tooling import QUICK, ROOT, load_script, run_tool  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def explorer():
-    spec = importlib.util.spec_from_file_location("di_maskdino_explorer", os.path.join(ROOT, "tools", "explorer.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("explorer.py", "di_maskdino_explorer")
 
 
 @pytest.fixture(scope="module")
