@@ -148,3 +148,28 @@ def test_paper_config_gives_each_parameter_the_release_lr_and_weight_decay():
     assert setting[id(named["encoder.level_embed"])] == pytest.approx((1e-4, 0.05))
     assert setting[id(named["backbone.res2.0.conv1.weight"])] == pytest.approx((1e-5, 0.05))
     assert isinstance(optimizer, torch.optim.AdamW)
+
+
+def test_the_norm_layers_taking_the_norm_weight_decay():
+    """NORM_TYPES names torch's private base of batch and instance norms: every such layer of
+    torch and detectron2 must still be covered, and no other kind of layer."""
+    from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
+
+    from di_maskdino.d2.solver import NORM_TYPES
+
+    norms = [
+        torch.nn.BatchNorm1d(4),
+        torch.nn.BatchNorm2d(4),
+        torch.nn.BatchNorm3d(4),
+        torch.nn.SyncBatchNorm(4),
+        NaiveSyncBatchNorm(4),
+        torch.nn.InstanceNorm1d(4, affine=True),
+        torch.nn.InstanceNorm2d(4, affine=True),
+        torch.nn.InstanceNorm3d(4, affine=True),
+        torch.nn.GroupNorm(2, 4),
+        torch.nn.LayerNorm(4),
+        torch.nn.LocalResponseNorm(2),
+    ]
+    others = [torch.nn.Linear(4, 4), torch.nn.Conv2d(4, 4, 1), torch.nn.Embedding(3, 4), FrozenBatchNorm2d(4)]
+    assert all(isinstance(m, NORM_TYPES) for m in norms)
+    assert not any(isinstance(m, NORM_TYPES) for m in others)  # FrozenBatchNorm2d has buffers only
