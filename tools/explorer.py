@@ -93,8 +93,9 @@ class Analysis:
     ground_truth: Optional[GroundTruth]
     seconds: float
     original_size: Tuple[int, int] = (0, 0)
-    views: Dict[tuple, list] = field(default_factory=dict)
-    settings: Optional[tuple] = None
+    views: Dict[tuple, list] = field(default_factory=dict)  # (threshold, classes, mode, stage) -> view
+    settings: Optional[tuple] = None  # the latest (threshold, classes, mode) drawn
+    lock: threading.Lock = field(default_factory=threading.Lock)  # the app's threads share it
 
 
 class Explorer:
@@ -130,12 +131,16 @@ class Explorer:
         """Per model: (the stage's name, the drawing, the table rows) of the first model's
         stage `stage` (the same name in the other models; a model without it: no drawing)."""
         stage = min(stage, len(analysis.stages[0]) - 1)
-        settings = (threshold, tuple(classes), mode)
-        if analysis.settings != settings:  # new settings: the views drawn before do not apply
-            analysis.views, analysis.settings = {}, settings
-        cached = analysis.views.get(stage)
+        key = (threshold, tuple(classes), mode, stage)
+        with analysis.lock:
+            cached = analysis.views.get(key)
         if cached is None:
-            cached = analysis.views[stage] = self._view(analysis, stage, threshold, classes, mode)
+            cached = self._view(analysis, stage, threshold, classes, mode)
+            with analysis.lock:
+                if analysis.settings != key[:3]:  # new settings: keep only the views drawn for them
+                    analysis.views = {k: v for k, v in analysis.views.items() if k[:3] == key[:3]}
+                    analysis.settings = key[:3]
+                analysis.views[key] = cached
         return cached
 
     def prefetch(self, analysis: Analysis, stage: int, threshold: float, classes: Sequence[str], mode: str) -> None:
@@ -143,8 +148,9 @@ class Explorer:
         `stage` first (the app runs it in the background after answering)."""
         count = len(analysis.stages[0])
         for index in sorted(range(count), key=lambda s: (abs(s - stage), s < stage)):
-            if analysis.settings != (threshold, tuple(classes), mode):
-                return  # the settings changed meanwhile
+            with analysis.lock:
+                if analysis.settings != (threshold, tuple(classes), mode):
+                    return  # the settings changed meanwhile
             self.view(analysis, index, threshold, classes, mode)
 
     def _view(self, analysis: Analysis, stage: int, threshold: float, classes: Sequence[str], mode: str):

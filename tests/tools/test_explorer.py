@@ -97,6 +97,14 @@ def test_views_filter_by_score_and_class_and_match_the_ground_truth(explorer, lo
     assert stages[last].name in title and drawing.dtype == np.uint8 and drawing.ndim == 3
     assert [row[2] for row in rows] == [round(float(s), 3) for s in detections.scores if s >= threshold]
     assert all(row[3] != "" for row in rows)  # a decoder layer: box vs own mask IoU
+    # views are kept for the latest settings only, and never answer for other settings
+    ((_, _, everything),) = app.view(analysis, last, 0.0, [], "boxes and masks")
+    assert (
+        len(everything) == len(detections) and app.view(analysis, last, threshold, [], "boxes and masks")[0][2] == rows
+    )
+    app.prefetch(analysis, 0, threshold, [], "boxes and masks")
+    assert {key[:3] for key in analysis.views} == {(threshold, (), "boxes and masks")}
+    assert len(analysis.views) == len(stages)
     wanted = model.class_names[int(detections.labels[0])]
     ((_, _, only),) = app.view(analysis, last, 0.0, [wanted], "masks")
     assert len(only) == int((detections.labels == detections.labels[0]).sum()) and {r[1] for r in only} == {wanted}
