@@ -17,7 +17,9 @@ import uuid
 import pytest
 import torch
 
-from tests.tooling import QUICK, ROOT
+pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
+
+from tests.tooling import QUICK, ROOT  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
