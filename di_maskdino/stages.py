@@ -27,7 +27,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, masks_to_boxes
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from .cpu_inference import CPUInference
@@ -102,19 +102,12 @@ def ordered_stages(output: DIMaskDINOOutput) -> List[Tuple[str, Predictions]]:
 def mask_boxes(masks: torch.Tensor) -> torch.Tensor:
     """(n, H, W) bool masks -> (n, 4) xyxy boxes in pixel edges (a mask covering pixel columns
     3..5 spans x 3 to 6, as a predicted box around it does); (0, 0, 0, 0) for an empty mask."""
-    boxes = masks.new_zeros((masks.shape[0], 4), dtype=torch.float32)
-    if masks.shape[0] == 0:
-        return boxes
-    columns, rows = masks.any(dim=1), masks.any(dim=2)  # (n, W), (n, H)
-    present = columns.any(dim=1)
-    width, height = masks.shape[2], masks.shape[1]
-    x = torch.arange(width, device=masks.device)
-    y = torch.arange(height, device=masks.device)
-    boxes[:, 0] = torch.where(columns, x, width).amin(dim=1).float()
-    boxes[:, 2] = torch.where(columns, x + 1, 0).amax(dim=1).float()
-    boxes[:, 1] = torch.where(rows, y, height).amin(dim=1).float()
-    boxes[:, 3] = torch.where(rows, y + 1, 0).amax(dim=1).float()
-    return torch.where(present[:, None], boxes, torch.zeros_like(boxes))
+    boxes = torch.zeros((masks.shape[0], 4), device=masks.device)
+    present = masks.flatten(1).any(dim=1)
+    if bool(present.any()):
+        # torchvision's boxes end at the last pixel's index: one more is its far edge
+        boxes[present] = masks_to_boxes(masks[present]) + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+    return boxes
 
 
 def box_mask_iou(detections: Detections) -> Optional[torch.Tensor]:

@@ -166,7 +166,7 @@ class Explorer:
             if classes:
                 wanted = {model.class_names.index(c) for c in classes if c in model.class_names}
                 keep &= torch.tensor([int(label) in wanted for label in detections.labels], dtype=torch.bool)
-            kept = _select(detections, keep)
+            kept = detections.subset(keep)
             agreement = None if found.box_mask_iou is None else found.box_mask_iou[keep]
             truth = analysis.ground_truth
             match = None if truth is None else match_ground_truth(kept, truth.boxes, truth.classes, truth.masks)
@@ -214,11 +214,6 @@ def _draw_truth(analysis: Analysis, class_names: Sequence[str]) -> np.ndarray:
         return draw_detections(analysis.image, nothing)
     objects = Detections(torch.ones(len(truth.classes)), truth.classes, truth.boxes, truth.masks)
     return draw_detections(analysis.image, objects, class_names=class_names)
-
-
-def _select(detections: Detections, keep: torch.Tensor) -> Detections:
-    masks = None if detections.masks is None else detections.masks[keep]
-    return Detections(detections.scores[keep], detections.labels[keep], detections.boxes[keep], masks)
 
 
 def _iou_cell(value) -> object:

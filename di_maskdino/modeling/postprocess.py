@@ -48,6 +48,10 @@ class Detections:
         keep = (self.scores >= score_threshold).nonzero()[:, 0]
         if max_detections is not None and keep.shape[0] > max_detections:
             keep = keep[self.scores[keep].topk(max_detections).indices.sort().values]
+        return self.subset(keep)
+
+    def subset(self, keep: torch.Tensor) -> "Detections":
+        """The detections `keep` selects (a boolean mask or indices), in its order."""
         masks = None if self.masks is None else self.masks[keep]
         return Detections(self.scores[keep], self.labels[keep], self.boxes[keep], masks)
 

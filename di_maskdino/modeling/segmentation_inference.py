@@ -167,13 +167,7 @@ def panoptic_inference(
 def thing_detections(detections: Detections, is_thing: torch.Tensor) -> Detections:
     """The detections whose class is a thing (instance results of a panoptic model: a stuff
     class has no instances)."""
-    keep = is_thing.to(detections.labels.device)[detections.labels]
-    return Detections(
-        scores=detections.scores[keep],
-        labels=detections.labels[keep],
-        boxes=detections.boxes[keep],
-        masks=None if detections.masks is None else detections.masks[keep],
-    )
+    return detections.subset(is_thing.to(detections.labels.device)[detections.labels])
 
 
 @dataclass
