@@ -51,12 +51,19 @@ from di_maskdino.images import read_image_rgb
 from di_maskdino.stages import draw_detections, stage_predictor
 
 
-def markdown_table(table) -> str:
-    lines = ["| output | box AP | mask AP | box - mask |", "|---|---|---|---|"]
+def instance_rows(table):
+    """(header, rows of cell texts) of the per-layer table of an instance model."""
+    rows = []
     for name, metrics in table.items():
         box, mask = metrics.get("bbox"), metrics.get("segm")
         gap = f"{box - mask:.1f}" if mask is not None else ""
-        lines.append(f"| {name} | {box:.1f} | {'' if mask is None else f'{mask:.1f}'} | {gap} |")
+        rows.append([name, f"{box:.1f}", "" if mask is None else f"{mask:.1f}", gap])
+    return ["output", "box AP", "mask AP", "box - mask"], rows
+
+
+def markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -93,14 +100,12 @@ SEGMENTATION_COLUMNS = [
 ]
 
 
-def markdown_table_segmentation(table) -> str:
-    """The per-layer table of a panoptic / semantic model: the metrics its tasks give."""
+def segmentation_rows(table):
+    """(header, rows of cell texts) of the per-layer table of a panoptic / semantic model: the
+    metrics its tasks give."""
     columns = [(key, title) for key, title in SEGMENTATION_COLUMNS if any(key in row for row in table.values())]
-    lines = ["| output | " + " | ".join(t for _, t in columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    for name, row in table.items():
-        cells = [f"{row[key]:.1f}" if key in row else "" for key, _ in columns]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    rows = [[name] + [f"{row[key]:.1f}" if key in row else "" for key, _ in columns] for name, row in table.items()]
+    return ["output"] + [title for _, title in columns], rows
 
 
 def bar_plot_segmentation(table, path: str) -> None:
@@ -160,18 +165,16 @@ def curve_figure(table):
     return figure
 
 
-def html_report(table, text_table: str, examples, names, title: str, threshold: float) -> str:
+def html_report(table, header, rows, examples, names, title: str, threshold: float) -> str:
     """The self-contained HTML page (see the module's docstring)."""
     import matplotlib.pyplot as plt
 
     figure = curve_figure(table)
     curve = png_data(figure=figure)
     plt.close(figure)
-    rows = [line.strip("|").split("|") for line in text_table.strip().splitlines()]
-    header, body = rows[0], rows[2:]
-    cells = "".join(f"<th>{html.escape(c.strip())}</th>" for c in header)
+    cells = "".join(f"<th>{html.escape(c)}</th>" for c in header)
     lines = [f"<tr>{cells}</tr>"]
-    lines += ["<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in row) + "</tr>" for row in body]
+    lines += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -243,7 +246,8 @@ def main() -> int:
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "imbalance.json"), "w") as handle:
         json.dump(table, handle, indent=2)
-    text = markdown_table_segmentation(table) if segmentation else markdown_table(table)
+    header, rows = segmentation_rows(table) if segmentation else instance_rows(table)
+    text = markdown(header, rows)
     with open(os.path.join(args.output, "imbalance.md"), "w") as handle:
         handle.write(text)
     (bar_plot_segmentation if segmentation else bar_plot)(table, os.path.join(args.output, "imbalance.png"))
@@ -261,7 +265,7 @@ def main() -> int:
             lambda path: predictor([path])[0], records, args.examples, threshold=args.example_threshold
         )
         title = f"Per-layer imbalance on {dataset}"
-        page = html_report(table, text, examples, class_names(cfg), title, args.example_threshold)
+        page = html_report(table, header, rows, examples, class_names(cfg), title, args.example_threshold)
         with open(os.path.join(args.output, "imbalance.html"), "w") as handle:
             handle.write(page)
         written = "imbalance.json, imbalance.md, imbalance.png and imbalance.html"
