@@ -26,7 +26,6 @@ is padded further and its predictions change slightly. `batch_size=1` reproduces
 single-image results exactly.
 """
 
-import contextlib
 import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .cpu_inference import CPUInference
+from .cpu_inference import CPUInference, speedups_context
 from .images import read_image_rgb, resize_image, shortest_edge_size
 from .modeling.model import pad_images
 from .modeling.outputs import RawDetections
@@ -165,9 +164,7 @@ class Predictor:
         model.eval()
 
         def speedups(batch_shape):
-            if cpu_inference is None:
-                return contextlib.nullcontext()
-            return cpu_inference.context(batch_shape, model.pixel_mean.device)
+            return speedups_context(cpu_inference, batch_shape, model.pixel_mean.device)
 
         class_mask = model.instance_class_mask()
         if class_mask is not None:

@@ -19,7 +19,6 @@ near 1 where box and mask agree, low where one of them lags the other. Against g
 `match_ground_truth` pairs detections with objects one to one.
 """
 
-import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -30,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_iou, masks_to_boxes
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-from .cpu_inference import CPUInference
+from .cpu_inference import CPUInference, speedups_context
 from .modeling.outputs import DIMaskDINOOutput, Predictions
 from .modeling.postprocess import Detections
 from .modeling.segmentation_inference import thing_detections
@@ -208,7 +207,7 @@ def stage_predictor(model, *, cpu_inference: Optional[CPUInference] = None, **kw
     device = model.pixel_mean.device
 
     def speedups(batch_shape):
-        return contextlib.nullcontext() if cpu_inference is None else cpu_inference.context(batch_shape, device)
+        return speedups_context(cpu_inference, batch_shape, device)
 
     def backend(batch: torch.Tensor) -> DIMaskDINOOutput:
         with torch.inference_mode(), speedups(batch.shape):

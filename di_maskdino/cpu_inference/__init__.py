@@ -34,7 +34,7 @@ import torch
 from . import winograd
 from .memory import retain_freed_memory
 
-__all__ = ["CPUInference", "retain_freed_memory"]
+__all__ = ["CPUInference", "retain_freed_memory", "speedups_context"]
 
 
 @dataclass(frozen=True)
@@ -74,3 +74,11 @@ class CPUInference:
         it is in force afterwards. Call it once, at the start of a program that runs many
         forward passes on the CPU."""
         return self.retain_freed_memory and retain_freed_memory()
+
+
+def speedups_context(
+    cpu_inference: "CPUInference | None", batch_shape: Sequence[int], device: Union[str, torch.device]
+) -> ContextManager:
+    """`cpu_inference.context(batch_shape, device)`, or no context when `cpu_inference` is None
+    (the caller chose no speed-ups)."""
+    return contextlib.nullcontext() if cpu_inference is None else cpu_inference.context(batch_shape, device)

@@ -9,7 +9,6 @@ parts, each charged only when its parameters train (MODEL.FREEZE): the detector'
 inference pass per iteration (see `DIMaskDINO.run`) and no loss of its own.
 """
 
-import contextlib
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -17,7 +16,7 @@ from detectron2.config import configurable
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from torchvision.ops import box_convert
 
-from ...cpu_inference import CPUInference
+from ...cpu_inference import CPUInference, speedups_context
 from ...modeling import (
     DIMaskDINO,
     Predictions,
@@ -103,9 +102,7 @@ class DIMaskDINOArch(DIMaskDINO):
     def inference_context(self, batch_shape):
         """The context an evaluation forward pass on a batch of shape (B, 3, H, W) runs in:
         that of `cpu_inference` (Winograd convolutions on the CPU for large inputs), or none."""
-        if self.cpu_inference is None:
-            return contextlib.nullcontext()
-        return self.cpu_inference.context(batch_shape, self.device)
+        return speedups_context(self.cpu_inference, batch_shape, self.device)
 
     @property
     def device(self) -> torch.device:
