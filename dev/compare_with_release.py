@@ -86,6 +86,7 @@ def release_architecture(cfg):
         num_queries=m.NUM_OBJECT_QUERIES,
         num_decoder_layers=m.DEC_LAYERS,
         mask_enhanced_boxes=m.INITIALIZE_BOX_TYPE != "no",
+        mask_box_edges="pixels" if m.INITIALIZE_BOX_TYPE == "bitmask" else "indices",
         encoder=EncoderSpec(
             in_features=tuple(s.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES),
             num_layers=s.TRANSFORMER_ENC_LAYERS,
@@ -98,8 +99,42 @@ def release_architecture(cfg):
     )
 
 
+def release_swin_sizes(cfg):
+    """timm Swin keyword arguments for the release's D2SwinTransformer configuration; refuses
+    settings SwinBackbone does not reproduce."""
+    swin = cfg.MODEL.SWIN
+    unsupported = {
+        "APE": (swin.APE, False),
+        "PATCH_NORM": (swin.PATCH_NORM, True),
+        "PATCH_SIZE": (swin.PATCH_SIZE, 4),
+        "MLP_RATIO": (swin.MLP_RATIO, 4.0),
+        "QKV_BIAS": (swin.QKV_BIAS, True),
+        "QK_SCALE": (swin.QK_SCALE, None),
+        "OUT_FEATURES": (list(swin.OUT_FEATURES), ["res2", "res3", "res4", "res5"]),
+    }
+    for key, (value, supported) in unsupported.items():
+        if value != supported:
+            raise SystemExit(f"release MODEL.SWIN.{key} = {value!r}: only {supported!r} is compared here")
+    return {
+        "embed_dim": swin.EMBED_DIM,
+        "depths": tuple(swin.DEPTHS),
+        "num_heads": tuple(swin.NUM_HEADS),
+        "window_size": swin.WINDOW_SIZE,
+    }
+
+
+def our_backbone_for(cfg, release):
+    """The release's own backbone (detectron2's ResNet, shared by both models), or for its
+    Swin our `SwinBackbone` (timm's Swin) with the release's sizes, in eval mode."""
+    if cfg.MODEL.BACKBONE.NAME != "D2SwinTransformer":
+        return release.backbone
+    from di_maskdino.modeling.swin import SwinBackbone
+
+    return SwinBackbone("swin_large_patch4_window12_384", drop_path_rate=0.0, **release_swin_sizes(cfg)).eval()
+
+
 def our_model_for(cfg, backbone):
-    """Our model with the architecture a release configuration describes, on its backbone."""
+    """Our model with the architecture a release configuration describes, on `backbone`."""
     from di_maskdino.modeling import DIMaskDINO, build_encoder, build_head
 
     architecture = release_architecture(cfg)
@@ -133,6 +168,30 @@ def canonical_order(scores, labels, boxes, masks):
     keys = [areas] + [boxes[:, i].numpy().round(3) for i in range(3, -1, -1)]
     keys += [labels.numpy(), -scores.numpy().round(5)]
     return torch.from_numpy(np.lexsort(keys))
+
+
+def paired_order(ours, theirs):
+    """Orders of our instances and the release's that pair each with its counterpart:
+    ours in `canonical_order`, theirs by a one-to-one assignment (scipy) of least cost -
+    another class costs 1e6, a score difference 1e3 per unit, a box difference 1 per pixel
+    (mean over corners). Near-equal scores are common with random weights, and rounding
+    alone can order two such instances differently on the two sides.
+
+    `ours` and `theirs`: (scores, labels, boxes, masks) each."""
+    from scipy.optimize import linear_sum_assignment
+
+    order_mine = canonical_order(*ours)
+    scores, labels, boxes, _ = (t[order_mine] for t in ours)
+    their_scores, their_labels, their_boxes, _ = theirs
+    cost = (
+        1e6 * (labels[:, None] != their_labels[None, :]).double()
+        + 1e3 * (scores[:, None] - their_scores[None, :]).abs().double()
+        + (boxes[:, None, :] - their_boxes[None, :, :]).abs().mean(-1).double()
+    )
+    if cost.shape[0] != cost.shape[1]:
+        return order_mine, canonical_order(*theirs)  # the counts differ: the comparison reports it
+    rows, columns = linear_sum_assignment(cost.numpy())
+    return order_mine, torch.from_numpy(columns[np.argsort(rows)])
 
 
 class Comparison:
@@ -241,7 +300,7 @@ def build_pair(args):
                     seen.add(id(tensor))
                     tensor.add_(torch.randn(tensor.shape, generator=generator) * 0.02)
 
-    ours = our_model_for(cfg, release.backbone).eval()
+    ours = our_model_for(cfg, our_backbone_for(cfg, release)).eval()
     converted = convert_release_state_dict(release.state_dict())
     ours.load_state_dict(converted, strict=True)
     print(
@@ -253,7 +312,11 @@ def build_pair(args):
 
 def compare_head_outputs(compare, release, ours, batch):
     """Every supervised output of the head, on identical preprocessed inputs."""
-    their_out, _ = release.sem_seg_head(release.backbone(batch))
+    their_features, our_features = release.backbone(batch), ours.backbone(batch)
+    if ours.backbone is not release.backbone:
+        for name, feature in their_features.items():
+            compare(f"backbone {name}", our_features[name], feature)
+    their_out, _ = release.sem_seg_head(their_features)
     our_out = ours(batch, all_layer_masks=False)
     compare("final logits", our_out.final.logits, their_out["pred_logits"])
     compare("final boxes", our_out.final.boxes, their_out["pred_boxes"])
@@ -276,8 +339,10 @@ def compare_instances(compare, release, ours, images):
     for index, (mine, theirs) in enumerate(zip(ours.predict(images), their_results)):
         theirs = theirs["instances"]
         their_boxes = clipped_boxes(theirs, images[index])
-        order_mine = canonical_order(mine.scores, mine.labels, mine.boxes, mine.masks)
-        order_theirs = canonical_order(theirs.scores, theirs.pred_classes, their_boxes, theirs.pred_masks)
+        order_mine, order_theirs = paired_order(
+            (mine.scores, mine.labels, mine.boxes, mine.masks),
+            (theirs.scores, theirs.pred_classes, their_boxes, theirs.pred_masks),
+        )
         compare(f"image {index} scores", mine.scores[order_mine], theirs.scores[order_theirs])
         compare(f"image {index} classes", mine.labels[order_mine], theirs.pred_classes[order_theirs])
         compare(f"image {index} boxes", mine.boxes[order_mine], their_boxes[order_theirs])
@@ -362,8 +427,10 @@ def compare_segmentation(compare, release, ours, images, inference):
         if inference.instance:
             found, expected = mine.instances, theirs["instances"]
             their_boxes = clipped_boxes(expected, images[index])
-            order_mine = canonical_order(found.scores, found.labels, found.boxes, found.masks)
-            order_theirs = canonical_order(expected.scores, expected.pred_classes, their_boxes, expected.pred_masks)
+            order_mine, order_theirs = paired_order(
+                (found.scores, found.labels, found.boxes, found.masks),
+                (expected.scores, expected.pred_classes, their_boxes, expected.pred_masks),
+            )
             print(f"  image {index}: {len(found)} thing instances (release {len(expected)})")
             compare(f"image {index} scores", found.scores[order_mine], expected.scores[order_theirs])
             compare(f"image {index} classes", found.labels[order_mine], expected.pred_classes[order_theirs])

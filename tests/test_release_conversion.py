@@ -227,9 +227,23 @@ RELEASES = [
 ]
 
 
+# MaskDINO's Swin-L releases (instance, panoptic): our timm-based Swin beside the release's own
+# (inference only: the two backbones draw their drop-path masks independently in training)
+SWIN_RELEASES = [
+    ("MASKDINO_RELEASE_SOURCE", f"configs/coco/{task}/swin/maskdino_R50_bs16_50ep_4s_dowsample1_2048{variant}.yaml")
+    for task, variant in [
+        ("instance-segmentation", ""),
+        ("instance-segmentation", "_no_maskEnhance"),
+        ("panoptic-segmentation", ""),
+    ]
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["inference", "train"])
-@pytest.mark.parametrize("variable,config", RELEASES)
+@pytest.mark.parametrize(
+    "variable,config,mode",
+    [(v, c, m) for v, c in RELEASES for m in ("inference", "train")] + [(v, c, "inference") for v, c in SWIN_RELEASES],
+)
 def test_outputs_equal_the_release(variable, config, mode):
     """Runs the authors' code (from a local checkout named by the environment variable) and
     ours on the same weights and images - predictions, or with --train the losses, Hungarian

@@ -6,9 +6,14 @@ project's parameter names.
 
 Every released entry must map to one of our parameters (shared copies must agree), and the
 result must fill every parameter of the model the checkpoint describes, with the right
-shapes; otherwise the tool stops and lists what does not fit. The backbone entries keep
+shapes; otherwise the tool stops and lists what does not fit. ResNet backbone entries keep
 detectron2's names and are checked against detectron2's ResNet when detectron2 is
-installed. Optimizer, scheduler and iteration entries are dropped. The tool ends by naming
+installed; Swin backbone entries (MaskDINO's Swin-L releases) are renamed to timm's Swin
+and checked against it. Optimizer, scheduler and iteration entries are dropped.
+
+An ImageNet Swin classification checkpoint (Microsoft's swin_large_patch4_window12_384_22k.pth,
+MaskDINO's .pkl of it with --trust-pickle, or timm's .safetensors / .bin) is converted into
+the backbone weights of the build_swin_backbone configs (MODEL.WEIGHTS). The tool ends by naming
 the shipped config that describes the converted network (README, "Released checkpoints").
 A checkpoint already in this project's format is recognised (nothing to convert); an
 unreadable file is called corrupt or truncated.
@@ -32,23 +37,51 @@ from di_maskdino.release_conversion import (
     ConversionError,
     check_against_model,
     convert_release_state_dict,
+    convert_swin_classification_state_dict,
     infer_architecture,
+    infer_swin,
     matching_release,
+    release_backbone,
 )
+
+
+def read_state(path: str, trust_pickle: bool):
+    """The file's object: safetensors, a detectron2 .pkl (pickle of numpy arrays; only with
+    --trust-pickle) or a torch file."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if path.endswith(".pkl"):
+        if not trust_pickle:
+            raise SystemExit(
+                f"--input {path}: a .pkl file is a pickle, which can run code; if you trust it, add --trust-pickle"
+            )
+        import pickle
+
+        import numpy as np
+
+        with open(path, "rb") as file:
+            checkpoint = pickle.load(file, encoding="latin1")
+        state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
+        if isinstance(state, dict):
+            return {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+        return state
+    return read_checkpoint(path, trust_pickle=trust_pickle, what="--input")
 
 
 def load_release(path: str, trust_pickle: bool) -> dict:
     if not os.path.isfile(path):
         raise SystemExit(f"--input {path}: no such file")
     try:
-        checkpoint = read_checkpoint(path, trust_pickle=trust_pickle, what="--input")
+        checkpoint = read_state(path, trust_pickle)
     except CheckpointReadError as error:
         message = str(error).replace("(--trust-pickle where the tool has it)", "(rerun with --trust-pickle)")
         raise SystemExit(message) from error
     state = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise SystemExit(f"{path} holds no state dict (expected {{'model': {{name: tensor}}}} or {{name: tensor}})")
-    if is_project_state_dict(state):
+    if is_project_state_dict(state) and "patch_embed.proj.weight" not in state:  # not an ImageNet Swin's head.*
         raise SystemExit(
             f"{path} is already in this project's format (encoder.*, head.* names): nothing to convert, nothing "
             f"written. Use it directly: MODEL.WEIGHTS {path}"
@@ -78,22 +111,64 @@ def backbone_shapes(converted: dict):
     return {f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()}
 
 
+def swin_shapes(converted: dict) -> dict:
+    """Parameter shapes of timm's Swin with the checkpoint's sizes, as `SwinBackbone` holds it
+    (backbone.body.*, backbone.output_norms.*)."""
+    from di_maskdino.modeling.swin import SwinBackbone
+
+    backbone = SwinBackbone("swin_large_patch4_window12_384", **infer_swin(converted))
+    return {f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()}
+
+
+def convert_swin_classification(state: dict, output: str, source: str) -> int:
+    """An ImageNet Swin classification checkpoint -> backbone weights of a build_swin_backbone
+    config."""
+    converted, dropped = convert_swin_classification_state_dict(state)
+    sizes = infer_swin(converted)
+    check_against_model(converted, swin_shapes(converted), skip_prefixes=("backbone.output_norms.",))
+    reasons = sorted(set(dropped.values()))
+    print(
+        f"Swin classification checkpoint: {len(state)} entries -> {len(converted)} backbone parameters "
+        f"(embed dim {sizes['embed_dim']}, depths {list(sizes['depths'])}, heads {list(sizes['num_heads'])}, "
+        f"window {sizes['window_size']}); left out: "
+        + "; ".join(f"{sum(r == why for r in dropped.values())} x {why}" for why in reasons)
+    )
+    atomic_torch_save({"model": converted, "__source__": source}, output)
+    print(f"wrote {output}")
+    if sizes == infer_swin_large():
+        print(
+            "These are Swin-L backbone weights; train from them with a build_swin_backbone config, e.g.\n"
+            "  python tools/train_net.py --config-file configs/coco/dimaskdino_swinl_50ep.yaml "
+            f"MODEL.WEIGHTS {output}\n"
+            "(the per-map output norms and everything after the backbone start from their initialisation)"
+        )
+    return 0
+
+
+def infer_swin_large() -> dict:
+    return {"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "window_size": 12}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", required=True, help="released checkpoint (.pth)")
+    parser.add_argument(
+        "--input", required=True, help="released checkpoint (.pth), or an ImageNet Swin (.pth, .pkl, .safetensors)"
+    )
     parser.add_argument("--output", required=True, help="where to write the converted checkpoint")
     parser.add_argument("--trust-pickle", action="store_true", help="allow non-tensor pickled objects in --input")
     args = parser.parse_args()
 
     state = load_release(args.input, args.trust_pickle)
     try:
+        if "patch_embed.proj.weight" in state:
+            return convert_swin_classification(state, args.output, os.path.basename(args.input))
         converted = convert_release_state_dict(state)
         architecture, backbone_maps = infer_architecture(converted)
         encoder = build_encoder(architecture, backbone_maps)
         head = build_head(architecture)
         expected = {f"encoder.{k}": v.shape for k, v in encoder.state_dict().items()}
         expected.update({f"head.{k}": v.shape for k, v in head.state_dict().items()})
-        backbone = backbone_shapes(converted)
+        backbone = swin_shapes(converted) if release_backbone(converted) == "swin" else backbone_shapes(converted)
         if backbone is None:
             print("detectron2 is not installed: the backbone entries are kept but not checked")
             check_against_model(converted, expected, skip_prefixes=("backbone.",))
@@ -110,7 +185,7 @@ def main() -> int:
     )
     atomic_torch_save({"model": converted, "__source__": os.path.basename(args.input)}, args.output)
     print(f"wrote {args.output}")
-    release = matching_release(architecture)
+    release = matching_release(architecture, release_backbone(converted))
     if release is None:
         print(
             "No shipped config describes this network; write one from configs/coco/ with the sizes above "
@@ -121,7 +196,9 @@ def main() -> int:
             f"This is {release['name']}; evaluate it with:\n"
             f"  python tools/train_net.py --config-file {release['configs'][0]} --eval-only MODEL.WEIGHTS {args.output}"
         )
-        if len(release["configs"]) > 1:
+        if "choice" in release:
+            print(f"  or: {', '.join(release['configs'][1:])}; {release['choice']}")
+        elif len(release["configs"]) > 1:
             print(f"  (equally: {', '.join(release['configs'][1:])}; they differ only in the training schedule)")
     return 0
 

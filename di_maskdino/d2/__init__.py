@@ -2,8 +2,8 @@
 (`evaluation/`), the meta-architecture and backbones (`modeling/`), checkpointing, the
 optimizer, the trainer and the tools' shared set-up (`engine/`).
 
-Importing it registers the meta-architecture "DIMaskDINOArch", the backbone builder
-"build_timm_backbone" and the built-in datasets (under $DETECTRON2_DATASETS, default
+Importing it registers the meta-architecture "DIMaskDINOArch", the backbone builders
+"build_timm_backbone" and "build_swin_backbone", the built-in datasets (under $DETECTRON2_DATASETS, default
 "datasets"; see `data/datasets/builtin.py`), as importing detectron2 registers its own.
 """
 

@@ -163,6 +163,10 @@ class Architecture:
         encoder's predicted boxes (mask_enhanced_boxes must be False); with BATO, the mask
         guiding tokens are still the mask embeddings of the selected queries (Eq. 5) and
         there are no mask features to update.
+    mask_box_edges: the extent of a mask-enhanced initial box: "indices" (from the first to
+        the last mask pixel's index, the release's "mask2box": DI-MaskDINO and MaskDINO R50)
+        or "pixels" (the pixels' outer edges, one pixel wider and taller, the release's
+        "bitmask": MaskDINO's Swin-L instance model).
     """
 
     num_classes: int = 80
@@ -176,6 +180,7 @@ class Architecture:
     num_queries: int = 300
     num_decoder_layers: int = 6
     mask_enhanced_boxes: bool = True
+    mask_box_edges: str = "indices"
     num_groups: int = 32
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     de_imbalance: Optional[DeImbalanceSpec] = field(default_factory=DeImbalanceSpec)
@@ -225,6 +230,7 @@ class Architecture:
             ("encoder.ffn_dim", self.encoder.ffn_dim >= 1, "at least 1"),
             ("encoder.num_points", self.encoder.num_points >= 1, "at least 1"),
             ("encoder.common_stride", self.encoder.common_stride >= 1, "at least 1"),
+            ("mask_box_edges", self.mask_box_edges in ("indices", "pixels"), '"indices" or "pixels"'),
             (
                 "mask_enhanced_boxes",
                 self.mask_branch or not self.mask_enhanced_boxes,
@@ -386,7 +392,9 @@ def build_head(arch: Architecture) -> DIMaskDINOHead:
     """The head (selection, De-Imbalance, denoising, BATO, decoder, prediction heads)."""
     return DIMaskDINOHead(
         heads=PredictionHeads(arch.hidden_dim, arch.num_classes, head_mask_dim(arch)),
-        query_selection=QuerySelection(arch.hidden_dim, arch.first_selection_size, arch.mask_enhanced_boxes),
+        query_selection=QuerySelection(
+            arch.hidden_dim, arch.first_selection_size, arch.mask_enhanced_boxes, arch.mask_box_edges
+        ),
         de_imbalance=build_de_imbalance(arch),
         denoising=build_denoising(arch),
         bato=build_bato(arch),

@@ -97,27 +97,34 @@ def encoder_proposals(tokens: torch.Tensor, shapes: Sequence[Tuple[int, int]]):
     return tokens.masked_fill(~valid, 0.0), logits
 
 
-def masks_to_box_logits(mask_logits: torch.Tensor) -> torch.Tensor:
+def masks_to_box_logits(mask_logits: torch.Tensor, edges: str = "indices") -> torch.Tensor:
     """Mask-enhanced box initialisation: the tight box of every predicted mask (logit > 0).
 
     Args:
         mask_logits: (B, N, H, W).
+        edges: "indices": boxes span pixel indices (x_max - x_min, the release's "mask2box");
+            "pixels": boxes span the pixels' outer edges (x_max + 1 - x_min, its "bitmask",
+            detectron2's `BitMasks.get_bounding_boxes`).
 
     Returns:
-        (B, N, 4) box logits, normalised by the mask size; boxes span pixel indices
-        (x_max - x_min, as the release computes them).
+        (B, N, 4) box logits, normalised by the mask size.
 
-    NOTE: an empty mask gets the degenerate box (cx, cy, w, h) = (1, 1, 0, 0), whose logits
-    are (+11.5, +11.5, -11.5, -11.5) - the box the authors' release derives for it.
+    NOTE: an empty mask gets the degenerate box (cx, cy, w, h) = (1, 1, 0, 0) with "indices"
+    and (0, 0, 0, 0) with "pixels", whose logits are +-11.5 - the boxes the authors' release
+    derives for it in each mode.
     """
     batch, queries, height, width = mask_logits.shape
     binary = (mask_logits > 0).flatten(0, 1)
-    cx, cy, w, h = box_convert(masks_to_boxes(binary), "xyxy", "cxcywh").unbind(-1)
+    corners = masks_to_boxes(binary)
+    if edges == "pixels":
+        corners = corners + corners.new_tensor([0.0, 0.0, 1.0, 1.0])
+    cx, cy, w, h = box_convert(corners, "xyxy", "cxcywh").unbind(-1)
     # divided by the sizes one by one (not by a tensor made of them), so that a dynamic-shape
     # torch.export keeps them symbolic
     boxes = torch.stack([cx / width, cy / height, w / width, h / height], dim=-1)
     empty = ~binary.flatten(1).any(1)
-    boxes = torch.where(empty[:, None], boxes.new_tensor([1.0, 1.0, 0.0, 0.0]), boxes)
+    empty_box = [1.0, 1.0, 0.0, 0.0] if edges == "indices" else [0.0, 0.0, 0.0, 0.0]
+    boxes = torch.where(empty[:, None], boxes.new_tensor(empty_box), boxes)
     # in the logits' precision, at least single (float64 models stay float64)
     return inverse_sigmoid(boxes.view(batch, queries, 4).to(torch.promote_types(mask_logits.dtype, torch.float32)))
 
@@ -127,16 +134,19 @@ class QuerySelection(nn.Module):
     Args:
         dim: hidden dim C.
         num_selected: k1, tokens kept by the first selection.
-        mask_enhanced_boxes: initialise the boxes from the predicted masks ("mask2box");
-            otherwise the selected tokens keep their predicted boxes.
+        mask_enhanced_boxes: initialise the boxes from the predicted masks; otherwise the
+            selected tokens keep their predicted boxes.
+        mask_box_edges: the extent of those boxes ("indices" or "pixels", see
+            `masks_to_box_logits`).
     """
 
-    def __init__(self, dim: int, num_selected: int, mask_enhanced_boxes: bool = True):
+    def __init__(self, dim: int, num_selected: int, mask_enhanced_boxes: bool = True, mask_box_edges: str = "indices"):
         super().__init__()
         if num_selected < 1:
             raise ValueError(f"QuerySelection: the first selection must keep at least one token, got {num_selected}")
         self.num_selected = num_selected
         self.mask_enhanced_boxes = mask_enhanced_boxes
+        self.mask_box_edges = mask_box_edges
         self.memory_proj = nn.Linear(dim, dim)
         self.memory_norm = nn.LayerNorm(dim)
 
@@ -161,13 +171,13 @@ class QuerySelection(nn.Module):
             with torch.no_grad():  # a chunk of queries at a time: the whole logits only transiently
                 initial_box_logits = torch.cat(
                     [
-                        masks_to_box_logits(mask_logits(embed, mask_features))
+                        masks_to_box_logits(mask_logits(embed, mask_features), self.mask_box_edges)
                         for embed in predictions.mask_embed.split(MASK_CHUNK, dim=1)
                     ],
                     dim=1,
                 )
         elif self.mask_enhanced_boxes:
-            initial_box_logits = masks_to_box_logits(predictions.masks.detach())
+            initial_box_logits = masks_to_box_logits(predictions.masks.detach(), self.mask_box_edges)
         else:
             initial_box_logits = selected_box_logits.detach()
         return SelectedTokens(

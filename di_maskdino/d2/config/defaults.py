@@ -51,7 +51,8 @@ def _add_model_keys(cfg: CN) -> None:
     m.DEC_N_POINTS = 4
     m.NUM_OBJECT_QUERIES = 300
     m.DEC_LAYERS = 6
-    m.MASK_ENHANCED_BOXES = True  # "mask2box" initial boxes
+    m.MASK_ENHANCED_BOXES = True  # initial boxes from the selected tokens' masks
+    m.MASK_BOX_EDGES = "indices"  # their extent: "indices" (release's "mask2box") or "pixels" ("bitmask")
     m.SIZE_DIVISIBILITY = 32
     # COCO-format instance datasets registered by name for this run, each [NAME, ANNOTATION_JSON,
     # IMAGE_FOLDER] (tools/train_net.py --coco-dataset adds one); use NAME in DATASETS.TRAIN / TEST
@@ -114,7 +115,8 @@ def _add_objective_keys(m: CN) -> None:
 
 
 def _add_backbone_keys(cfg: CN) -> None:
-    # timm backbones (MODEL.BACKBONE.NAME = "build_timm_backbone")
+    # timm backbones (MODEL.BACKBONE.NAME = "build_timm_backbone", or "build_swin_backbone" for a
+    # swin_* model computing as MaskDINO's released Swin: IMG_SIZE and STRICT_IMG_SIZE do not apply)
     cfg.MODEL.TIMM = CN()
     cfg.MODEL.TIMM.NAME = "swin_large_patch4_window12_384"
     cfg.MODEL.TIMM.OUT_STRIDES = [4, 8, 16, 32]

@@ -1,4 +1,5 @@
-"""timm backbones for detectron2 configs (MODEL.BACKBONE.NAME = "build_timm_backbone"), and
+"""timm backbones for detectron2 configs (MODEL.BACKBONE.NAME = "build_timm_backbone", or
+"build_swin_backbone" for timm's Swin computing as MaskDINO's released Swin models), and
 activation checkpointing of the backbone (MODEL.DI_MASKDINO.ACTIVATION_CHECKPOINTING.BACKBONE)."""
 
 from detectron2.layers import ShapeSpec
@@ -6,8 +7,9 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ResNet
 
 from ...layers import CheckpointedSequential
 from ...modeling.backbone import TimmBackbone, check_checkpointable, enable_backbone_checkpointing
+from ...modeling.swin import SwinBackbone
 
-__all__ = ["D2TimmBackbone", "build_timm_backbone", "checkpoint_backbone"]
+__all__ = ["D2SwinBackbone", "D2TimmBackbone", "build_swin_backbone", "build_timm_backbone", "checkpoint_backbone"]
 
 
 def checkpoint_backbone(backbone: Backbone) -> Backbone:
@@ -41,6 +43,33 @@ class D2TimmBackbone(TimmBackbone, Backbone):
 
     def output_shape(self):
         return {name: ShapeSpec(channels=s.channels, stride=s.stride) for name, s in super().output_shape().items()}
+
+
+class D2SwinBackbone(SwinBackbone, Backbone):
+    """`SwinBackbone` as a detectron2 `Backbone` (maps res2..res5; parameters backbone.body.*
+    and backbone.output_norms.*)."""
+
+    def __init__(self, model_name: str, size_divisibility: int = 32, **kwargs):
+        super().__init__(model_name, **kwargs)
+        self._size_divisibility = size_divisibility
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
+
+    def output_shape(self):
+        return {name: ShapeSpec(channels=s.channels, stride=s.stride) for name, s in super().output_shape().items()}
+
+
+@BACKBONE_REGISTRY.register()
+def build_swin_backbone(cfg, input_shape):
+    """timm's Swin (MODEL.TIMM.NAME, a swin_* model) computing as MaskDINO's released Swin
+    backbone, with a LayerNorm on each map. Reads MODEL.TIMM.NAME, OUT_STRIDES, PRETRAINED and
+    DROP_PATH_RATE; it takes any input size (IMG_SIZE and STRICT_IMG_SIZE do not apply)."""
+    t = cfg.MODEL.TIMM
+    return D2SwinBackbone(
+        t.NAME, out_strides=tuple(t.OUT_STRIDES), pretrained=t.PRETRAINED, drop_path_rate=t.DROP_PATH_RATE
+    )
 
 
 @BACKBONE_REGISTRY.register()
