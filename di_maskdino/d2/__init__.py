@@ -2,9 +2,10 @@
 (`evaluation/`), the meta-architecture and backbones (`modeling/`), checkpointing, the
 optimizer, the trainer and the tools' shared set-up (`engine/`).
 
-Importing it registers the meta-architecture "DIMaskDINOArch", the backbone builder
-"build_timm_backbone" and the built-in datasets (under $DETECTRON2_DATASETS, default
-"datasets"; see `data/datasets/builtin.py`), as importing detectron2 registers its own.
+Importing it registers the meta-architecture "DIMaskDINOArch", the backbone builders
+"build_timm_backbone" and "build_vit_backbone", and the built-in datasets (under
+$DETECTRON2_DATASETS, default "datasets"; see `data/datasets/builtin.py`), as importing
+detectron2 registers its own.
 """
 
 import os
