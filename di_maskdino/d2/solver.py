@@ -30,11 +30,12 @@ NORM_TYPES = (
     ChannelLayerNorm,  # detectron2's LayerNorm over the channels of (B, C, H, W) maps ("LN")
     torch.nn.LocalResponseNorm,
 )
-# Swin's position tables and ViTs' position embeddings and class / register tokens are not
-# decayed (timm's `no_weight_decay()` of those models; the release's convention for Swin)
-NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed", "cls_token", "reg_token")
-# timm's names of the tokens a ViT prepends to the patch tokens
-PREFIX_TOKENS = ("cls_token", "reg_token")
+# timm's names of the tokens a ViT prepends to the patch tokens (class, register, DeiT's
+# distillation token)
+PREFIX_TOKENS = ("cls_token", "reg_token", "dist_token")
+# Swin's position tables and ViTs' position embeddings and prefix tokens are not decayed
+# (timm's `no_weight_decay()` of those models; the release's convention for Swin)
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed") + PREFIX_TOKENS
 
 logger = logging.getLogger("di_maskdino")
 
@@ -82,9 +83,10 @@ def layer_decay_factor(name: str, layer_decay: float, num_blocks: int) -> float:
     detectron2's ViTDet rule (`get_vit_lr_decay_rate`): block i (1..L) layer_decay ** (L + 1 -
     i), the patch and position embeddings layer_decay ** (L + 1), everything else 1.
 
-    NOTE: detectron2's rule leaves the class and register tokens (which ViTDet's ViT does not
-    have) at 1; they enter the first block with the position embeddings, so they take the
-    embeddings' factor here, as BEiT's and MAE's fine-tuning recipes do."""
+    NOTE: detectron2's rule leaves the class and register tokens (PREFIX_TOKENS, which
+    ViTDet's ViT does not have) at 1; they enter the first block with the position
+    embeddings, so they take the embeddings' factor here, as BEiT's and MAE's fine-tuning
+    recipes do."""
     if name.startswith("backbone.") and name.rsplit(".", 1)[-1] in PREFIX_TOKENS:
         return layer_decay ** (num_blocks + 1)
     return get_vit_lr_decay_rate(name, layer_decay, num_blocks)
