@@ -3,8 +3,9 @@
 optimizer, the trainer and the tools' shared set-up (`engine/`).
 
 Importing it registers the meta-architecture "DIMaskDINOArch", the backbone builders
-"build_timm_backbone" and "build_swin_backbone", the built-in datasets (under $DETECTRON2_DATASETS, default
-"datasets"; see `data/datasets/builtin.py`), as importing detectron2 registers its own.
+"build_timm_backbone", "build_swin_backbone" and "build_vit_backbone", and the built-in
+datasets (under $DETECTRON2_DATASETS, default "datasets"; see `data/datasets/builtin.py`), as
+importing detectron2 registers its own.
 """
 
 import os

@@ -1,14 +1,23 @@
 """The optimizer of the paper's recipe: AdamW with a backbone learning-rate multiplier,
 per-kind weight decay and gradient clipping of the whole model's norm; parameters frozen by
-MODEL.FREEZE are left out."""
+MODEL.FREEZE are left out. With a ViT backbone, layer-wise learning-rate decay
+(SOLVER.LAYER_DECAY, ViTDet's rule)."""
 
 import logging
 from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
+from detectron2.layers.batch_norm import LayerNorm as ChannelLayerNorm
+from detectron2.modeling.backbone.vit import get_vit_lr_decay_rate
 from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
 
-__all__ = ["build_optimizer", "full_model_gradient_clipping", "optimizer_param_groups", "freeze_parameters"]
+__all__ = [
+    "build_optimizer",
+    "full_model_gradient_clipping",
+    "optimizer_param_groups",
+    "freeze_parameters",
+    "layer_decay_factor",
+]
 
 # The norm layers whose weights take SOLVER.WEIGHT_DECAY_NORM: every batch and instance norm
 # (detectron2's NaiveSyncBatchNorm too), group, layer and local-response norm.
@@ -18,10 +27,15 @@ NORM_TYPES = (
     torch.nn.modules.batchnorm._NormBase,
     torch.nn.GroupNorm,
     torch.nn.LayerNorm,
+    ChannelLayerNorm,  # detectron2's LayerNorm over the channels of (B, C, H, W) maps ("LN")
     torch.nn.LocalResponseNorm,
 )
-# Swin's position tables are not decayed (timm's and the release's convention)
-NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
+# timm's names of the tokens a ViT prepends to the patch tokens (class, register, DeiT's
+# distillation token)
+PREFIX_TOKENS = ("cls_token", "reg_token", "dist_token")
+# Swin's position tables and ViTs' position embeddings and prefix tokens are not decayed
+# (timm's `no_weight_decay()` of those models; the release's convention for Swin)
+NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "pos_embed") + PREFIX_TOKENS
 
 logger = logging.getLogger("di_maskdino")
 
@@ -63,6 +77,21 @@ def full_model_gradient_clipping(optimizer_class, max_norm: float, norm_type: fl
     return FullModelClipping
 
 
+def layer_decay_factor(name: str, layer_decay: float, num_blocks: int) -> float:
+    """The learning-rate factor of parameter `name` (a full name, "backbone.net.body.blocks.3.
+    attn.qkv.weight") under layer-wise decay of a ViT backbone with `num_blocks` blocks:
+    detectron2's ViTDet rule (`get_vit_lr_decay_rate`): block i (1..L) layer_decay ** (L + 1 -
+    i), the patch and position embeddings layer_decay ** (L + 1), everything else 1.
+
+    NOTE: detectron2's rule leaves the class and register tokens (PREFIX_TOKENS, which
+    ViTDet's ViT does not have) at 1; they enter the first block with the position
+    embeddings, so they take the embeddings' factor here, as BEiT's and MAE's fine-tuning
+    recipes do."""
+    if name.startswith("backbone.") and name.rsplit(".", 1)[-1] in PREFIX_TOKENS:
+        return layer_decay ** (num_blocks + 1)
+    return get_vit_lr_decay_rate(name, layer_decay, num_blocks)
+
+
 def optimizer_param_groups(
     model: torch.nn.Module,
     *,
@@ -71,11 +100,15 @@ def optimizer_param_groups(
     weight_decay_norm: float,
     weight_decay_embed: float,
     backbone_multiplier: float,
+    layer_decay: float = 1.0,
+    num_blocks: int = 0,
 ) -> List[Dict[str, Any]]:
     """detectron2's per-parameter groups (merged by `reduce_param_groups`): lr x
-    `backbone_multiplier` for the backbone's parameters; weight decay `weight_decay_norm` for
-    normalisation layers, `weight_decay_embed` for every nn.Embedding (the denoising label
-    embedding), 0 for Swin's position tables, `weight_decay` for everything else."""
+    `backbone_multiplier` for the backbone's parameters, times `layer_decay_factor` (for a
+    ViT backbone of `num_blocks` blocks; layer_decay 1.0: none); weight decay
+    `weight_decay_norm` for normalisation layers, `weight_decay_embed` for every nn.Embedding
+    (the denoising label embedding), 0 for Swin's position tables and ViTs' position
+    embeddings and tokens, `weight_decay` for everything else."""
     params, seen = [], set()
     for module_name, module in model.named_modules():
         for name, value in module.named_parameters(recurse=False):
@@ -92,14 +125,32 @@ def optimizer_param_groups(
             elif name in NO_DECAY_NAMES:
                 decay = 0.0
             lr = base_lr * (backbone_multiplier if f"{module_name}.".startswith("backbone.") else 1.0)
+            if layer_decay != 1.0:
+                lr *= layer_decay_factor(f"{module_name}.{name}", layer_decay, num_blocks)
             params.append({"params": [value], "lr": lr, "weight_decay": decay})
     return reduce_param_groups(params)
 
 
+def backbone_blocks(model: torch.nn.Module, layer_decay: float) -> int:
+    """The number of blocks of the model's ViT backbone that SOLVER.LAYER_DECAY decays (0 when
+    it is 1.0, off); a backbone without numbered blocks is an error naming the key."""
+    if layer_decay == 1.0:
+        return 0
+    backbone = getattr(model, "backbone", None)
+    blocks = getattr(backbone, "num_blocks", 0)
+    if not blocks:
+        raise ValueError(
+            f"SOLVER.LAYER_DECAY {layer_decay} decays the learning rate block by block of a vision transformer "
+            f"backbone, but this backbone ({type(backbone).__name__}) has no numbered blocks: use a ViT backbone "
+            "(MODEL.BACKBONE.NAME build_vit_backbone) or set SOLVER.LAYER_DECAY 1.0 (off)"
+        )
+    return blocks
+
+
 def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """SOLVER.OPTIMIZER (ADAMW or SGD) over `optimizer_param_groups` (SOLVER.BASE_LR,
-    BACKBONE_MULTIPLIER, WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_EMBED), with
-    SOLVER.CLIP_GRADIENTS.
+    BACKBONE_MULTIPLIER, LAYER_DECAY, WEIGHT_DECAY, WEIGHT_DECAY_NORM, WEIGHT_DECAY_EMBED),
+    with SOLVER.CLIP_GRADIENTS.
 
     First freezes MODEL.FREEZE's parameters (`freeze_parameters`): they are in no group, so
     they get no optimizer state; the log says how many parameters train."""
@@ -125,6 +176,8 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_embed=solver.WEIGHT_DECAY_EMBED,
         backbone_multiplier=solver.BACKBONE_MULTIPLIER,
+        layer_decay=solver.LAYER_DECAY,
+        num_blocks=backbone_blocks(model, solver.LAYER_DECAY),
     )
     optimizer_class = OPTIMIZERS[solver.OPTIMIZER]
     clip = solver.CLIP_GRADIENTS

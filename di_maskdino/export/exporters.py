@@ -155,6 +155,10 @@ def export_program(
     the size divisibility, from 128 to `max_image_size` pixels)."""
     if model.training:
         raise ValueError("export_program: put the model in evaluation mode first (model.eval())")
+    for module in model.modules():  # a part that would fix the input size (e.g. TimmViT with rotary embeddings)
+        problem = getattr(module, "export_size_problem", None)
+        if problem:
+            raise ValueError(f"export_program: the program's height and width must stay dynamic, but {problem}")
     example = example_batch(model) if example is None else example
     with torch.no_grad(), size_oblivious_tracing():
         return torch.export.export(

@@ -66,6 +66,7 @@ from .segmentation_inference import (
     semantic_inference,
     thing_detections,
 )
+from .timm_vit import TimmViT, probe_vit
 
 __all__ = [
     "SpecError",
@@ -142,6 +143,8 @@ __all__ = [
     "thing_detections",
     "predict_segmentation",
     "TimmBackbone",
+    "TimmViT",
+    "probe_vit",
     "FeatureSpec",
     "pad_images",
 ]

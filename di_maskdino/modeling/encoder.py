@@ -121,8 +121,9 @@ class MaskDINOEncoder(nn.Module):
         self.num_levels = num_levels
         norm_layer = norm_layer if norm_layer is not None else group_norm(32)
         # NOTE: the first extra level starts from the widest transformer input (res5 for a
-        # ResNet), each further one from the previous extra level.
-        self.extra_level_source = max(self.transformer_in_features, key=lambda f: in_channels[f])
+        # ResNet), of equally wide ones the coarsest (p5 of a feature pyramid, whose maps all
+        # have one width; MaskDINO picks the same), each further one from the previous extra level.
+        self.extra_level_source = max(self.transformer_in_features, key=lambda f: (in_channels[f], in_strides[f]))
         self.input_proj = self._input_projections(in_channels, norm_layer)
         self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
         self.layers = nn.ModuleList(

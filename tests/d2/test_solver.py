@@ -4,6 +4,7 @@ change; the rest trains; the log says how many parameters train; bad prefixes ar
 
 import logging
 import os
+import re
 
 import pytest
 import torch
@@ -13,7 +14,8 @@ pytest.importorskip("detectron2", reason="detectron2 is not installed (install i
 from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
-from di_maskdino.d2 import build_optimizer, load_config  # noqa: E402
+from di_maskdino.d2 import ConfigError, build_optimizer, load_config  # noqa: E402
+from di_maskdino.d2.solver import layer_decay_factor  # noqa: E402
 from tests.tooling import QUICK, SMALL_BOX_MASK_HEAD  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -153,7 +155,7 @@ def test_paper_config_gives_each_parameter_the_release_lr_and_weight_decay():
 def test_the_norm_layers_taking_the_norm_weight_decay():
     """NORM_TYPES names torch's private base of batch and instance norms: every such layer of
     torch and detectron2 must still be covered, and no other kind of layer."""
-    from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm
+    from detectron2.layers import FrozenBatchNorm2d, NaiveSyncBatchNorm, get_norm
 
     from di_maskdino.d2.solver import NORM_TYPES
 
@@ -168,8 +170,80 @@ def test_the_norm_layers_taking_the_norm_weight_decay():
         torch.nn.InstanceNorm3d(4, affine=True),
         torch.nn.GroupNorm(2, 4),
         torch.nn.LayerNorm(4),
+        get_norm("LN", 4),  # detectron2's LayerNorm over channels (ViTDet's pyramid)
         torch.nn.LocalResponseNorm(2),
     ]
     others = [torch.nn.Linear(4, 4), torch.nn.Conv2d(4, 4, 1), torch.nn.Embedding(3, 4), FrozenBatchNorm2d(4)]
     assert all(isinstance(m, NORM_TYPES) for m in norms)
     assert not any(isinstance(m, NORM_TYPES) for m in others)  # FrozenBatchNorm2d has buffers only
+
+
+QUICK_VIT = os.path.join(ROOT, "configs", "quick_start_vit.yaml")
+
+
+def parameter_settings(optimizer):
+    setting = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            assert id(p) not in setting, "a parameter in two groups"
+            setting[id(p)] = (group["lr"], group["weight_decay"])
+    return setting
+
+
+def test_layer_decay_gives_each_vit_block_its_rate():
+    """SOLVER.LAYER_DECAY 0.8 on the 6 blocks of configs/quick_start_vit.yaml, with
+    BACKBONE_MULTIPLIER 0.5: block i (1..6) at lr x 0.5 x 0.8 ** (7 - i); the patch and position
+    embeddings and the class token at lr x 0.5 x 0.8 ** 7; the ViT's final norm and the
+    pyramid at lr x 0.5; the rest of the model at lr. Position embeddings and tokens take no
+    weight decay, norm layers (the pyramid's channel LayerNorms too) WEIGHT_DECAY_NORM."""
+    opts = ["SOLVER.LAYER_DECAY", "0.8", "SOLVER.BACKBONE_MULTIPLIER", "0.5", "SOLVER.BASE_LR", "0.001"]
+    cfg = load_config(QUICK_VIT, opts + ["SOLVER.WEIGHT_DECAY", "0.05", "SOLVER.WEIGHT_DECAY_NORM", "0.01"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    setting = parameter_settings(build_optimizer(cfg, model))
+    modules = dict(model.named_modules())
+    blocks = 6
+    layers = set()
+    for name, p in model.named_parameters():
+        block = re.match(r"backbone\.net\.body\.blocks\.(\d+)\.", name)
+        if block:
+            layer = int(block.group(1)) + 1
+        elif name.split(".")[3:4] in (["cls_token"], ["pos_embed"], ["patch_embed"]):
+            layer = 0
+        else:
+            layer = blocks + 1
+        layers.add(layer)
+        lr = 0.001 * (0.5 if name.startswith("backbone.") else 1.0) * 0.8 ** (blocks + 1 - layer)
+        owner = type(modules[name.rsplit(".", 1)[0]]).__name__
+        if name.endswith(("pos_embed", "cls_token")):
+            decay = 0.0
+        elif owner in ("LayerNorm", "GroupNorm", "Embedding"):
+            decay = 0.0 if owner == "Embedding" else 0.01
+        else:
+            decay = 0.05
+        assert setting[id(p)] == pytest.approx((lr, decay)), (name, owner)
+    assert layers == set(range(blocks + 2))  # every layer has parameters
+    named = dict(model.named_parameters())
+    assert setting[id(named["backbone.net.body.blocks.5.mlp.fc2.weight"])][0] == pytest.approx(0.001 * 0.5 * 0.8)
+    assert setting[id(named["backbone.simfp_2.0.weight"])][0] == pytest.approx(0.0005)
+    assert setting[id(named["head.heads.class_embed.weight"])][0] == pytest.approx(0.001)
+
+
+def test_register_tokens_decay_with_the_embeddings():
+    assert layer_decay_factor("backbone.net.body.reg_token", 0.8, 12) == pytest.approx(0.8**13)
+    assert layer_decay_factor("backbone.net.body.cls_token", 0.8, 12) == pytest.approx(0.8**13)
+    assert layer_decay_factor("backbone.net.body.blocks.11.ls1.gamma", 0.8, 12) == pytest.approx(0.8)
+    assert layer_decay_factor("encoder.cls_token", 0.8, 12) == 1.0  # outside the backbone: no decay
+
+
+def test_layer_decay_without_a_vit_backbone_is_refused():
+    cfg, model = quick_model([])
+    cfg.SOLVER.LAYER_DECAY = 0.8
+    with pytest.raises(ValueError, match=r"SOLVER.LAYER_DECAY 0.8 .* no numbered blocks.*build_vit_backbone.*1.0"):
+        build_optimizer(cfg, model)
+
+
+@pytest.mark.parametrize("value", ["0.0", "1.5"])
+def test_layer_decay_outside_0_1_is_refused_when_the_config_is_loaded(value):
+    with pytest.raises(ConfigError, match=rf"SOLVER.LAYER_DECAY = {value}: must be in \(0, 1\]"):
+        load_config(QUICK_VIT, ["SOLVER.LAYER_DECAY", value])

@@ -48,6 +48,30 @@ def test_norm_layer_is_a_constructor_and_extra_levels_follow_the_widest_input():
     assert [tuple(f.shape[-2:]) for f in out.features] == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
 
 
+def test_extra_levels_of_equally_wide_maps_start_from_the_coarsest():
+    """A feature pyramid's maps (p2..p5, one width): the extra level is p5's stride-2
+    neighbour, at stride 64, whatever order the maps are given in."""
+    channels = {"p2": 16, "p3": 16, "p4": 16, "p5": 16}
+    strides = {"p5": 32, "p3": 8, "p2": 4, "p4": 16}
+    encoder = MaskDINOEncoder(
+        channels,
+        strides,
+        transformer_in_features=("p4", "p3", "p5"),
+        hidden_dim=16,
+        mask_dim=16,
+        num_levels=4,
+        num_layers=1,
+        num_heads=2,
+        ffn_dim=32,
+        norm_layer=group_norm(4),
+    )
+    assert encoder.extra_level_source == "p5" and encoder.fpn_in_features == ["p2"]
+    features = {name: torch.rand(1, 16, 256 // stride, 192 // stride) for name, stride in strides.items()}
+    out = encoder(features)
+    assert [tuple(f.shape[-2:]) for f in out.features] == [(32, 24), (16, 12), (8, 6), (4, 3)]
+    assert tuple(out.mask_features.shape[-2:]) == (64, 48)
+
+
 def test_the_encoder_changes_the_tokens_with_attention_across_levels():
     """Changing only the coarsest backbone map changes the finest encoded level (deformable
     self-attention reads every level)."""

@@ -125,6 +125,18 @@ def _add_backbone_keys(cfg: CN) -> None:
     cfg.MODEL.TIMM.IMG_SIZE = 0  # input size a model is built for (Swin, ViT); 0 = the model's default
     cfg.MODEL.TIMM.STRICT_IMG_SIZE = True  # False lets Swin/ViT take any input size (detection)
 
+    # vision transformers (MODEL.BACKBONE.NAME = "build_vit_backbone"): a plain timm ViT whose
+    # last map detectron2's SimpleFeaturePyramid (ViTDet) turns into p2..p5 (strides 4..32)
+    cfg.MODEL.VIT = CN()
+    cfg.MODEL.VIT.NAME = "vit_base_patch14_dinov2"  # any plain timm ViT (DINOv2, DINOv3, DeiT, ...)
+    # NOTE: the pyramid's strides 4..32 need 16-pixel patches. 0 keeps the model's own; DINOv2's
+    # 14 is changed to 16 (timm resamples the pretrained patch embedding when loading it).
+    cfg.MODEL.VIT.PATCH_SIZE = 16
+    cfg.MODEL.VIT.PRETRAINED = False  # timm's pretrained weights of NAME (its cache; downloads when missing)
+    cfg.MODEL.VIT.PRETRAINED_FILE = ""  # a local timm checkpoint of NAME (loaded by timm; implies PRETRAINED)
+    cfg.MODEL.VIT.DROP_PATH_RATE = 0.1  # stochastic depth of the blocks
+    cfg.MODEL.VIT.OUT_CHANNELS = 256  # channels of every pyramid map
+
 
 def _add_input_and_solver_keys(cfg: CN) -> None:
     # data: "lsj" (large-scale jitter, the paper's COCO setting) or "resize" (shortest edge)
@@ -140,6 +152,12 @@ def _add_input_and_solver_keys(cfg: CN) -> None:
     cfg.SOLVER.WEIGHT_DECAY_NORM = 0.0
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0  # nn.Embedding (the denoising label embedding), as the release
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # layer-wise learning-rate decay of a ViT backbone (build_vit_backbone; ViTDet's rule): of L
+    # blocks, block i (1..L) trains at LAYER_DECAY ** (L + 1 - i) x its rate, the patch and
+    # position embeddings and the class / register tokens at LAYER_DECAY ** (L + 1); the final
+    # norm, the pyramid and the rest of the model are not decayed. The factor multiplies
+    # BACKBONE_MULTIPLIER's. 1.0: off
+    cfg.SOLVER.LAYER_DECAY = 1.0
     cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01

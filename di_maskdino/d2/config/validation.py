@@ -9,13 +9,13 @@ evaluation below.
 """
 
 import re
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 from ...modeling import TEST_MASKS, SpecError
 from ..data.build import MAPPER_NAMES
 from .specs import ARCHITECTURE_KEYS, OBJECTIVE_KEYS, architecture_from_config, config_value, objective_from_config
 
-__all__ = ["ConfigError", "validate_config"]
+__all__ = ["ConfigError", "validate_config", "spec_problem_lines"]
 
 
 class ConfigError(ValueError):
@@ -63,6 +63,14 @@ def _rules(cfg) -> List[Tuple[str, Callable[[object], bool], str]]:
         ),
         ("SOLVER.ACCUMULATION_STEPS", positive, "at least 1 (micro-batches per optimizer step)"),
         (
+            "SOLVER.LAYER_DECAY",
+            lambda v: 0.0 < v <= 1.0,
+            "in (0, 1]: the learning-rate factor from one ViT block to the one below (1.0: off)",
+        ),
+        ("MODEL.VIT.PATCH_SIZE", lambda v: v >= 0, "at least 0 (0: the model's own)"),
+        ("MODEL.VIT.DROP_PATH_RATE", lambda v: 0.0 <= v < 1.0, "in [0, 1)"),
+        ("MODEL.VIT.OUT_CHANNELS", positive, "at least 1"),
+        (
             "SOLVER.IMS_PER_BATCH",
             lambda v: cfg.SOLVER.ACCUMULATION_STEPS < 1 or v % cfg.SOLVER.ACCUMULATION_STEPS == 0,
             f"divisible by SOLVER.ACCUMULATION_STEPS ({cfg.SOLVER.ACCUMULATION_STEPS}): the images of one "
@@ -79,17 +87,23 @@ def _rules(cfg) -> List[Tuple[str, Callable[[object], bool], str]]:
     ]
 
 
+def spec_problem_lines(cfg, error: SpecError, keys: Dict[str, str]) -> List[str]:
+    """The problems of `error` as "KEY = value: must be ..." lines of `cfg`, `keys` mapping
+    each field to its config key; the fields named in the requirements (in backticks) are
+    replaced by their keys too."""
+    return [
+        f"  {keys[field]} = {config_value(cfg, keys[field])!r}: must be "
+        + re.sub(r"`([a-z_.]+)`", lambda match: keys.get(match.group(1), match.group(1)), requirement)
+        for field, requirement in error.problems
+    ]
+
+
 def _spec_problems(cfg, build, keys) -> List[str]:
-    """The problems `build(cfg)` reports, as "KEY = value: must be ..." lines, the fields
-    named in the requirements (in backticks) replaced by their keys."""
+    """The problems `build(cfg)` reports, as `spec_problem_lines`."""
     try:
         build(cfg)
     except SpecError as error:
-        return [
-            f"  {keys[field]} = {config_value(cfg, keys[field])!r}: must be "
-            + re.sub(r"`([a-z_.]+)`", lambda match: keys.get(match.group(1), match.group(1)), requirement)
-            for field, requirement in error.problems
-        ]
+        return spec_problem_lines(cfg, error, keys)
     return []
 
 

@@ -95,6 +95,13 @@ def test_every_declared_key_is_read():
     from detectron2.modeling import build_backbone
 
     build_backbone(tracked(timm_cfg, reads))
+    vit_cfg = cfg.clone()  # the ViT backbone's keys (a small timm ViT, random weights)
+    vit_cfg.MODEL.BACKBONE.NAME = "build_vit_backbone"
+    vit_cfg.MODEL.VIT.NAME = "test_vit"
+    vit_cfg.MODEL.DI_MASKDINO.ENCODER.IN_FEATURES = ["p3", "p4", "p5"]
+    vit_cfg.SOLVER.LAYER_DECAY = 0.8  # read by the optimizer of a model with a ViT backbone
+    vit_view = tracked(vit_cfg, reads)
+    build_optimizer(vit_view, DIMaskDINOArch(vit_view))
     unread = sorted(declared - reads)
     assert unread == [], f"declared but never read: {unread}"
 
