@@ -139,3 +139,23 @@ def test_against_the_release():
     line = next(line for line in result.stdout.splitlines() if line.startswith("synchronisations"))
     ours, release = (int(v) for v in line.split()[1:])
     assert ours == 2 and release > ours
+
+
+def test_compile_layers_compiles_each_layer_of_the_encoder_token_interaction_and_decoder():
+    from detectron2.modeling import build_model
+
+    from di_maskdino.d2 import load_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "quick_start.yaml"), ["MODEL.DEVICE", "meta"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    names = dict(model.named_parameters())
+    expected = {
+        f"{owner}.{index}"
+        for owner in ("encoder.layers", "head.decoder.layers", "head.de_imbalance.stages.0.layers")
+        for index in range(len(model.get_submodule(owner)))
+    }
+    assert load_script().compile_layers(model) == len(expected)
+    compiled = {name for name, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None}
+    assert compiled == expected
+    assert dict(model.named_parameters()).keys() == names.keys()
