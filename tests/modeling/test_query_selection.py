@@ -33,6 +33,30 @@ def test_masks_to_box_logits_hand_made():
     )
 
 
+def test_mask_boxes_covering_whole_pixels_as_bitmasks():
+    """edges="pixels" (the release's "bitmask"): the box spans the outer edges of the mask's
+    pixels, one pixel wider and taller than "indices"; oracle: the extent of every mask read
+    pixel by pixel in Python."""
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.randn(2, 5, 7, 9, generator=generator) - 1.2  # sparse random masks
+    masks[1, 4] = -1.0  # one empty mask
+    boxes = masks_to_box_logits(masks, "pixels").sigmoid()
+    for b in range(2):
+        for q in range(5):
+            pixels = [(y, x) for y in range(7) for x in range(9) if masks[b, q, y, x] > 0]
+            if not pixels:  # detectron2's BitMasks box of an empty mask: (0, 0, 0, 0)
+                torch.testing.assert_close(boxes[b, q], torch.zeros(4), rtol=0, atol=1e-4)
+                continue
+            x0, x1 = min(x for _, x in pixels), max(x for _, x in pixels) + 1
+            y0, y1 = min(y for y, _ in pixels), max(y for y, _ in pixels) + 1
+            expected = torch.tensor([(x0 + x1) / 2 / 9, (y0 + y1) / 2 / 7, (x1 - x0) / 9, (y1 - y0) / 7])
+            torch.testing.assert_close(boxes[b, q], expected, rtol=0, atol=2e-5)  # logits clamp at 1e-5
+    indices = masks_to_box_logits(masks, "indices").sigmoid()
+    nonempty = (masks > 0).flatten(2).any(-1)
+    widths = (boxes[..., 2:] - indices[..., 2:])[nonempty]
+    torch.testing.assert_close(widths, torch.tensor([1 / 9, 1 / 7]).expand_as(widths), rtol=0, atol=3e-5)
+
+
 def test_encoder_proposals():
     tokens = torch.ones(1, 4 * 4 + 2 * 2, 2)
     kept, logits = encoder_proposals(tokens, [[4, 4], [2, 2]])
