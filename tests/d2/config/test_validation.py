@@ -50,6 +50,10 @@ from tests.tooling import QUICK, ROOT  # noqa: E402
             "MODEL.DI_MASKDINO.TEST.INSTANCE_ON = False: must be True unless",
         ),
         (["MODEL.DI_MASKDINO.TEST.TEMPERATURE", "-1.0"], "MODEL.DI_MASKDINO.TEST.TEMPERATURE = -1.0: must be at"),
+        (
+            ["MODEL.DI_MASKDINO.MASK_BOX_EDGES", "bitmask"],
+            "MODEL.DI_MASKDINO.MASK_BOX_EDGES = 'bitmask': must be \"indices\" or \"pixels\"",
+        ),
     ],
 )
 def test_impossible_values_are_refused_by_key(overrides, named):
