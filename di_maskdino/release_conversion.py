@@ -213,8 +213,9 @@ def convert_swin_classification_state_dict(
     Returns (converted, dropped), dropped naming each left-out entry and why: the
     classification head and final norm, the attention masks (computed for each input size),
     and the relative-position indices (checked against the window size first). The per-map
-    output norms are not in such a checkpoint; they start as the model initialises them, as
-    in MaskDINO's training. Raises ConversionError listing every entry that does not map."""
+    output norms, which such a checkpoint lacks, are added at their initialisation (weight 1,
+    bias 0), as in MaskDINO's training. Raises ConversionError listing every entry that does
+    not map."""
     timm_layout = any(k.startswith("layers.3.downsample.") for k in state_dict)
     converted: Dict[str, torch.Tensor] = {}
     dropped: Dict[str, str] = {}
@@ -241,6 +242,14 @@ def convert_swin_classification_state_dict(
             converted[target] = value
     if problems:
         raise ConversionError("the checkpoint is not a Swin classification checkpoint:\n" + "\n".join(problems))
+    # NOTE: the per-map output norms are not in a classification checkpoint; they are written
+    # at a LayerNorm's initialisation (weight 1, bias 0), the values MaskDINO's training starts
+    # them from, so that the file initialises the whole backbone (MODEL.WEIGHTS).
+    channels = converted["backbone.body.patch_embed.proj.weight"].shape[0]
+    for stage in range(4):
+        dtype = converted["backbone.body.patch_embed.proj.weight"].dtype
+        converted[f"backbone.output_norms.{stage}.weight"] = torch.ones(channels << stage, dtype=dtype)
+        converted[f"backbone.output_norms.{stage}.bias"] = torch.zeros(channels << stage, dtype=dtype)
     return converted, dropped
 
 

@@ -172,14 +172,16 @@ def test_imagenet_swin_converts_to_the_backbone(layout):
     source = state if layout == "microsoft" else expected
     converted, dropped = convert_swin_classification_state_dict(source)
     body = {k: v for k, v in expected.items() if not k.startswith(("head.", "norm."))}
-    assert len(converted) == len(body)
+    assert len(converted) == len(body) + 8  # and the 4 output norms' weights and biases
     for name, tensor in body.items():
         ours = "backbone.body." + re.sub(r"^layers\.(\d+)\.", r"layers_\1.", name)
         assert torch.equal(converted[ours], tensor), name
+    for stage, channels in enumerate((192, 384, 768, 1536)):  # a LayerNorm's initialisation
+        assert torch.equal(converted[f"backbone.output_norms.{stage}.weight"], torch.ones(channels))
+        assert torch.equal(converted[f"backbone.output_norms.{stage}.bias"], torch.zeros(channels))
     with torch.device("meta"):
         backbone = SwinBackbone("swin_large_patch4_window12_384")
-    shapes = {f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()}
-    check_against_model(converted, shapes, skip_prefixes=("backbone.output_norms.",))
+    check_against_model(converted, {f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()})
     classification_only = {k for k in source if k.startswith(("head", "norm"))}
     assert {k for k in dropped if k.startswith(("head", "norm"))} == classification_only
     if layout == "microsoft":
@@ -212,6 +214,10 @@ def test_conversion_tool_on_swin_files(tmp_path):
     target = tmp_path / "backbone.pth"
     refused = convert_tool("--input", pkl, "--output", target)
     assert refused.returncode != 0 and "--trust-pickle" in refused.stderr and not target.exists()
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(pkl.read_bytes()[:100000])
+    broken = convert_tool("--input", truncated, "--output", target, "--trust-pickle")
+    assert broken.returncode != 0 and "is corrupt or truncated" in broken.stderr and "Traceback" not in broken.stderr
     run = convert_tool("--input", pkl, "--output", target, "--trust-pickle")
     assert run.returncode == 0, run.stderr
     assert "These are Swin-L backbone weights" in run.stdout and "12 x the shifted-window mask" in run.stdout
@@ -220,10 +226,46 @@ def test_conversion_tool_on_swin_files(tmp_path):
         written["backbone.body.layers_1.downsample.reduction.weight"],
         torch.from_numpy(np.asarray(state["layers.0.downsample.reduction.weight"])),
     )
-    # the released detection model names its config
-    release = tmp_path / "maskdino_swinl.pth"
-    torch.save({"model": release_state_dict("swinl")}, release)
-    run = convert_tool("--input", release, "--output", tmp_path / "converted.pth")
-    assert run.returncode == 0, run.stderr
-    assert "--config-file configs/release/maskdino_swinl_4s_50ep.yaml --eval-only" in run.stdout
+    # the released detection models name their configs: the two instance releases by file name
+    state = {"model": release_state_dict("swinl")}
+    for name, config in [
+        ("maskdino_swinl_50ep_300q_hid2048_3sd1_instance_maskenhanced_mask52.3ap_box59.0ap.pth", "4s_50ep.yaml"),
+        ("maskdino_swinl_50ep_300q_hid2048_3sd1_instance_mask52.1ap_box58.3ap.pth", "4s_50ep_no_mask_enhance.yaml"),
+    ]:
+        torch.save(state, tmp_path / name)
+        run = convert_tool("--input", tmp_path / name, "--output", tmp_path / "converted.pth")
+        assert run.returncode == 0, run.stderr
+        assert f"--config-file configs/release/maskdino_swinl_{config} --eval-only" in run.stdout
+        assert " or: " not in run.stdout
     assert HAS_DETECTRON2 or "not installed" not in run.stdout  # the Swin backbone is checked with timm alone
+
+
+@pytest.mark.slow
+def test_converted_imagenet_swin_initialises_a_swin_config(tmp_path):
+    """End to end: timm's Swin-T checkpoint (random weights, timm's layout) converted by the
+    tool initialises every backbone parameter of a build_swin_backbone model through
+    MODEL.WEIGHTS (the d2 checkpointer's "init" mode), the output norms included."""
+    pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
+    import timm
+    from detectron2.modeling import build_model
+
+    from di_maskdino.d2 import load_config
+    from di_maskdino.d2.checkpointer import Checkpointer
+
+    torch.manual_seed(0)
+    classifier = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
+    source, target = tmp_path / "swin_tiny.pth", tmp_path / "backbone.pth"
+    torch.save(classifier, source)
+    assert convert_tool("--input", source, "--output", target).returncode == 0
+    overrides = ["MODEL.DEVICE", "cpu", "MODEL.BACKBONE.NAME", "build_swin_backbone"]
+    overrides += ["MODEL.TIMM.NAME", "swin_tiny_patch4_window7_224", "MODEL.WEIGHTS", str(target)]
+    cfg = load_config(os.path.join(ROOT, "configs", "quick_start.yaml"), overrides)
+    model = build_model(cfg)
+    Checkpointer(model, mode="init", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
+    loaded = model.backbone.state_dict()
+    for name, tensor in classifier.items():
+        if name.startswith(("head.", "norm.")) or name.endswith(("relative_position_index", "attn_mask")):
+            continue
+        ours = "body." + re.sub(r"^layers\.(\d+)\.", r"layers_\1.", name)
+        assert torch.equal(loaded[ours], tensor), name
+    assert all(torch.equal(loaded[f"output_norms.{i}.weight"], torch.ones(96 << i)) for i in range(4))

@@ -47,16 +47,18 @@ from di_maskdino.release_conversion import (
 
 def read_state(path: str, trust_pickle: bool):
     """The file's object: safetensors, a detectron2 .pkl (pickle of numpy arrays; only with
-    --trust-pickle) or a torch file."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    --trust-pickle) or a torch file. An unreadable file raises CheckpointReadError."""
+    if not path.endswith((".safetensors", ".pkl")):
+        return read_checkpoint(path, trust_pickle=trust_pickle, what="--input")
+    if path.endswith(".pkl") and not trust_pickle:
+        raise SystemExit(
+            f"--input {path}: a .pkl file is a pickle, which can run code; if you trust it, add --trust-pickle"
+        )
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        return load_file(path)
-    if path.endswith(".pkl"):
-        if not trust_pickle:
-            raise SystemExit(
-                f"--input {path}: a .pkl file is a pickle, which can run code; if you trust it, add --trust-pickle"
-            )
+            return load_file(path)
         import pickle
 
         import numpy as np
@@ -67,7 +69,12 @@ def read_state(path: str, trust_pickle: bool):
         if isinstance(state, dict):
             return {k: torch.from_numpy(np.asarray(v)) if isinstance(v, np.ndarray) else v for k, v in state.items()}
         return state
-    return read_checkpoint(path, trust_pickle=trust_pickle, what="--input")
+    except Exception as error:  # noqa: BLE001 - every failure to read the file is reported with it
+        raise CheckpointReadError(
+            f"--input {path} ({os.path.getsize(path)} bytes) is corrupt or truncated and cannot be read "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no message'}). Copy or "
+            "download it again."
+        ) from error
 
 
 def load_release(path: str, trust_pickle: bool) -> dict:
@@ -116,7 +123,8 @@ def swin_shapes(converted: dict) -> dict:
     (backbone.body.*, backbone.output_norms.*)."""
     from di_maskdino.modeling.swin import SwinBackbone
 
-    backbone = SwinBackbone("swin_large_patch4_window12_384", **infer_swin(converted))
+    with torch.device("meta"):  # shapes only
+        backbone = SwinBackbone("swin_large_patch4_window12_384", **infer_swin(converted))
     return {f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()}
 
 
@@ -125,12 +133,12 @@ def convert_swin_classification(state: dict, output: str, source: str) -> int:
     config."""
     converted, dropped = convert_swin_classification_state_dict(state)
     sizes = infer_swin(converted)
-    check_against_model(converted, swin_shapes(converted), skip_prefixes=("backbone.output_norms.",))
+    check_against_model(converted, swin_shapes(converted))
     reasons = sorted(set(dropped.values()))
     print(
         f"Swin classification checkpoint: {len(state)} entries -> {len(converted)} backbone parameters "
         f"(embed dim {sizes['embed_dim']}, depths {list(sizes['depths'])}, heads {list(sizes['num_heads'])}, "
-        f"window {sizes['window_size']}); left out: "
+        f"window {sizes['window_size']}; the 4 output norms added at their initialisation); left out: "
         + "; ".join(f"{sum(r == why for r in dropped.values())} x {why}" for why in reasons)
     )
     atomic_torch_save({"model": converted, "__source__": source}, output)
@@ -140,7 +148,7 @@ def convert_swin_classification(state: dict, output: str, source: str) -> int:
             "These are Swin-L backbone weights; train from them with a build_swin_backbone config, e.g.\n"
             "  python tools/train_net.py --config-file configs/coco/dimaskdino_swinl_50ep.yaml "
             f"MODEL.WEIGHTS {output}\n"
-            "(the per-map output norms and everything after the backbone start from their initialisation)"
+            "(everything after the backbone starts from its initialisation)"
         )
     return 0
 
@@ -192,14 +200,21 @@ def main() -> int:
             "(the evaluation refuses a config that does not fit the weights and lists the differences)."
         )
     else:
+        configs = list(release["configs"])
+        if "choice" in release:
+            # the weights do not tell these releases apart; their file names do
+            name = os.path.basename(args.input).lower()
+            picked = configs[0] if "maskenhanced" in name else configs[1] if "_instance_" in name else None
+            if picked is not None:
+                configs = [picked]
         print(
             f"This is {release['name']}; evaluate it with:\n"
-            f"  python tools/train_net.py --config-file {release['configs'][0]} --eval-only MODEL.WEIGHTS {args.output}"
+            f"  python tools/train_net.py --config-file {configs[0]} --eval-only MODEL.WEIGHTS {args.output}"
         )
-        if "choice" in release:
-            print(f"  or: {', '.join(release['configs'][1:])}; {release['choice']}")
-        elif len(release["configs"]) > 1:
-            print(f"  (equally: {', '.join(release['configs'][1:])}; they differ only in the training schedule)")
+        if len(configs) > 1 and "choice" in release:
+            print(f"  or: {', '.join(configs[1:])}; {release['choice']}")
+        elif len(configs) > 1:
+            print(f"  (equally: {', '.join(configs[1:])}; they differ only in the training schedule)")
     return 0
 
 

@@ -109,6 +109,11 @@ def optimizer_param_groups(
     `weight_decay_norm` for normalisation layers, `weight_decay_embed` for every nn.Embedding
     (the denoising label embedding), 0 for Swin's position tables and ViTs' position
     embeddings and tokens, `weight_decay` for everything else."""
+    if layer_decay != 1.0 and num_blocks < 1:
+        raise ValueError(
+            f"optimizer_param_groups: layer_decay {layer_decay} needs the number of the backbone's blocks (num_blocks "
+            f"at least 1), got {num_blocks}"
+        )
     params, seen = [], set()
     for module_name, module in model.named_modules():
         for name, value in module.named_parameters(recurse=False):

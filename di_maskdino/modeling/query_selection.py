@@ -97,6 +97,9 @@ def encoder_proposals(tokens: torch.Tensor, shapes: Sequence[Tuple[int, int]]):
     return tokens.masked_fill(~valid, 0.0), logits
 
 
+MASK_BOX_EDGES = ("indices", "pixels")
+
+
 def masks_to_box_logits(mask_logits: torch.Tensor, edges: str = "indices") -> torch.Tensor:
     """Mask-enhanced box initialisation: the tight box of every predicted mask (logit > 0).
 
@@ -113,6 +116,8 @@ def masks_to_box_logits(mask_logits: torch.Tensor, edges: str = "indices") -> to
     and (0, 0, 0, 0) with "pixels", whose logits are +-11.5 - the boxes the authors' release
     derives for it in each mode.
     """
+    if edges not in MASK_BOX_EDGES:
+        raise ValueError(f"masks_to_box_logits: edges must be one of {MASK_BOX_EDGES}, got {edges!r}")
     batch, queries, height, width = mask_logits.shape
     binary = (mask_logits > 0).flatten(0, 1)
     corners = masks_to_boxes(binary)
@@ -144,6 +149,8 @@ class QuerySelection(nn.Module):
         super().__init__()
         if num_selected < 1:
             raise ValueError(f"QuerySelection: the first selection must keep at least one token, got {num_selected}")
+        if mask_box_edges not in MASK_BOX_EDGES:
+            raise ValueError(f"QuerySelection: mask_box_edges must be one of {MASK_BOX_EDGES}, got {mask_box_edges!r}")
         self.num_selected = num_selected
         self.mask_enhanced_boxes = mask_enhanced_boxes
         self.mask_box_edges = mask_box_edges

@@ -1,10 +1,10 @@
 """Swin Transformer backbone computing as MaskDINO's released Swin-L models do.
 
-MaskDINO (and DI-MaskDINO, which inherits its backbone code) trained its Swin models with the
-detection variant of the Swin code: any input size, windows padded at the bottom and right,
-the same window size and shift at every stage whatever the feature size, and a LayerNorm on
-each returned map (`norm0`..`norm3` in its checkpoints). `SwinBackbone` builds timm's Swin
-and makes it compute the same way:
+MaskDINO trained its Swin-L models (DI-MaskDINO's release carries the same backbone code) with
+the detection variant of the Swin code: any input size (padded to whole patches), windows
+padded at the bottom and right, the same window size and shift at every stage whatever the
+feature size, and a LayerNorm on each returned map (`norm0`..`norm3` in its checkpoints).
+`SwinBackbone` builds timm's Swin and makes it compute the same way:
 
 - `always_partition=True`: timm keeps the configured window and shift at every stage (by
   default it shrinks the window, and drops the shift, where a stage's feature map built for
@@ -36,20 +36,6 @@ def _swin_block_class():
     return SwinTransformerBlock
 
 
-def _windows(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
-    """(B, H, W, C) with H, W whole multiples of the window -> (B * nW, wh * ww, C)."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // window[0], window[0], w // window[1], window[1], c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], c)
-
-
-def _unwindow(windows: torch.Tensor, window: Sequence[int], height: int, width: int) -> torch.Tensor:
-    """Inverse of `_windows`: (B * nW, wh * ww, C) -> (B, H, W, C)."""
-    c = windows.shape[-1]
-    x = windows.view(-1, height // window[0], width // window[1], window[0], window[1], c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, c)
-
-
 def pad_then_shift_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The shifted-window attention of a timm Swin `block` on a (B, H, W, C) map, padded to
     whole windows before the cyclic shift, as the released MaskDINO Swin computes it.
@@ -67,7 +53,11 @@ def pad_then_shift_attention(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if any(shift):
         x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
         mask = block.get_attn_mask(x)
-    x = _unwindow(block.attn(_windows(x, window), mask=mask), window, padded_h, padded_w)
+    from timm.models.swin_transformer import window_partition, window_reverse
+
+    windows = window_partition(x, window).flatten(1, 2)  # (B * nW, wh * ww, C)
+    windows = block.attn(windows, mask=mask).view(-1, window[0], window[1], x.shape[-1])
+    x = window_reverse(windows, window, padded_h, padded_w)
     if any(shift):
         x = torch.roll(x, shifts=shift, dims=(1, 2))
     return x[:, :height, :width].contiguous()
@@ -133,6 +123,11 @@ class SwinBackbone(TimmBackbone):
         self.output_norms = nn.ModuleList(nn.LayerNorm(self._shapes[name].channels) for name in self._names)
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
+        # the release pads the image at the bottom and right to whole patches; timm requires them
+        patch = self.body.patch_embed.patch_size
+        pad_h, pad_w = (-images.shape[-2]) % patch[0], (-images.shape[-1]) % patch[1]
+        if pad_h or pad_w:
+            images = F.pad(images, (0, pad_w, 0, pad_h))
         maps = self.body(images)  # channels-last
         return {
             name: norm(m).permute(0, 3, 1, 2).contiguous()

@@ -15,7 +15,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 from di_maskdino.d2 import ConfigError, build_optimizer, load_config  # noqa: E402
-from di_maskdino.d2.solver import layer_decay_factor  # noqa: E402
+from di_maskdino.d2.solver import layer_decay_factor, optimizer_param_groups  # noqa: E402
 from tests.tooling import QUICK, SMALL_BOX_MASK_HEAD  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -241,6 +241,22 @@ def test_layer_decay_without_a_vit_backbone_is_refused():
     cfg.SOLVER.LAYER_DECAY = 0.8
     with pytest.raises(ValueError, match=r"SOLVER.LAYER_DECAY 0.8 .* no numbered blocks.*build_vit_backbone.*1.0"):
         build_optimizer(cfg, model)
+
+
+def test_layer_decay_needs_the_number_of_blocks():
+    """optimizer_param_groups alone: a decay without the blocks' count would raise the rates
+    of the blocks (decay ** -i) instead of lowering them."""
+    _, model = quick_model([])
+    with pytest.raises(ValueError, match="num_blocks"):
+        optimizer_param_groups(
+            model,
+            base_lr=1e-4,
+            weight_decay=0.05,
+            weight_decay_norm=0.0,
+            weight_decay_embed=0.0,
+            backbone_multiplier=0.1,
+            layer_decay=0.8,
+        )
 
 
 @pytest.mark.parametrize("value", ["0.0", "1.5"])

@@ -57,6 +57,13 @@ def test_mask_boxes_covering_whole_pixels_as_bitmasks():
     torch.testing.assert_close(widths, torch.tensor([1 / 9, 1 / 7]).expand_as(widths), rtol=0, atol=3e-5)
 
 
+def test_an_unknown_mask_box_extent_is_refused():
+    with pytest.raises(ValueError, match="edges must be one of"):
+        masks_to_box_logits(torch.zeros(1, 1, 2, 2), "bitmask")
+    with pytest.raises(ValueError, match="mask_box_edges must be one of"):
+        QuerySelection(32, 10, True, "bitmask")
+
+
 def test_encoder_proposals():
     tokens = torch.ones(1, 4 * 4 + 2 * 2, 2)
     kept, logits = encoder_proposals(tokens, [[4, 4], [2, 2]])

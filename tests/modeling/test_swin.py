@@ -23,10 +23,13 @@ def small_swin(**kwargs):
 
 
 def window_attention_by_definition(block, x):
-    """The release's shifted-window attention on (1, H, W, C), one window at a time: zero-pad
+    """The release's shifted-window attention on (B, H, W, C), image by image and one window
+    at a time: zero-pad
     to whole windows, roll by -shift, attend within each window (relative-position bias;
     -100 between positions from different regions of the padded, rolled map), roll back,
     crop."""
+    if x.shape[0] > 1:
+        return torch.cat([window_attention_by_definition(block, image[None]) for image in x])
     window, shift = block.window_size[0], block.shift_size[0]
     _, height, width, channels = x.shape
     padded_h, padded_w = math.ceil(height / window) * window, math.ceil(width / window) * window
@@ -73,7 +76,7 @@ def test_blocks_pad_before_shifting_as_the_release(size):
     shifted = backbone.body.layers_0.blocks[1]
     plain = backbone.body.layers_0.blocks[0]
     assert shifted.shift_size == (3, 3) and plain.shift_size == (0, 0)
-    x = torch.randn(1, *size, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(2, *size, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         for block in (plain, shifted):
             torch.testing.assert_close(block(x), block_by_definition(block, x), rtol=0, atol=1e-12)
@@ -101,7 +104,7 @@ def test_every_stage_shifts_and_keeps_its_window_at_any_size():
         assert [b.shift_size for b in blocks] == [(0, 0), (3, 3)]
 
 
-@pytest.mark.parametrize("size", [(64, 96), (96, 64), (160, 224)])
+@pytest.mark.parametrize("size", [(64, 96), (96, 64), (160, 224), (66, 70)])
 def test_maps_are_named_by_stride_and_normalised(size):
     backbone = small_swin()
     backbone.output_norms.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
@@ -111,7 +114,8 @@ def test_maps_are_named_by_stride_and_normalised(size):
     assert list(features) == ["res2", "res3", "res4", "res5"]
     for name, feature in features.items():
         stride, channels = shapes[name].stride, shapes[name].channels
-        assert feature.shape == (2, channels, size[0] // stride, size[1] // stride)
+        # an image that is not whole patches is padded to them, as the release pads it
+        assert feature.shape == (2, channels, math.ceil(size[0] / stride), math.ceil(size[1] / stride))
         # a LayerNorm over channels at its initial affine: mean 0, variance 1 at every position
         torch.testing.assert_close(feature.mean(1), torch.zeros_like(feature.mean(1)), atol=1e-9, rtol=0)
         torch.testing.assert_close(feature.var(1, unbiased=False), torch.ones_like(feature[:, 0]), atol=1e-4, rtol=0)
@@ -142,3 +146,15 @@ def test_checkpointing_keeps_features_and_gradients():
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
     assert backbone.body.grad_checkpointing
+
+
+def test_patch_merging_concatenates_as_the_release():
+    """The converter moves the release's patch merging (end of stage i) to timm's (start of
+    stage i + 1) unchanged: both concatenate the 2 x 2 neighbours in the order (0, 0), (1, 0),
+    (0, 1), (1, 1) (row, column offsets) before their norm and reduction."""
+    merging = small_swin().body.layers_1.downsample
+    x = torch.randn(2, 6, 10, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    gathered = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+    with torch.no_grad():
+        expected = merging.reduction(merging.norm(gathered))
+        torch.testing.assert_close(merging(x), expected, rtol=0, atol=1e-12)

@@ -8,6 +8,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ResNet
 from ...layers import CheckpointedSequential
 from ...modeling.backbone import TimmBackbone, check_checkpointable, enable_backbone_checkpointing
 from ...modeling.swin import SwinBackbone
+from ..config.validation import ConfigError
 
 __all__ = ["D2SwinBackbone", "D2TimmBackbone", "build_swin_backbone", "build_timm_backbone", "checkpoint_backbone"]
 
@@ -65,11 +66,23 @@ class D2SwinBackbone(SwinBackbone, Backbone):
 def build_swin_backbone(cfg, input_shape):
     """timm's Swin (MODEL.TIMM.NAME, a swin_* model) computing as MaskDINO's released Swin
     backbone, with a LayerNorm on each map. Reads MODEL.TIMM.NAME, OUT_STRIDES, PRETRAINED and
-    DROP_PATH_RATE; it takes any input size (IMG_SIZE and STRICT_IMG_SIZE do not apply)."""
+    DROP_PATH_RATE; it takes any input size (STRICT_IMG_SIZE does not apply; an IMG_SIZE other
+    than 0 is refused)."""
     t = cfg.MODEL.TIMM
-    return D2SwinBackbone(
-        t.NAME, out_strides=tuple(t.OUT_STRIDES), pretrained=t.PRETRAINED, drop_path_rate=t.DROP_PATH_RATE
-    )
+    if t.IMG_SIZE:
+        raise ConfigError(
+            f"MODEL.TIMM.IMG_SIZE = {t.IMG_SIZE}: build_swin_backbone takes any input size and does not use it; "
+            "set MODEL.TIMM.IMG_SIZE 0 (or MODEL.BACKBONE.NAME build_timm_backbone for timm's own Swin)"
+        )
+    try:
+        return D2SwinBackbone(
+            t.NAME, out_strides=tuple(t.OUT_STRIDES), pretrained=t.PRETRAINED, drop_path_rate=t.DROP_PATH_RATE
+        )
+    except ValueError as error:
+        raise ConfigError(
+            f"MODEL.TIMM.NAME = {t.NAME!r} with MODEL.BACKBONE.NAME build_swin_backbone: {error}; set MODEL.TIMM.NAME "
+            "to a swin_* model (e.g. swin_large_patch4_window12_384) or MODEL.BACKBONE.NAME build_timm_backbone"
+        ) from error
 
 
 @BACKBONE_REGISTRY.register()

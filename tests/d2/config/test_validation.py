@@ -52,7 +52,7 @@ from tests.tooling import QUICK, ROOT  # noqa: E402
         (["MODEL.DI_MASKDINO.TEST.TEMPERATURE", "-1.0"], "MODEL.DI_MASKDINO.TEST.TEMPERATURE = -1.0: must be at"),
         (
             ["MODEL.DI_MASKDINO.MASK_BOX_EDGES", "bitmask"],
-            "MODEL.DI_MASKDINO.MASK_BOX_EDGES = 'bitmask': must be \"indices\" or \"pixels\"",
+            'MODEL.DI_MASKDINO.MASK_BOX_EDGES = \'bitmask\': must be "indices" or "pixels"',
         ),
     ],
 )

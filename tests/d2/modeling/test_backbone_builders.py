@@ -54,3 +54,19 @@ def test_batch_norm_with_running_statistics_is_refused():
     with pytest.raises(ValueError, match="BatchNorm.*FrozenBN"):
         quick_model(True, "MODEL.RESNETS.NORM", "BN")
     quick_model(True, "MODEL.RESNETS.NORM", "FrozenBN")  # the paper's setting
+
+
+@pytest.mark.parametrize(
+    "overrides,named",
+    [
+        (["MODEL.TIMM.IMG_SIZE", "384"], "MODEL.TIMM.IMG_SIZE = 384: build_swin_backbone takes any input size"),
+        (["MODEL.TIMM.NAME", "resnet18"], "MODEL.TIMM.NAME = 'resnet18' with MODEL.BACKBONE.NAME build_swin_backbone"),
+    ],
+)
+def test_swin_builder_refuses_what_it_cannot_use_by_key(overrides, named):
+    from di_maskdino.d2 import ConfigError
+
+    swin = ["MODEL.BACKBONE.NAME", "build_swin_backbone", "MODEL.TIMM.NAME", "swin_tiny_patch4_window7_224"]
+    with pytest.raises(ConfigError, match=named.replace("(", r"\(")):
+        with torch.device("meta"):
+            quick_model(False, *(swin + overrides))
