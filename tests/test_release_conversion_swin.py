@@ -4,8 +4,6 @@ classification checkpoints, checked on the manifests of the released models (tes
 import os
 import pickle
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -22,7 +20,15 @@ from di_maskdino.release_conversion import (
     matching_release,
     release_backbone,
 )
-from tests.test_release_conversion import DATA, HAS_DETECTRON2, ROOT, module_of, our_model, read_manifest
+from tests.test_release_conversion import (
+    DATA,
+    HAS_DETECTRON2,
+    ROOT,
+    convert_tool,
+    module_of,
+    our_model,
+    read_manifest,
+)
 
 MANIFESTS = {
     "swinl": os.path.join(DATA, "official_maskdino_swinl_state_dict.txt"),
@@ -194,14 +200,6 @@ def test_an_unknown_classification_entry_is_reported():
     state["absolute_pos_embed"] = torch.zeros(1, 9216, 192)
     with pytest.raises(ConversionError, match="unmapped: absolute_pos_embed"):
         convert_swin_classification_state_dict(state)
-
-
-def convert_tool(*args):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "tools", "convert_official_checkpoint.py"), *map(str, args)],
-        capture_output=True,
-        text=True,
-    )
 
 
 @pytest.mark.slow

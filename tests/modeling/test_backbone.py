@@ -26,16 +26,14 @@ def test_missing_stride_is_reported():
         TimmBackbone("resnet18", out_strides=(4, 64))
 
 
-@pytest.mark.slow
-def test_timm_checkpointing_keeps_gradients():
-    """timm's own checkpointing, float64: the same features and gradients."""
+def assert_checkpointing_keeps_features_and_gradients(make_backbone, x):
+    """Features and parameter gradients of `make_backbone()` (float64) with and without
+    `enable_backbone_checkpointing`: equal. Returns the checkpointed backbone."""
     results = []
     for enabled in (False, True):
-        torch.manual_seed(0)
-        backbone = TimmBackbone("convnext_atto").double()  # LayerNorm: nothing to update twice
+        backbone = make_backbone()
         if enabled:
             enable_backbone_checkpointing(backbone)
-        x = torch.rand(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         features = backbone(x)
         sum((f * f.detach().sin()).sum() for f in features.values()).backward()
         results.append((features, {n: p.grad for n, p in backbone.named_parameters()}))
@@ -44,7 +42,19 @@ def test_timm_checkpointing_keeps_gradients():
         torch.testing.assert_close(features[name], plain[name], rtol=0, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
-    assert backbone.body.grad_checkpointing
+    return backbone
+
+
+@pytest.mark.slow
+def test_timm_checkpointing_keeps_gradients():
+    """timm's own checkpointing, float64: the same features and gradients."""
+
+    def convnext():
+        torch.manual_seed(0)
+        return TimmBackbone("convnext_atto").double()  # LayerNorm: nothing to update twice
+
+    x = torch.rand(1, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert assert_checkpointing_keeps_features_and_gradients(convnext, x).body.grad_checkpointing
 
 
 def test_timm_checkpointing_refuses_batch_norm():

@@ -29,19 +29,14 @@ def shapes_of(backbone):
     return {k: s.channels for k, s in spec.items()}, {k: s.stride for k, s in spec.items()}
 
 
+def small_encoder(channels, strides, **kwargs):
+    """A one-layer encoder of width 16 with 4-group GroupNorm."""
+    sizes = dict(hidden_dim=16, mask_dim=16, num_layers=1, num_heads=2, ffn_dim=32, norm_layer=group_norm(4))
+    return MaskDINOEncoder(channels, strides, **sizes, **kwargs)
+
+
 def test_norm_layer_is_a_constructor_and_extra_levels_follow_the_widest_input():
-    channels, strides = shapes_of(TinyBackbone())
-    encoder = MaskDINOEncoder(
-        channels,
-        strides,
-        hidden_dim=16,
-        mask_dim=16,
-        num_levels=5,
-        num_layers=1,
-        num_heads=2,
-        ffn_dim=32,
-        norm_layer=group_norm(4),
-    )
+    encoder = small_encoder(*shapes_of(TinyBackbone()), num_levels=5)
     assert isinstance(encoder.input_proj[0][1], torch.nn.GroupNorm) and encoder.input_proj[0][1].num_groups == 4
     assert len(encoder.input_proj) == 5 and encoder.extra_level_source == "res5"
     out = encoder(TinyBackbone()(torch.zeros(1, 3, 128, 128)))
@@ -53,18 +48,7 @@ def test_extra_levels_of_equally_wide_maps_start_from_the_coarsest():
     neighbour, at stride 64, whatever order the maps are given in."""
     channels = {"p2": 16, "p3": 16, "p4": 16, "p5": 16}
     strides = {"p5": 32, "p3": 8, "p2": 4, "p4": 16}
-    encoder = MaskDINOEncoder(
-        channels,
-        strides,
-        transformer_in_features=("p4", "p3", "p5"),
-        hidden_dim=16,
-        mask_dim=16,
-        num_levels=4,
-        num_layers=1,
-        num_heads=2,
-        ffn_dim=32,
-        norm_layer=group_norm(4),
-    )
+    encoder = small_encoder(channels, strides, num_levels=4, transformer_in_features=("p4", "p3", "p5"))
     assert encoder.extra_level_source == "p5" and encoder.fpn_in_features == ["p2"]
     features = {name: torch.rand(1, 16, 256 // stride, 192 // stride) for name, stride in strides.items()}
     out = encoder(features)

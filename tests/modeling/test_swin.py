@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from di_maskdino.modeling.swin import SwinBackbone
+from tests.modeling.test_backbone import assert_checkpointing_keeps_features_and_gradients
 
 SMALL = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), drop_path_rate=0.0)
 
@@ -129,22 +130,8 @@ def test_only_swin_models_are_accepted():
 
 def test_checkpointing_keeps_features_and_gradients():
     """timm's activation checkpointing through the pad-then-shift blocks, float64."""
-    from di_maskdino.modeling.backbone import enable_backbone_checkpointing
-
     x = torch.rand(1, 3, 72, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    results = []
-    for enabled in (False, True):
-        backbone = small_swin().train()
-        if enabled:
-            enable_backbone_checkpointing(backbone)
-        features = backbone(x)
-        sum((f * f.detach().cos()).sum() for f in features.values()).backward()
-        results.append((features, {n: p.grad for n, p in backbone.named_parameters()}))
-    (plain, plain_grads), (features, grads) = results
-    for name in features:
-        torch.testing.assert_close(features[name], plain[name], rtol=0, atol=0)
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+    backbone = assert_checkpointing_keeps_features_and_gradients(lambda: small_swin().train(), x)
     assert backbone.body.grad_checkpointing
 
 

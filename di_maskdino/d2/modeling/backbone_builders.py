@@ -30,36 +30,31 @@ def checkpoint_backbone(backbone: Backbone) -> Backbone:
     return backbone
 
 
-class D2TimmBackbone(TimmBackbone, Backbone):
+class _Detectron2Interface:
+    """What detectron2 asks of a `Backbone` beyond the core's interface: `size_divisibility`
+    and `ShapeSpec`s. Mixed in before a core backbone class whose first argument is the timm
+    model name."""
+
+    def __init__(self, model_name: str, size_divisibility: int = 32, **kwargs):
+        super().__init__(model_name, **kwargs)
+        self._size_divisibility = size_divisibility
+
+    @property
+    def size_divisibility(self) -> int:
+        return self._size_divisibility
+
+    def output_shape(self):
+        return {name: ShapeSpec(channels=s.channels, stride=s.stride) for name, s in super().output_shape().items()}
+
+
+class D2TimmBackbone(_Detectron2Interface, TimmBackbone, Backbone):
     """`TimmBackbone` as a detectron2 `Backbone` (maps res2..res5; the timm model's
     parameters are named backbone.body.*)."""
 
-    def __init__(self, model_name: str, size_divisibility: int = 32, **kwargs):
-        super().__init__(model_name, **kwargs)
-        self._size_divisibility = size_divisibility
 
-    @property
-    def size_divisibility(self) -> int:
-        return self._size_divisibility
-
-    def output_shape(self):
-        return {name: ShapeSpec(channels=s.channels, stride=s.stride) for name, s in super().output_shape().items()}
-
-
-class D2SwinBackbone(SwinBackbone, Backbone):
+class D2SwinBackbone(_Detectron2Interface, SwinBackbone, Backbone):
     """`SwinBackbone` as a detectron2 `Backbone` (maps res2..res5; parameters backbone.body.*
     and backbone.output_norms.*)."""
-
-    def __init__(self, model_name: str, size_divisibility: int = 32, **kwargs):
-        super().__init__(model_name, **kwargs)
-        self._size_divisibility = size_divisibility
-
-    @property
-    def size_divisibility(self) -> int:
-        return self._size_divisibility
-
-    def output_shape(self):
-        return {name: ShapeSpec(channels=s.channels, stride=s.stride) for name, s in super().output_shape().items()}
 
 
 @BACKBONE_REGISTRY.register()
