@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from di_maskdino import release_conversion as conversion
 from di_maskdino.modeling.swin import SwinBackbone
-from di_maskdino.release_conversion import (
-    ConversionError,
-    check_against_model,
-    convert_release_state_dict,
-    convert_swin_classification_state_dict,
-    infer_architecture,
-    infer_swin,
-    matching_release,
-    release_backbone,
-)
 from tests.test_release_conversion import (
     DATA,
     HAS_DETECTRON2,
@@ -63,22 +54,23 @@ def release_state_dict(kind):
 
 
 def meta_model(converted):
-    architecture, maps = infer_architecture(converted)
+    architecture, maps = conversion.infer_architecture(converted)
     with torch.device("meta"):
-        return our_model(architecture, maps, SwinBackbone("swin_large_patch4_window12_384", **infer_swin(converted)))
+        backbone = SwinBackbone("swin_large_patch4_window12_384", **conversion.infer_swin(converted))
+        return our_model(architecture, maps, backbone)
 
 
 @pytest.mark.parametrize("kind", ["swinl", "swinl_panoptic"])
 def test_every_released_swin_parameter_lands_in_our_model(kind):
     release = release_state_dict(kind)
-    converted = convert_release_state_dict(release)
+    converted = conversion.convert_release_state_dict(release)
     indices = [n for n in release if n.endswith("relative_position_index")]
     assert len(indices) == 24  # one per block: 2 + 2 + 18 + 2
     # one parameter per distinct release module, minus the criterion buffer and the indices
     assert len(converted) == len({module_of(n) for n in release}) - 1 - len(indices)
-    assert release_backbone(converted) == "swin" and infer_swin(converted) == SWIN_L
+    assert conversion.release_backbone(converted) == "swin" and conversion.infer_swin(converted) == SWIN_L
     model = meta_model(converted)
-    check_against_model(converted, {k: v.shape for k, v in model.state_dict().items()})
+    conversion.check_against_model(converted, {k: v.shape for k, v in model.state_dict().items()})
     pairs = [
         ("backbone.body.patch_embed.proj.weight", "backbone.patch_embed.proj.weight"),
         ("backbone.body.layers_2.blocks.17.attn.qkv.weight", "backbone.layers.2.blocks.17.attn.qkv.weight"),
@@ -99,8 +91,9 @@ def test_every_released_swin_parameter_lands_in_our_model(kind):
 
 
 def test_swin_architecture_is_read_from_the_weights():
-    instance, maps = infer_architecture(convert_release_state_dict(release_state_dict("swinl")))
-    panoptic, _ = infer_architecture(convert_release_state_dict(release_state_dict("swinl_panoptic")))
+    convert = conversion.convert_release_state_dict
+    instance, maps = conversion.infer_architecture(convert(release_state_dict("swinl")))
+    panoptic, _ = conversion.infer_architecture(convert(release_state_dict("swinl_panoptic")))
     assert instance.encoder.in_features == ("res2", "res3", "res4", "res5")  # "4 scales"
     assert (instance.num_levels, instance.num_decoder_layers, instance.de_imbalance) == (5, 9, None)
     assert {k: (s.channels, s.stride) for k, s in maps.items()} == {
@@ -112,16 +105,17 @@ def test_swin_architecture_is_read_from_the_weights():
     # the instance release initialises boxes from masks with BitMasks' extent, the panoptic from boxes
     assert (instance.mask_enhanced_boxes, instance.mask_box_edges) == (True, "pixels")
     assert (panoptic.num_classes, panoptic.mask_enhanced_boxes) == (133, False)
-    assert matching_release(instance, "swin")["configs"][0] == "configs/release/maskdino_swinl_4s_50ep.yaml"
-    assert matching_release(panoptic, "swin")["configs"] == ["configs/release/maskdino_swinl_4s_50ep_panoptic.yaml"]
-    assert matching_release(instance, "resnet") is None
+    release = conversion.matching_release
+    assert release(instance, "swin")["configs"][0] == "configs/release/maskdino_swinl_4s_50ep.yaml"
+    assert release(panoptic, "swin")["configs"] == ["configs/release/maskdino_swinl_4s_50ep_panoptic.yaml"]
+    assert conversion.matching_release(instance, "resnet") is None
 
 
 def test_a_wrong_relative_position_index_is_reported():
     release = release_state_dict("swinl")
     release["backbone.layers.1.blocks.0.attn.relative_position_index"] = relative_position_index(12).flip(0)
-    with pytest.raises(ConversionError, match=r"layers\.1\.blocks\.0\.attn\.relative_position_index is not"):
-        convert_release_state_dict(release)
+    with pytest.raises(conversion.ConversionError, match=r"layers\.1\.blocks\.0\.attn\.relative_position_index is not"):
+        conversion.convert_release_state_dict(release)
 
 
 @pytest.mark.parametrize("kind", ["swinl", "swinl_panoptic"])
@@ -131,9 +125,9 @@ def test_shipped_swin_release_configs_fit_the_released_weights(kind):
 
     from di_maskdino.d2 import load_config
 
-    converted = convert_release_state_dict(release_state_dict(kind))
-    architecture, _ = infer_architecture(converted)
-    for config in matching_release(architecture, "swin")["configs"]:
+    converted = conversion.convert_release_state_dict(release_state_dict(kind))
+    architecture, _ = conversion.infer_architecture(converted)
+    for config in conversion.matching_release(architecture, "swin")["configs"]:
         cfg = load_config(os.path.join(ROOT, config), ["MODEL.DEVICE", "meta"])
         with torch.device("meta"):
             model = build_model(cfg)
@@ -176,7 +170,7 @@ def test_imagenet_swin_converts_to_the_backbone(layout):
     state = microsoft_swin_large()
     expected = timm_layout(state)  # timm names; head and final norm included
     source = state if layout == "microsoft" else expected
-    converted, dropped = convert_swin_classification_state_dict(source)
+    converted, dropped = conversion.convert_swin_classification_state_dict(source)
     body = {k: v for k, v in expected.items() if not k.startswith(("head.", "norm."))}
     assert len(converted) == len(body) + 8  # and the 4 output norms' weights and biases
     for name, tensor in body.items():
@@ -187,7 +181,7 @@ def test_imagenet_swin_converts_to_the_backbone(layout):
         assert torch.equal(converted[f"backbone.output_norms.{stage}.bias"], torch.zeros(channels))
     with torch.device("meta"):
         backbone = SwinBackbone("swin_large_patch4_window12_384")
-    check_against_model(converted, {f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()})
+    conversion.check_against_model(converted, {f"backbone.{k}": v.shape for k, v in backbone.state_dict().items()})
     classification_only = {k for k in source if k.startswith(("head", "norm"))}
     assert {k for k in dropped if k.startswith(("head", "norm"))} == classification_only
     if layout == "microsoft":
@@ -198,8 +192,8 @@ def test_imagenet_swin_converts_to_the_backbone(layout):
 def test_an_unknown_classification_entry_is_reported():
     state = microsoft_swin_large()
     state["absolute_pos_embed"] = torch.zeros(1, 9216, 192)
-    with pytest.raises(ConversionError, match="unmapped: absolute_pos_embed"):
-        convert_swin_classification_state_dict(state)
+    with pytest.raises(conversion.ConversionError, match="unmapped: absolute_pos_embed"):
+        conversion.convert_swin_classification_state_dict(state)
 
 
 @pytest.mark.slow
