@@ -122,6 +122,14 @@ class SwinBackbone(TimmBackbone):
             raise ValueError(f"SwinBackbone: timm's {model_name} has no Swin Transformer blocks")
         self.output_norms = nn.ModuleList(nn.LayerNorm(self._shapes[name].channels) for name in self._names)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing block by block, as the release's `use_checkpoint` (each
+        timm stage's own `grad_checkpointing`; timm's feature extractor would instead
+        recompute whole stages, keeping a stage's activations at once in the backward)."""
+        stages = [m for m in self.body.modules() if hasattr(m, "blocks") and hasattr(m, "grad_checkpointing")]
+        for stage in stages:
+            stage.grad_checkpointing = enable
+
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         # the release pads the image at the bottom and right to whole patches; timm requires them
         patch = self.body.patch_embed.patch_size

@@ -2,6 +2,7 @@
 computation of the release's windowed attention (pad, then shift), written here from its
 definition."""
 
+import functools
 import math
 
 import pytest
@@ -9,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from di_maskdino.modeling.swin import SwinBackbone
+from tests.layers.test_activation_checkpointing import saved_bytes
 from tests.modeling.test_backbone import assert_checkpointing_keeps_features_and_gradients
 
 SMALL = dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), drop_path_rate=0.0)
@@ -129,10 +131,16 @@ def test_only_swin_models_are_accepted():
 
 
 def test_checkpointing_keeps_features_and_gradients():
-    """timm's activation checkpointing through the pad-then-shift blocks, float64."""
+    """Activation checkpointing of every pad-then-shift block, float64: the same features and
+    gradients, and less kept for the backward than without it."""
     x = torch.rand(1, 3, 72, 100, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     backbone = assert_checkpointing_keeps_features_and_gradients(lambda: small_swin().train(), x)
-    assert backbone.body.grad_checkpointing
+    # block by block inside every stage, not stage by stage
+    assert all(getattr(backbone.body, f"layers_{i}").grad_checkpointing for i in range(4))
+    assert not backbone.body.grad_checkpointing
+    plain = small_swin().train()
+    kept = [saved_bytes(functools.partial(b, x))[0] for b in (plain, backbone)]
+    assert kept[1] < kept[0] / 2, kept
 
 
 def test_patch_merging_concatenates_as_the_release():
