@@ -4,7 +4,7 @@ MODEL.FREEZE are left out. With a ViT backbone, layer-wise learning-rate decay
 (SOLVER.LAYER_DECAY, ViTDet's rule)."""
 
 import logging
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from detectron2.layers.batch_norm import LayerNorm as ChannelLayerNorm
@@ -17,6 +17,7 @@ __all__ = [
     "optimizer_param_groups",
     "freeze_parameters",
     "layer_decay_factor",
+    "lr_factors",
 ]
 
 # The norm layers whose weights take SOLVER.WEIGHT_DECAY_NORM: every batch and instance norm
@@ -87,6 +88,8 @@ def layer_decay_factor(name: str, layer_decay: float, num_blocks: int) -> float:
     ViTDet's ViT does not have) at 1; they enter the first block with the position
     embeddings, so they take the embeddings' factor here, as BEiT's and MAE's fine-tuning
     recipes do."""
+    if num_blocks < 1:  # detectron2's rule would then raise block i's rate by decay ** -i
+        raise ValueError(f"layer_decay_factor: the backbone's number of blocks must be at least 1, got {num_blocks}")
     if name.startswith("backbone.") and name.rsplit(".", 1)[-1] in PREFIX_TOKENS:
         return layer_decay ** (num_blocks + 1)
     return get_vit_lr_decay_rate(name, layer_decay, num_blocks)
@@ -99,21 +102,13 @@ def optimizer_param_groups(
     weight_decay: float,
     weight_decay_norm: float,
     weight_decay_embed: float,
-    backbone_multiplier: float,
-    layer_decay: float = 1.0,
-    num_blocks: int = 0,
+    lr_factor: Optional[Callable[[str], float]] = None,
 ) -> List[Dict[str, Any]]:
     """detectron2's per-parameter groups (merged by `reduce_param_groups`): lr x
-    `backbone_multiplier` for the backbone's parameters, times `layer_decay_factor` (for a
-    ViT backbone of `num_blocks` blocks; layer_decay 1.0: none); weight decay
+    `lr_factor(full parameter name)` (as detectron2's `lr_factor_func`; see `lr_factors`); weight decay
     `weight_decay_norm` for normalisation layers, `weight_decay_embed` for every nn.Embedding
     (the denoising label embedding), 0 for Swin's position tables and ViTs' position
     embeddings and tokens, `weight_decay` for everything else."""
-    if layer_decay != 1.0 and num_blocks < 1:
-        raise ValueError(
-            f"optimizer_param_groups: layer_decay {layer_decay} needs the number of the backbone's blocks (num_blocks "
-            f"at least 1), got {num_blocks}"
-        )
     params, seen = [], set()
     for module_name, module in model.named_modules():
         for name, value in module.named_parameters(recurse=False):
@@ -129,18 +124,28 @@ def optimizer_param_groups(
                 decay = weight_decay_embed
             elif name in NO_DECAY_NAMES:
                 decay = 0.0
-            lr = base_lr * (backbone_multiplier if f"{module_name}.".startswith("backbone.") else 1.0)
-            if layer_decay != 1.0:
-                lr *= layer_decay_factor(f"{module_name}.{name}", layer_decay, num_blocks)
+            lr = base_lr * (lr_factor(f"{module_name}.{name}") if lr_factor is not None else 1.0)
             params.append({"params": [value], "lr": lr, "weight_decay": decay})
     return reduce_param_groups(params)
 
 
+def lr_factors(model: torch.nn.Module, backbone_multiplier: float, layer_decay: float) -> Callable[[str], float]:
+    """The learning-rate factor of each full parameter name: `backbone_multiplier` for the
+    backbone's, times `layer_decay_factor` when `layer_decay` is not 1.0 (a ViT backbone's
+    blocks; another backbone is an error naming SOLVER.LAYER_DECAY)."""
+    blocks = backbone_blocks(model, layer_decay) if layer_decay != 1.0 else 0
+
+    def factor(name: str) -> float:
+        if not name.startswith("backbone."):
+            return 1.0
+        return backbone_multiplier * (layer_decay_factor(name, layer_decay, blocks) if blocks else 1.0)
+
+    return factor
+
+
 def backbone_blocks(model: torch.nn.Module, layer_decay: float) -> int:
-    """The number of blocks of the model's ViT backbone that SOLVER.LAYER_DECAY decays (0 when
-    it is 1.0, off); a backbone without numbered blocks is an error naming the key."""
-    if layer_decay == 1.0:
-        return 0
+    """The number of blocks of the model's ViT backbone that SOLVER.LAYER_DECAY (`layer_decay`,
+    named in the error) decays; a backbone without numbered blocks is an error naming the key."""
     backbone = getattr(model, "backbone", None)
     blocks = getattr(backbone, "num_blocks", 0)
     if not blocks:
@@ -180,9 +185,7 @@ def build_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         weight_decay=solver.WEIGHT_DECAY,
         weight_decay_norm=solver.WEIGHT_DECAY_NORM,
         weight_decay_embed=solver.WEIGHT_DECAY_EMBED,
-        backbone_multiplier=solver.BACKBONE_MULTIPLIER,
-        layer_decay=solver.LAYER_DECAY,
-        num_blocks=backbone_blocks(model, solver.LAYER_DECAY),
+        lr_factor=lr_factors(model, solver.BACKBONE_MULTIPLIER, solver.LAYER_DECAY),
     )
     optimizer_class = OPTIMIZERS[solver.OPTIMIZER]
     clip = solver.CLIP_GRADIENTS

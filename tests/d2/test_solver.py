@@ -15,7 +15,7 @@ from detectron2.modeling import build_model  # noqa: E402
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 from di_maskdino.d2 import ConfigError, build_optimizer, load_config  # noqa: E402
-from di_maskdino.d2.solver import layer_decay_factor, optimizer_param_groups  # noqa: E402
+from di_maskdino.d2.solver import layer_decay_factor  # noqa: E402
 from tests.tooling import QUICK, SMALL_BOX_MASK_HEAD  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -244,19 +244,9 @@ def test_layer_decay_without_a_vit_backbone_is_refused():
 
 
 def test_layer_decay_needs_the_number_of_blocks():
-    """optimizer_param_groups alone: a decay without the blocks' count would raise the rates
-    of the blocks (decay ** -i) instead of lowering them."""
-    _, model = quick_model([])
-    with pytest.raises(ValueError, match="num_blocks"):
-        optimizer_param_groups(
-            model,
-            base_lr=1e-4,
-            weight_decay=0.05,
-            weight_decay_norm=0.0,
-            weight_decay_embed=0.0,
-            backbone_multiplier=0.1,
-            layer_decay=0.8,
-        )
+    """Without the blocks' count detectron2's rule would raise block i's rate (decay ** -i)."""
+    with pytest.raises(ValueError, match="number of blocks must be at least 1"):
+        layer_decay_factor("backbone.net.body.blocks.3.attn.qkv.weight", 0.8, 0)
 
 
 @pytest.mark.parametrize("value", ["0.0", "1.5"])
