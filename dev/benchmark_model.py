@@ -166,7 +166,7 @@ def exported_file(kind, model, cfg, export_dir):
 
 
 def backend_function(kind, model, cfg, args):
-    """preprocessed batch -> RawDetections for `kind`."""
+    """(preprocessed batch, image sizes) -> RawDetections for `kind`."""
     if kind == "eager":
         return model.detect
     if kind == "compile":

@@ -43,7 +43,8 @@ from .modeling.segmentation_inference import thing_detections
 __all__ = ["Predictor", "ImageInput"]
 
 ImageInput = Union[str, "os.PathLike[str]", np.ndarray, torch.Tensor]
-Backend = Callable[[torch.Tensor], Any]
+# (preprocessed batch (B, 3, H, W), image sizes before padding (B, 2) int64) -> network output
+Backend = Callable[[torch.Tensor, torch.Tensor], Any]
 # (an image's detections, its original (H, W)) -> what the predictor returns for it
 Convert = Callable[[Detections, Tuple[int, int]], Any]
 # (network output, image sizes, padded size, output sizes, score_threshold, max_detections) -> detections
@@ -59,8 +60,9 @@ def _raw_detections(raw: RawDetections, sizes, padded_size, output_sizes, score_
 class Predictor:
     """
     Args:
-        backend: preprocessed batch (B, 3, H, W) -> network output (see the constructors),
-            which `postprocess` turns into detections.
+        backend: (preprocessed batch (B, 3, H, W), (B, 2) int64 (h, w) of the images before
+            padding) -> network output (see the constructors), which `postprocess` turns into
+            detections. (The sizes matter to a model with a padding mask.)
         postprocess: network output -> per-image `Detections` (see `Postprocess`); the
             default, `detections_from_raw`, reads `RawDetections`.
         pixel_mean, pixel_std: normalisation, in the network's channel order.
@@ -172,9 +174,9 @@ class Predictor:
         refined = model.reports_refined_masks
         if refined:
 
-            def backend(batch: torch.Tensor):
+            def backend(batch: torch.Tensor, image_sizes: torch.Tensor):
                 with torch.inference_mode(), speedups(batch.shape):
-                    return model.run(batch)
+                    return model.run(batch, image_sizes=image_sizes)
 
             def postprocess(output, sizes, padded_size, output_sizes, score_threshold, max_detections):
                 with torch.inference_mode(), speedups((len(sizes), 3, *padded_size)):
@@ -184,9 +186,9 @@ class Predictor:
             kwargs.setdefault("postprocess", postprocess)
         else:
 
-            def backend(batch: torch.Tensor) -> RawDetections:
+            def backend(batch: torch.Tensor, image_sizes: torch.Tensor) -> RawDetections:
                 with torch.inference_mode(), speedups(batch.shape):
-                    return model.detect(batch)
+                    return model.detect(batch, image_sizes)
 
         kwargs.setdefault("device", model.pixel_mean.device)
         return cls(
@@ -315,8 +317,14 @@ class Predictor:
             # predictions slightly against the eager model on the smaller padding.
             grow = [0, max(small - batch.shape[-1], 0), 0, max(small - batch.shape[-2], 0)]
             batch = F.pad(batch, grow)
+        image_sizes = torch.tensor(sizes, dtype=torch.long, device=batch.device)
         found = self.postprocess(
-            self.backend(batch), sizes, tuple(batch.shape[-2:]), output_sizes, self.score_threshold, self.max_detections
+            self.backend(batch, image_sizes),
+            sizes,
+            tuple(batch.shape[-2:]),
+            output_sizes,
+            self.score_threshold,
+            self.max_detections,
         )
         if self.class_mask is None:
             return found

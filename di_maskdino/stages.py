@@ -209,11 +209,11 @@ def stage_predictor(model, *, cpu_inference: Optional[CPUInference] = None, **kw
     def speedups(batch_shape):
         return speedups_context(cpu_inference, batch_shape, device)
 
-    def backend(batch: torch.Tensor) -> DIMaskDINOOutput:
+    def backend(batch: torch.Tensor, image_sizes: torch.Tensor) -> DIMaskDINOOutput:
         with torch.inference_mode(), speedups(batch.shape):
             # every layer's masks as their two factors: a stage's mask logits are made when it is
             # post-processed
-            return model.run(batch, all_layer_masks=True, factored_masks=True)
+            return model.run(batch, all_layer_masks=True, factored_masks=True, image_sizes=image_sizes)
 
     def postprocess(output, sizes, padded_size, output_sizes, score_threshold, max_detections) -> List[List[Stage]]:
         per_image: List[List[Stage]] = [[] for _ in sizes]

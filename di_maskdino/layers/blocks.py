@@ -181,9 +181,16 @@ class DeformableAttentionBlock(nn.Module):
         spatial_shapes: torch.Tensor,
         level_start_index: torch.Tensor,
         level_sizes: Optional[torch.Tensor] = None,
+        value_padding_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         update = self.attn(
-            with_pos(x, pos), reference_points, value, spatial_shapes, level_start_index, level_sizes=level_sizes
+            with_pos(x, pos),
+            reference_points,
+            value,
+            spatial_shapes,
+            level_start_index,
+            value_padding_mask=value_padding_mask,
+            level_sizes=level_sizes,
         )
         return self.norm(x + self.dropout(update))
 

@@ -8,6 +8,7 @@ latter through an MLP to the positional query of a decoder or token-interaction 
 """
 
 import math
+from typing import Optional
 
 import torch
 
@@ -27,18 +28,29 @@ def sine_features(positions: torch.Tensor, num_feats: int, temperature: float = 
 
 
 def feature_map_position_embedding(
-    batch: int, height: int, width: int, channels: int, device: torch.device
+    batch: int, height: int, width: int, channels: int, device: torch.device, extents: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """(B, channels, H, W) embedding of the pixel grid: the first half encodes the row,
-    the second the column; positions (i + 1) / (H + eps) * 2 pi, i.e. normalised to (0, 2 pi]."""
+    the second the column; positions (i + 1) / (H + eps) * 2 pi, i.e. normalised to (0, 2 pi].
+
+    extents: optional (B, 2) valid (rows, columns) of every image: positions are then
+    normalised by them instead of by H and W (DETR's padding-mask positions; beyond 2 pi in
+    the padding)."""
     eps = 1e-6
-    rows = torch.arange(1, height + 1, dtype=torch.float32, device=device) / (height + eps) * TWO_PI
-    cols = torch.arange(1, width + 1, dtype=torch.float32, device=device) / (width + eps) * TWO_PI
     half = channels // 2
-    row_features = sine_features(rows, half)[:, None, :].expand(height, width, half)
-    col_features = sine_features(cols, half)[None, :, :].expand(height, width, half)
-    embedding = torch.cat([row_features, col_features], dim=-1).permute(2, 0, 1)
-    return embedding[None].expand(batch, channels, height, width)
+    if extents is None:
+        rows = torch.arange(1, height + 1, dtype=torch.float32, device=device) / (height + eps) * TWO_PI
+        cols = torch.arange(1, width + 1, dtype=torch.float32, device=device) / (width + eps) * TWO_PI
+        row_features = sine_features(rows, half)[:, None, :].expand(height, width, half)
+        col_features = sine_features(cols, half)[None, :, :].expand(height, width, half)
+        embedding = torch.cat([row_features, col_features], dim=-1).permute(2, 0, 1)
+        return embedding[None].expand(batch, channels, height, width)
+    extents = extents.to(torch.float32)
+    rows = torch.arange(1, height + 1, dtype=torch.float32, device=device)[None] / (extents[:, :1] + eps) * TWO_PI
+    cols = torch.arange(1, width + 1, dtype=torch.float32, device=device)[None] / (extents[:, 1:] + eps) * TWO_PI
+    row_features = sine_features(rows, half)[:, :, None, :].expand(-1, height, width, half)
+    col_features = sine_features(cols, half)[:, None, :, :].expand(-1, height, width, half)
+    return torch.cat([row_features, col_features], dim=-1).permute(0, 3, 1, 2)
 
 
 def box_position_embedding(boxes: torch.Tensor, num_feats: int) -> torch.Tensor:

@@ -167,6 +167,9 @@ class Architecture:
         the last mask pixel's index, the release's "mask2box": DI-MaskDINO and MaskDINO R50)
         or "pixels" (the pixels' outer edges, one pixel wider and taller, the release's
         "bitmask": MaskDINO's Swin-L instance model).
+    padding_mask: make the padded region of a batch invisible to its images (`padding.py`,
+        MODEL.DI_MASKDINO.PADDING_MASK): predictions then do not depend on the rest of the
+        batch, and boxes are normalised by each image. Off in the release's configurations.
     """
 
     num_classes: int = 80
@@ -190,6 +193,7 @@ class Architecture:
     checkpointing: ActivationCheckpointing = field(default_factory=ActivationCheckpointing)
     mask_branch: bool = True
     box_mask_head: Optional[BoxMaskHeadSpec] = None
+    padding_mask: bool = False
 
     def __post_init__(self):
         problems = self.problems()
@@ -258,6 +262,19 @@ class Architecture:
             ]
         if self.bato is not None:
             rules += self._bato_problems()
+        if self.padding_mask:
+            checkpointed = [
+                name for name in ("backbone", "encoder", "decoder") if getattr(self.checkpointing, name)
+            ]
+            rules += [
+                (
+                    "padding_mask",
+                    not checkpointed,
+                    f"False with activation checkpointing of the {', '.join(checkpointed)} (the padding mask's "
+                    "convolutions are not recomputed with it); turn one of them off",
+                ),
+                ("padding_mask", self.box_mask_head is None, "False with a box mask head (it does not cover it)"),
+            ]
         if self.denoising is not None:
             rules += [
                 ("denoising.num_queries", self.denoising.num_queries >= 1, "at least 1"),
@@ -452,6 +469,7 @@ def build_parts(arch: Architecture, backbone_shapes: Dict[str, FeatureSpec]) -> 
         "head": build_head(arch),
         "box_mask_head": build_box_mask_head(arch, backbone_shapes),
         "fine_feature": arch.box_mask_head.fine_feature if arch.box_mask_head is not None else None,
+        "padding_mask": arch.padding_mask,
     }
 
 

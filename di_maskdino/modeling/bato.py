@@ -25,7 +25,6 @@ from typing import Dict, Optional, Tuple, Type
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..layers import (
     FFN,
@@ -36,6 +35,7 @@ from ..layers import (
     group_norm,
     xavier_init_matrices,
 )
+from .encoder import upsample_within
 from .feature_tokens import FeatureTokens
 from .prediction_heads import PredictionHeads
 from .query_selection import TokenSet, select_top_k
@@ -238,6 +238,7 @@ class BalanceAwareTokensOptimization(nn.Module):
         # NOTE: the mask-feature update has no equation in the paper; as in the release, the
         # finest level of T_bal, upsampled to the mask features, is added to them and passed
         # through a 3x3 conv + norm + activation.
+        # With a padding mask, the finest level is upsampled from the images' cells only.
         finest = memory.level_maps(balanced)[memory.finest_level()]
-        upsampled = F.interpolate(finest, size=mask_features.shape[-2:], mode="bilinear", align_corners=False)
+        upsampled = upsample_within(finest, mask_features.shape[-2:], memory.padding)
         return balanced, self.mask_feature_conv(mask_features + upsampled)

@@ -175,6 +175,16 @@ class SetCriterion(nn.Module):
         return labels
 
     @staticmethod
+    def matched_frames(targets, counts: List[int], like: torch.Tensor) -> Optional[torch.Tensor]:
+        """(n, 2) "mask_frame" of the image of every match (a padding mask), or None."""
+        if not any("mask_frame" in t for t in targets):
+            return None
+        if not all("mask_frame" in t for t in targets):
+            raise ValueError('SetCriterion: either every target or none has a "mask_frame"')
+        frames = [t["mask_frame"].to(like)[None].expand(count, 2) for t, count in zip(targets, counts)]
+        return torch.cat(frames)
+
+    @staticmethod
     def _matched_has_box(targets, indices: Indices, device) -> Optional[torch.Tensor]:
         """(n,) bool over the matched pairs: does the target have a box loss; None when no
         target says (all do)."""
@@ -203,9 +213,12 @@ class SetCriterion(nn.Module):
         counts = [len(src) for src, _ in indices]
         with torch.no_grad():
             matched = at_least_float32(self.matched_mask_logits(prediction, batch, source, counts))
+            frame = self.matched_frames(targets, counts, matched)
             points = uncertain_point_coords(
-                matched[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio
+                matched[:, None], self.num_points, self.oversample_ratio, self.importance_sample_ratio, frame
             )
+            if frame is not None:  # drawn in the images, sampled on the padded maps
+                points = points * frame[:, None, :]
             del matched
             point_labels = self.point_labels(targets, indices, points)
 

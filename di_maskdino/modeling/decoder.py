@@ -67,9 +67,15 @@ class DecoderLayer(nn.Module):
         """queries, query_pos: (B, N, C); reference_boxes: (B, N, 4); memory: the tokens to
         attend to (T_i or T_bal); attn_mask: (N, N) bool, True where a query may not look."""
         queries = self.self_attn(queries, query_pos, attn_mask=attn_mask)
-        reference = reference_boxes[:, :, None].expand(-1, -1, len(memory.shapes), -1)  # (B, N, L, 4)
+        reference = memory.box_references(reference_boxes)  # (B, N, L, 4)
         queries = self.cross_attn(
-            queries, query_pos, reference, memory.tokens, memory.spatial_shapes, memory.level_start_index
+            queries,
+            query_pos,
+            reference,
+            memory.tokens,
+            memory.spatial_shapes,
+            memory.level_start_index,
+            value_padding_mask=memory.padding_mask,
         )
         return self.ffn(queries)
 

@@ -99,7 +99,7 @@ class DIMaskDINOHead(nn.Module):
         maps = encoder_output.features[::-1]
         if len(maps) != self.num_levels:
             raise ValueError(f"the encoder gives {len(maps)} levels but the decoder expects {self.num_levels}")
-        return FeatureTokens.from_maps(maps)
+        return FeatureTokens.from_maps(maps, encoder_output.padding)
 
     def select_queries(self, memory: FeatureTokens, mask_features: torch.Tensor):
         """Eq. 1-3: the queries entering the decoder, the named token sets, the supervised

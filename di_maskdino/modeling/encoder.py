@@ -12,8 +12,9 @@ It turns backbone maps into the encoder tokens T_i and the 1/4-resolution mask f
 
 Shape glossary: B batch, C hidden dim, L levels, S tokens (sum of H_l * W_l).
 
-NOTE: no padding mask is used; like the authors' release, padded pixels are treated as
-image (valid ratios are 1), which keeps every level's reference grid the same.
+NOTE: by default no padding mask is used; like the authors' release, padded pixels are
+treated as image (valid ratios are 1). With an `ImagePadding` (`padding.py`), the padded
+region is invisible to the image's tokens and mask features.
 """
 
 import math
@@ -37,17 +38,20 @@ from ..layers import (
     xavier_init_matrices,
 )
 from .feature_tokens import FeatureTokens
+from .padding import ImagePadding
 
-__all__ = ["MaskDINOEncoder", "EncoderOutput", "EncoderLayer"]
+__all__ = ["MaskDINOEncoder", "EncoderOutput", "EncoderLayer", "upsample_within"]
 
 
 @dataclass
 class EncoderOutput:
     """features: L maps (B, C, H_l, W_l), highest resolution first (strides 8, 16, 32, 64
-    by default); mask_features: (B, mask_dim, H/4, W/4), or None (detection only)."""
+    by default); mask_features: (B, mask_dim, H/4, W/4), or None (detection only), zero
+    outside the images with a padding; padding: the images' valid regions, or None."""
 
     features: List[torch.Tensor]
     mask_features: Optional[torch.Tensor]
+    padding: Optional[ImagePadding] = None
 
 
 class EncoderLayer(nn.Module):
@@ -58,9 +62,18 @@ class EncoderLayer(nn.Module):
         self.self_attn = DeformableAttentionBlock(dim, num_levels, num_heads, num_points, dropout)
         self.ffn = FFN(dim, ffn_dim, dropout)
 
-    def forward(self, tokens, pos, reference_points, spatial_shapes, level_start_index, level_sizes=None):
+    def forward(
+        self, tokens, pos, reference_points, spatial_shapes, level_start_index, level_sizes=None, padding_mask=None
+    ):
         tokens = self.self_attn(
-            tokens, pos, reference_points, tokens, spatial_shapes, level_start_index, level_sizes=level_sizes
+            tokens,
+            pos,
+            reference_points,
+            tokens,
+            spatial_shapes,
+            level_start_index,
+            level_sizes=level_sizes,
+            value_padding_mask=padding_mask,
         )
         return self.ffn(tokens)
 
@@ -173,17 +186,20 @@ class MaskDINOEncoder(nn.Module):
         if self.mask_features is not None:
             c2_xavier_fill(self.mask_features)
 
-    def forward(self, features: Dict[str, torch.Tensor]) -> EncoderOutput:
+    def forward(self, features: Dict[str, torch.Tensor], padding: Optional[ImagePadding] = None) -> EncoderOutput:
+        """features: the backbone maps; padding: the images' valid regions (the padding mask),
+        or None. With a padding, the caller runs the encoder within `padding.masking(encoder)`
+        (its convolutions and norms then ignore the padded region, see `DIMaskDINO.run`)."""
         device_type = next(iter(features.values())).device.type
         # NOTE: like the release, the encoder runs in float32 even under autocast.
         with torch.autocast(device_type=device_type, enabled=False):
-            encoded = self.encode(features)
+            encoded = self.encode(features, padding)
             mask_features = (
-                checkpointed(self.grad_checkpointing, self.mask_feature_map, encoded[0], features)
+                checkpointed(self.grad_checkpointing, self.mask_feature_map, encoded[0], features, padding)
                 if self.predicts_masks
                 else None
             )
-            return EncoderOutput(features=encoded, mask_features=mask_features)
+            return EncoderOutput(features=encoded, mask_features=mask_features, padding=padding)
 
     @property
     def predicts_masks(self) -> bool:
@@ -198,9 +214,9 @@ class MaskDINOEncoder(nn.Module):
             maps.append(previous)
         return maps
 
-    def encode(self, features: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+    def encode(self, features: Dict[str, torch.Tensor], padding: Optional[ImagePadding] = None) -> List[torch.Tensor]:
         """Deformable self-attention over the levels: T_i as L maps (B, C, H_l, W_l)."""
-        levels = FeatureTokens.from_maps(self.input_levels(features))
+        levels = FeatureTokens.from_maps(self.input_levels(features), padding)
         level_pos = torch.cat([self.level_embed[level].expand(size, -1) for level, size in enumerate(levels.sizes)])
         pos = levels.pos + level_pos
         reference = levels.reference_points().expand(levels.tokens.shape[0], -1, -1, -1)
@@ -215,14 +231,30 @@ class MaskDINOEncoder(nn.Module):
                 levels.spatial_shapes,
                 levels.level_start_index,
                 levels.level_sizes,
+                levels.padding_mask,
             )
         return levels.level_maps(tokens)
 
-    def mask_feature_map(self, finest_encoded: torch.Tensor, features: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """FPN from the finest encoded level down to the common stride, then the 1x1 conv."""
+    def mask_feature_map(
+        self, finest_encoded: torch.Tensor, features: Dict[str, torch.Tensor], padding: Optional[ImagePadding] = None
+    ) -> torch.Tensor:
+        """FPN from the finest encoded level down to the common stride, then the 1x1 conv.
+
+        With a padding, the coarser map is upsampled from its valid cells only (its edge
+        repeated beyond them) and the sum is zero outside the images, as if each image were
+        alone on a canvas of its own size."""
         fused = finest_encoded
         for feature, lateral, output in zip(self.fpn_in_features, self.lateral_convs, self.output_convs):
             lateral_map = lateral(at_least_float32(features[feature]))
-            upsampled = F.interpolate(fused, size=lateral_map.shape[-2:], mode="bilinear", align_corners=False)
+            upsampled = upsample_within(fused, lateral_map.shape[-2:], padding)
             fused = output(lateral_map + upsampled)
         return self.mask_features(fused)
+
+
+def upsample_within(x: torch.Tensor, size, padding: Optional[ImagePadding]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) maps to `size`; with a padding, from the images' cells
+    only (edges repeated beyond them) and zero outside the images at the new size."""
+    if padding is None:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    resized = F.interpolate(padding.replicate_edges(x), size=size, mode="bilinear", align_corners=False)
+    return padding.zero_padding(resized)

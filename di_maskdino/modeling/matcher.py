@@ -30,7 +30,7 @@ from torchvision.ops import box_area, box_convert
 
 from ..layers import at_least_float32
 from .outputs import Predictions
-from .point_sampling import point_sample, sample_channels
+from .point_sampling import point_sample, sample_channels, uniform_points
 
 __all__ = ["HungarianMatcher", "focal_class_cost", "sigmoid_bce_cost", "dice_cost", "generalized_box_iou", "GIOU_EPS"]
 
@@ -134,13 +134,18 @@ class HungarianMatcher(nn.Module):
         cost = cost + self.box_weight * l1
         cost = cost - self.giou_weight * giou
         if prediction.has_masks:
-            cost = cost + self.mask_cost(prediction, image, target["masks"])
+            cost = cost + self.mask_cost(prediction, image, target["masks"], target.get("mask_frame"))
         return cost
 
-    def mask_cost(self, prediction: Predictions, image: int, target_masks: torch.Tensor) -> torch.Tensor:
-        """(N, M) weighted BCE + dice cost of image `image`'s masks against (M, H, W) target masks."""
+    def mask_cost(
+        self, prediction: Predictions, image: int, target_masks: torch.Tensor, frame: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """(N, M) weighted BCE + dice cost of image `image`'s masks against (M, H, W) target
+        masks; frame: the target's "mask_frame" (see `forward`), or None."""
         num_predictions = prediction.logits.shape[1]
-        points = torch.rand(1, self.num_points, 2, device=prediction.logits.device)
+        points = uniform_points(1, self.num_points, prediction.logits.device)
+        if frame is not None:  # drawn in the image, sampled on the padded maps
+            points = points * frame.to(points)
         wanted = target_masks[:, None].float()
         dtype = torch.promote_types(wanted.dtype, prediction.logits.dtype)
         wanted = point_sample(wanted.to(dtype), points.to(dtype).expand(target_masks.shape[0], -1, -1))
@@ -167,7 +172,9 @@ class HungarianMatcher(nn.Module):
             prediction: one output of the model (B images).
             targets: per image "labels" (M,), "boxes" (M, 4) normalised cxcywh and, for
                 outputs with masks, "masks" (M, H, W); optionally "has_box" (M,) bool: targets
-                without a box (stuff, see `SetCriterion.with_box_flags`) get no box costs.
+                without a box (stuff, see `SetCriterion.with_box_flags`) get no box costs;
+                optionally "mask_frame" (2,) (x, y) size of the image as a fraction of its
+                padded masks (a padding mask): the mask points are then drawn in the image.
             name: names the output in error messages (e.g. "decoder layer 3").
 
         Returns:

@@ -15,6 +15,7 @@ from .box_mask_head import BoxMaskHead, BoxMasks
 from .di_maskdino_head import DIMaskDINOHead
 from .encoder import MaskDINOEncoder
 from .outputs import DIMaskDINOOutput, Predictions, RawDetections
+from .padding import ImagePadding, check_padding_mask_support
 from .postprocess import Detections, box_mask_detections, detections_from_raw, instance_inference, top_pairs
 from .segmentation_inference import SegmentationInference
 
@@ -61,6 +62,10 @@ class DIMaskDINO(nn.Module):
         test_masks: with a box mask head, the masks inference reports (`TEST_MASKS`).
         segmentation: panoptic / semantic inference over things and stuff, or None
             (instances only).
+        padding_mask: make the padded region of a batch invisible to the images (see
+            `padding.py`): an image's predictions then do not depend on the other images of
+            its batch. Off, as in the release, the padding takes part in the network. Needs
+            the image sizes (`run(..., image_sizes=)`) and a convolutional backbone.
 
     The detector is everything but `box_mask_head`. In training, a detector none of whose
     parameters requires grad (frozen) runs as at inference - eval mode, no denoising
@@ -82,8 +87,15 @@ class DIMaskDINO(nn.Module):
         fine_feature: Optional[str] = None,
         test_masks: str = "refined",
         segmentation: Optional[SegmentationInference] = None,
+        padding_mask: bool = False,
     ):
         super().__init__()
+        if padding_mask:
+            check_padding_mask_support(backbone)
+            if box_mask_head is not None:
+                raise ValueError(
+                    "DIMaskDINO: the padding mask does not cover the box mask head yet; turn one of them off"
+                )
         if (fine_feature is not None) != (box_mask_head is not None and box_mask_head.fine_projection is not None):
             raise ValueError("DIMaskDINO: fine_feature names the backbone map a box mask head fuses, and only that")
         if test_masks not in TEST_MASKS:
@@ -97,6 +109,7 @@ class DIMaskDINO(nn.Module):
         self.test_topk = test_topk
         self.test_masks = test_masks
         self.segmentation = segmentation
+        self.padding_mask = padding_mask
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False
         )
@@ -133,22 +146,51 @@ class DIMaskDINO(nn.Module):
         normalised = [(image.to(device=device, dtype=dtype) - self.pixel_mean) / self.pixel_std for image in images]
         return pad_images(normalised, self.size_divisibility)
 
+    def image_padding(self, batch: torch.Tensor, image_sizes) -> Optional[ImagePadding]:
+        """The valid regions of a padded batch when the model has a padding mask, else None.
+        image_sizes: (h, w) per image, a list or a (B, 2) tensor."""
+        if not self.padding_mask:
+            return None
+        if image_sizes is None:
+            raise ValueError(
+                "DIMaskDINO: a model with a padding mask needs the image sizes before padding "
+                "(run(batch, image_sizes=...), detect(batch, image_sizes))"
+            )
+        if not isinstance(image_sizes, torch.Tensor):
+            image_sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], dtype=torch.long)
+        return ImagePadding(image_sizes.to(batch.device), tuple(batch.shape[-2:]))
+
+    def masked(self, padding: Optional[ImagePadding]):
+        """The context in which the convolutions of the backbone, the encoder and BATO leave
+        the padded region out (no-op without a padding)."""
+        if padding is None:
+            return contextlib.nullcontext()
+        return padding.masking(self.backbone, self.encoder, self.head)
+
+    def encode(self, batch: torch.Tensor, padding: Optional[ImagePadding] = None):
+        """Backbone maps and encoder output of a preprocessed batch."""
+        features = self.backbone(batch)
+        return features, self.encoder(features, padding)
+
     def run(
         self,
         batch: torch.Tensor,
         targets: Optional[List[Dict[str, torch.Tensor]]] = None,
         all_layer_masks: Optional[bool] = None,
         factored_masks: Optional[bool] = None,
+        image_sizes=None,
     ) -> DIMaskDINOOutput:
         """batch: (B, 3, H, W) preprocessed images; targets, all_layer_masks, factored_masks:
-        see `DIMaskDINOHead.forward`.
+        see `DIMaskDINOHead.forward`; image_sizes: (h, w) of every image before padding
+        (needed, and only read, with a padding mask: its boxes and targets are then
+        normalised by the images, not by the padded batch).
 
         (`forward` does the same here; detectron2's meta-architecture overrides `forward` to
         take detectron2's batched inputs and keeps this.)"""
         frozen = self.training and not self.detector_trains
-        with self.detector_frozen() if frozen else contextlib.nullcontext():
-            features = self.backbone(batch)
-            encoded = self.encoder(features)
+        padding = self.image_padding(batch, image_sizes)
+        with self.detector_frozen() if frozen else contextlib.nullcontext(), self.masked(padding):
+            features, encoded = self.encode(batch, padding)
             output = self.head(
                 encoded,
                 targets=None if frozen else targets,
@@ -193,15 +235,40 @@ class DIMaskDINO(nn.Module):
             output.box_features, image, final.boxes[image, query].detach(), final.embeddings[image, query], prior
         )
 
-    def forward(self, batch, targets=None, all_layer_masks=None) -> DIMaskDINOOutput:
-        return self.run(batch, targets, all_layer_masks)
+    def forward(self, batch, targets=None, all_layer_masks=None, image_sizes=None) -> DIMaskDINOOutput:
+        return self.run(batch, targets, all_layer_masks, image_sizes=image_sizes)
 
-    def detect(self, batch: torch.Tensor) -> RawDetections:
+    def detect(self, batch: torch.Tensor, image_sizes: Optional[torch.Tensor] = None) -> RawDetections:
         """Inference on a preprocessed batch (B, 3, H, W): the `test_topk` best (query,
         class) pairs of every image with their boxes and the mask logits of their queries
         (see `RawDetections`). Output shapes depend only on the input's, so this is the
-        function `torch.export` captures (`di_maskdino.export`)."""
-        return self.head.detect(self.encoder(self.backbone(batch)), self.test_topk)
+        function `torch.export` captures (`di_maskdino.export`).
+
+        image_sizes: (B, 2) (h, w) before padding, read with a padding mask only; the boxes
+        and masks are then given in the padded frame, as without one (`canvas_frame`)."""
+        padding = self.image_padding(batch, image_sizes)
+        with self.masked(padding):
+            raw = self.head.detect(self.encode(batch, padding)[1], self.test_topk)
+        if padding is None:
+            return raw
+        masks = None if raw.mask_logits is None else padding.replicate_edges(raw.mask_logits)
+        return RawDetections(raw.scores, raw.labels, padding.canvas_frame_boxes(raw.boxes), masks)
+
+    def canvas_frame(self, prediction: Predictions, image_sizes, padded_size: Tuple[int, int]) -> Predictions:
+        """With a padding mask, `prediction` (boxes normalised by the images, masks zero in
+        the padding) as post-processing reads it: boxes normalised by the padded batch and
+        mask logits whose image edge is repeated over the padding (what resizing then reads
+        beyond the image, as at the border of a batch that ends with it). Unchanged without."""
+        if not self.padding_mask:
+            return prediction
+        padding = ImagePadding.of(image_sizes, padded_size, prediction.boxes.device)
+        masks = prediction.masks
+        return Predictions(
+            prediction.logits,
+            padding.canvas_frame_boxes(prediction.boxes),
+            None if masks is None else padding.replicate_edges(masks),
+            embeddings=prediction.embeddings,
+        )
 
     @torch.no_grad()
     def predict(
@@ -220,8 +287,9 @@ class DIMaskDINO(nn.Module):
         if self.box_mask_head is not None:
             found = self.refined_instances(self.run(batch), sizes, tuple(batch.shape[-2:]), output_sizes)
             return [d.filtered(score_threshold, max_detections) for d in found]
+        image_sizes = torch.tensor(sizes, dtype=torch.long) if self.padding_mask else None
         return detections_from_raw(
-            self.detect(batch),
+            self.detect(batch, image_sizes),
             sizes,
             tuple(batch.shape[-2:]),
             output_sizes,
@@ -273,6 +341,7 @@ class DIMaskDINO(nn.Module):
 
         image_sizes: (H_i, W_i) before padding; padded_size: the batch's (H, W);
         output_sizes: (H, W) to report each image at."""
+        prediction = self.canvas_frame(prediction, image_sizes, padded_size)
         return [
             instance_inference(
                 prediction.logits[i],

@@ -72,7 +72,9 @@ class SelectedTokens:
     predictions: Predictions
 
 
-def encoder_proposals(tokens: torch.Tensor, shapes: Sequence[Tuple[int, int]]):
+def encoder_proposals(
+    tokens: torch.Tensor, shapes: Sequence[Tuple[int, int]], centres: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Two-stage proposals, one per encoder token (Deformable-DETR / DINO).
 
     Level l (in the order of `shapes`) proposes, at each pixel centre, a square box of side
@@ -82,16 +84,19 @@ def encoder_proposals(tokens: torch.Tensor, shapes: Sequence[Tuple[int, int]]):
     Args:
         tokens: (B, S, C) encoder tokens T_i.
         shapes: L (H_l, W_l) pairs.
+        centres: optional (B, S, 2) token centres in the image frame
+            (`FeatureTokens.image_frame_centres` with a padding mask; the padded tokens lie
+            beyond 1 and so are invalid); default: the pixel centres of the maps.
 
     Returns:
-        tokens with invalid ones zeroed, (B, S, C); proposal box logits (1, S, 4).
+        tokens with invalid ones zeroed, (B, S, C); proposal box logits (1 or B, S, 4).
     """
-    proposals = []
-    for level, (height, width) in enumerate(shapes):
-        centres = pixel_centres(height, width, tokens.device)
-        size = centres.new_full((centres.shape[0], 2), 0.05 * 2.0**level)
-        proposals.append(torch.cat([centres, size], dim=-1))
-    proposals = torch.cat(proposals)[None]
+    if centres is None:
+        centres = torch.cat([pixel_centres(h, w, tokens.device) for h, w in shapes])[None]
+    sizes = torch.cat(
+        [centres.new_full((h * w,), 0.05 * 2.0**level) for level, (h, w) in enumerate(shapes)]
+    )  # (S,)
+    proposals = torch.cat([centres, sizes[None, :, None].expand(centres.shape[0], -1, 2)], dim=-1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     logits = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))
     return tokens.masked_fill(~valid, 0.0), logits
@@ -100,7 +105,9 @@ def encoder_proposals(tokens: torch.Tensor, shapes: Sequence[Tuple[int, int]]):
 MASK_BOX_EDGES = ("indices", "pixels")
 
 
-def masks_to_box_logits(mask_logits: torch.Tensor, edges: str = "indices") -> torch.Tensor:
+def masks_to_box_logits(
+    mask_logits: torch.Tensor, edges: str = "indices", frame_scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """Mask-enhanced box initialisation: the tight box of every predicted mask (logit > 0).
 
     Args:
@@ -109,8 +116,11 @@ def masks_to_box_logits(mask_logits: torch.Tensor, edges: str = "indices") -> to
             "pixels": boxes span the pixels' outer edges (x_max + 1 - x_min, its "bitmask",
             detectron2's `BitMasks.get_bounding_boxes`).
 
+        frame_scale: optional (B, 2) (x, y) size of every image as a fraction of the mask
+            (`ImagePadding.frame_scale`): the boxes are then normalised by the images.
+
     Returns:
-        (B, N, 4) box logits, normalised by the mask size.
+        (B, N, 4) box logits, normalised by the mask size (or by the images).
 
     NOTE: an empty mask gets the degenerate box (cx, cy, w, h) = (1, 1, 0, 0) with "indices"
     and (0, 0, 0, 0) with "pixels", whose logits are +-11.5 - the boxes the authors' release
@@ -120,18 +130,22 @@ def masks_to_box_logits(mask_logits: torch.Tensor, edges: str = "indices") -> to
         raise ValueError(f"masks_to_box_logits: edges must be one of {MASK_BOX_EDGES}, got {edges!r}")
     batch, queries, height, width = mask_logits.shape
     binary = (mask_logits > 0).flatten(0, 1)
-    corners = masks_to_boxes(binary)
+    # in the logits' precision, at least single (float64 models stay float64)
+    dtype = torch.promote_types(mask_logits.dtype, torch.float32)
+    corners = masks_to_boxes(binary).to(dtype)
     if edges == "pixels":
         corners = corners + corners.new_tensor([0.0, 0.0, 1.0, 1.0])
     cx, cy, w, h = box_convert(corners, "xyxy", "cxcywh").unbind(-1)
     # divided by the sizes one by one (not by a tensor made of them), so that a dynamic-shape
     # torch.export keeps them symbolic
     boxes = torch.stack([cx / width, cy / height, w / width, h / height], dim=-1)
+    if frame_scale is not None:
+        scale = frame_scale.to(boxes.dtype).repeat(1, 2)  # (B, 4)
+        boxes = boxes / scale.repeat_interleave(queries, dim=0)
     empty = ~binary.flatten(1).any(1)
     empty_box = [1.0, 1.0, 0.0, 0.0] if edges == "indices" else [0.0, 0.0, 0.0, 0.0]
     boxes = torch.where(empty[:, None], boxes.new_tensor(empty_box), boxes)
-    # in the logits' precision, at least single (float64 models stay float64)
-    return inverse_sigmoid(boxes.view(batch, queries, 4).to(torch.promote_types(mask_logits.dtype, torch.float32)))
+    return inverse_sigmoid(boxes.view(batch, queries, 4))
 
 
 class QuerySelection(nn.Module):
@@ -161,7 +175,9 @@ class QuerySelection(nn.Module):
         self, memory: FeatureTokens, mask_features: Optional[torch.Tensor], heads: PredictionHeads
     ) -> SelectedTokens:
         """mask_features: (B, D, h, w), or None for a detection-only model (no masks)."""
-        tokens, proposal_logits = encoder_proposals(memory.tokens, memory.shapes)
+        padded = memory.padding is not None
+        centres = memory.image_frame_centres() if padded else None
+        tokens, proposal_logits = encoder_proposals(memory.tokens, memory.shapes, centres)
         tokens = self.memory_norm(self.memory_proj(tokens))
         box_logits = heads.box_embed(tokens) + proposal_logits
         # Eq. 1: T_s1 = S(T_i, k1), scored by the best class logit of each token
@@ -174,17 +190,20 @@ class QuerySelection(nn.Module):
                 "QuerySelection: mask-enhanced box initialisation needs mask features (the model has no mask "
                 "branch); initialise the boxes from the encoder's boxes (mask_enhanced_boxes=False)"
             )
+        # with a padding mask the boxes are normalised by the images (the mask features are
+        # zero outside them, so no mask reaches into the padding)
+        frame_scale = memory.padding.frame_scale(mask_features.shape[-2:]) if padded and mask_features is not None else None
         if self.mask_enhanced_boxes and predictions.mask_embed is not None:
             with torch.no_grad():  # a chunk of queries at a time: the whole logits only transiently
                 initial_box_logits = torch.cat(
                     [
-                        masks_to_box_logits(mask_logits(embed, mask_features), self.mask_box_edges)
+                        masks_to_box_logits(mask_logits(embed, mask_features), self.mask_box_edges, frame_scale)
                         for embed in predictions.mask_embed.split(MASK_CHUNK, dim=1)
                     ],
                     dim=1,
                 )
         elif self.mask_enhanced_boxes:
-            initial_box_logits = masks_to_box_logits(predictions.masks.detach(), self.mask_box_edges)
+            initial_box_logits = masks_to_box_logits(predictions.masks.detach(), self.mask_box_edges, frame_scale)
         else:
             initial_box_logits = selected_box_logits.detach()
         return SelectedTokens(

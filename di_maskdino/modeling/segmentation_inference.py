@@ -286,5 +286,6 @@ def predict_segmentation(
     `output_sizes` (default: the input sizes)."""
     batch, sizes = model.preprocess(images)
     output_sizes = sizes if output_sizes is None else output_sizes
-    prediction = model.run(batch).final
-    return inference.images(prediction, sizes, tuple(batch.shape[-2:]), output_sizes)
+    padded_size = tuple(batch.shape[-2:])
+    prediction = model.canvas_frame(model.run(batch, image_sizes=sizes).final, sizes, padded_size)
+    return inference.images(prediction, sizes, padded_size, output_sizes)

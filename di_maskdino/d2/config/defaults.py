@@ -54,6 +54,9 @@ def _add_model_keys(cfg: CN) -> None:
     m.MASK_ENHANCED_BOXES = True  # initial boxes from the selected tokens' masks
     m.MASK_BOX_EDGES = "indices"  # their extent: "indices" (release's "mask2box") or "pixels" ("bitmask")
     m.SIZE_DIVISIBILITY = 32
+    # make the padded region of a batch invisible to its images (predictions independent of the
+    # batch; boxes normalised by each image); off in the release's configurations
+    m.PADDING_MASK = False
     # COCO-format instance datasets registered by name for this run, each [NAME, ANNOTATION_JSON,
     # IMAGE_FOLDER] (tools/train_net.py --coco-dataset adds one); use NAME in DATASETS.TRAIN / TEST
     cfg.DATASETS.COCO_FORMAT = []

@@ -41,6 +41,7 @@ ARCHITECTURE_KEYS: Dict[str, str] = {
     "num_decoder_layers": _M + "DEC_LAYERS",
     "mask_enhanced_boxes": _M + "MASK_ENHANCED_BOXES",
     "mask_box_edges": _M + "MASK_BOX_EDGES",
+    "padding_mask": _M + "PADDING_MASK",
     "num_groups": _M + "ENCODER.NUM_GROUPS",
     "encoder.in_features": _M + "ENCODER.IN_FEATURES",
     "encoder.num_layers": _M + "ENCODER.NUM_LAYERS",

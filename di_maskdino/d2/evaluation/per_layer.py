@@ -30,7 +30,7 @@ def evaluate_outputs(model, data_loader, make_evaluators, results) -> "OrderedDi
         for inputs in data_loader:
             batch, sizes = model.preprocess([x["image"] for x in inputs])
             with model.inference_context(batch.shape):
-                output = model.run(batch, all_layer_masks=True)
+                output = model.run(batch, all_layer_masks=True, image_sizes=sizes)
             padded = tuple(batch.shape[-2:])
             for name, prediction in output.named():
                 if name not in evaluators:

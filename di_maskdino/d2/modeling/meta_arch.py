@@ -56,6 +56,7 @@ class DIMaskDINOArch(DIMaskDINO):
         test_masks: str = "refined",
         segmentation: Optional[SegmentationInference] = None,
         cpu_inference: Optional[CPUInference] = None,
+        padding_mask: bool = False,
     ):
         """`DIMaskDINO`'s arguments, and: criterion, box_mask_criterion: the objective's
         parts; cpu_inference: the CPU speed-ups evaluation runs with (TEST.CPU_SPEEDUPS), or
@@ -72,6 +73,7 @@ class DIMaskDINOArch(DIMaskDINO):
             fine_feature=fine_feature,
             test_masks=test_masks,
             segmentation=segmentation,
+            padding_mask=padding_mask,
         )
         self.criterion = criterion
         self.box_mask_criterion = box_mask_criterion
@@ -111,7 +113,8 @@ class DIMaskDINOArch(DIMaskDINO):
     def targets(self, batched_inputs: List[Dict], padded_size) -> List[Dict[str, torch.Tensor]]:
         """detectron2 Instances -> targets with boxes normalised by the padded input size
         (the frame the network predicts in) and, unless the model is detection-only, masks
-        padded to it."""
+        padded to it. With a padding mask, the boxes are normalised by each image (the frame
+        that model predicts in) and "mask_frame" gives the image's share of the padded masks."""
         # NOTE: the release normalises the boxes by each image's unpadded size, while its
         # predictions (and the masks) live in the padded frame; the two agree when every image of
         # the batch has the padded size (LSJ's fixed crops) and differ by 0.5-2% otherwise
@@ -119,10 +122,12 @@ class DIMaskDINOArch(DIMaskDINO):
         # frame, on purpose (docs/design.md, "Departures from the paper").
         height, width = padded_size
         dtype = self.pixel_mean.dtype  # float32, or the model's (float64) dtype
-        scale = torch.tensor([width, height, width, height], dtype=dtype, device=self.device)
         targets = []
         for item in batched_inputs:
             instances = item["instances"].to(self.device)
+            image_height, image_width = item["image"].shape[-2:]
+            frame = (image_width, image_height) if self.padding_mask else (width, height)
+            scale = torch.tensor(frame * 2, dtype=dtype, device=self.device)
             boxes = box_convert(instances.gt_boxes.tensor.to(dtype), "xyxy", "cxcywh") / scale
             target = {"labels": instances.gt_classes, "boxes": boxes}
             if self.predicts_masks:
@@ -135,6 +140,10 @@ class DIMaskDINOArch(DIMaskDINO):
                 padded = masks.new_zeros((masks.shape[0], height, width))
                 padded[:, : masks.shape[1], : masks.shape[2]] = masks
                 target["masks"] = padded.to(dtype)
+                if self.padding_mask:
+                    target["mask_frame"] = torch.tensor(
+                        [image_width / width, image_height / height], dtype=dtype, device=self.device
+                    )
             if instances.has("gt_is_thing"):  # panoptic / semantic targets: things and stuff
                 target["is_thing"] = instances.gt_is_thing
             targets.append(target)
@@ -146,7 +155,7 @@ class DIMaskDINOArch(DIMaskDINO):
         batch, sizes = self.preprocess([x["image"] for x in batched_inputs])
         if self.training:
             targets = self.targets(batched_inputs, batch.shape[-2:])
-            return self.losses(self.run(batch, targets=targets), targets, num_objects)
+            return self.losses(self.run(batch, targets=targets, image_sizes=sizes), targets, num_objects)
         with self.inference_context(batch.shape):
             return self.inference(batched_inputs, batch, sizes)
 
@@ -155,10 +164,11 @@ class DIMaskDINOArch(DIMaskDINO):
         output_sizes = self.output_sizes(batched_inputs, sizes)
         padded_size = tuple(batch.shape[-2:])
         if self.segmentation is not None:  # panoptic and / or semantic outputs
-            prediction = self.run(batch).final
+            prediction = self.run(batch, image_sizes=sizes).final
             return segmentation_results(self, self.segmentation, prediction, batched_inputs, sizes, padded_size)
         if self.box_mask_head is None or self.test_masks == "detector":
-            found = detections_from_raw(self.detect(batch), sizes, padded_size, output_sizes)
+            image_sizes = torch.tensor(sizes, dtype=torch.long) if self.padding_mask else None
+            found = detections_from_raw(self.detect(batch, image_sizes), sizes, padded_size, output_sizes)
             return [{"instances": detections_to_instances(f, s)} for f, s in zip(found, output_sizes)]
         output = self.run(batch)
         results = self.detectron2_results(output.final, batched_inputs, sizes, padded_size)

@@ -39,6 +39,7 @@ def segmentation_results(model, inference: SegmentationInference, prediction, ba
                 ]
     if prediction.masks is None:
         return results
+    prediction = model.canvas_frame(prediction, sizes, padded_size)  # a padding mask's frame -> the padded one
     output_sizes = [(x.get("height", s[0]), x.get("width", s[1])) for x, s in zip(batched_inputs, sizes)]
     for index, result in enumerate(results):
         found = inference.segmentation(

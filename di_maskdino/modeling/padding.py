@@ -1,0 +1,200 @@
+"""Padding masks: predictions of an image that do not depend on the rest of its batch.
+
+Images of a batch are padded at the bottom / right to one canvas. Without a padding mask
+(the release's behaviour) the padded region takes part in the network, so an image's
+predictions change with the size of its neighbours. `ImagePadding` describes which part
+of every feature map is image and makes that part independent of the canvas:
+
+- convolutions and norms (hooks installed by `ImagePadding.masking`, on the backbone and on
+  the model's own convolutions): GroupNorm statistics span the valid region only, and
+  every convolution / norm output is zero outside it, so that a convolution at the image
+  edge reads zeros beyond it whatever the canvas;
+- bilinear upsampling reads the valid edge beyond it (`replicate_edges`), as it would at
+  the border of a canvas that ends there;
+- deformable attention zeroes padded value tokens and places its sampling points with
+  valid ratios (`FeatureTokens`); sine positions count the valid tokens only;
+- boxes are normalised by the image size, not by the canvas ("image frame").
+
+Feature map sizes: a map at stride s of a canvas H x W (a multiple of the largest stride
+up to 32) is ceil(H / s) x ceil(W / s); of an image h x w, its first ceil(h / s) x
+ceil(w / s) cells are valid. The stride of a map is read from its size (`map_stride`).
+
+Shape glossary: B batch, C channels, H x W canvas, h_l x w_l a feature map, L levels.
+"""
+
+import contextlib
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["ImagePadding", "map_stride", "check_padding_mask_support", "masked_group_norm"]
+
+# leaf modules a backbone may hold under a padding mask: convolutions and per-channel norms
+# (their outputs are zeroed outside the image), GroupNorm (valid-region statistics),
+# activations that keep zero at zero, and max pooling of such activations
+_ELEMENTWISE_LEAVES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d, nn.Dropout)
+
+
+def map_stride(size: int, canvas: int) -> int:
+    """The stride s (a power of two) of a map `size` cells long on a canvas `canvas` pixels
+    long: the smallest s with ceil(canvas / s) == size."""
+    stride = 1
+    while -(-canvas // stride) > size:
+        stride *= 2
+    if -(-canvas // stride) != size:
+        raise ValueError(
+            f"padding mask: a feature map {size} cells long on a canvas of {canvas} pixels is not at a power-of-two "
+            "stride; pad the batch to a multiple of the backbone's largest stride (SIZE_DIVISIBILITY)"
+        )
+    return stride
+
+
+def _is_per_channel_norm(module: nn.Module) -> bool:
+    # detectron2's and torchvision's FrozenBatchNorm2d are per-channel affine maps
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "FrozenBatchNorm2d"
+
+
+def check_padding_mask_support(backbone: nn.Module) -> None:
+    """Refuses a backbone the padding mask cannot make independent of the canvas: one with
+    layers that mix positions other than convolutions, GroupNorm and max pooling (attention,
+    LayerNorm over tokens, pooling over the map: Swin, ViT, squeeze-excitation)."""
+    unsupported = sorted(
+        {
+            type(m).__name__
+            for m in backbone.modules()
+            if not any(True for _ in m.children())
+            and not isinstance(m, (nn.Conv2d, nn.GroupNorm) + _ELEMENTWISE_LEAVES)
+            and not _is_per_channel_norm(m)
+        }
+    )
+    if unsupported:
+        raise ValueError(
+            f"the padding mask (MODEL.DI_MASKDINO.PADDING_MASK) supports convolutional backbones (ResNets); "
+            f"{type(backbone).__name__} holds {unsupported}, which would read the padded region; turn the padding "
+            "mask off for this backbone"
+        )
+
+
+def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """GroupNorm of (B, C, h, w) maps with the statistics of the valid cells (`valid`
+    (B, 1, h, w), 1 or 0) only; zero outside them."""
+    batch, channels, height, width = x.shape
+    groups = norm.num_groups
+    grouped = x.reshape(batch, groups, channels // groups, height * width)
+    weight = valid.reshape(batch, 1, 1, height * width).to(x.dtype)
+    count = weight.sum(-1, keepdim=True) * (channels // groups)
+    mean = (grouped * weight).sum((-2, -1), keepdim=True) / count
+    centred = (grouped - mean) * weight
+    variance = (centred * centred).sum((-2, -1), keepdim=True) / count
+    normed = (centred * torch.rsqrt(variance + norm.eps)).reshape(batch, channels, height, width)
+    if norm.affine:
+        normed = normed * norm.weight[:, None, None] + norm.bias[:, None, None] * valid.to(x.dtype)
+    return normed
+
+
+class ImagePadding:
+    """The valid region of every image of a padded batch.
+
+    Args:
+        image_sizes: (B, 2) int64 (h, w) of the images before padding.
+        canvas: (H, W) of the padded batch.
+    """
+
+    def __init__(self, image_sizes: torch.Tensor, canvas: Tuple[int, int]):
+        if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
+            raise ValueError(f"ImagePadding: image sizes must be (B, 2) (h, w), got {tuple(image_sizes.shape)}")
+        self.image_sizes = image_sizes.long()
+        self.canvas = (canvas[0], canvas[1])
+        self._valid: Dict[Tuple[int, int], torch.Tensor] = {}
+
+    @classmethod
+    def of(cls, sizes: Sequence[Tuple[int, int]], canvas: Tuple[int, int], device: torch.device) -> "ImagePadding":
+        """From a list of (h, w)."""
+        return cls(torch.tensor([list(s) for s in sizes], dtype=torch.long, device=device), canvas)
+
+    def strides(self, shape: Tuple[int, int]) -> Tuple[int, int]:
+        """(s_y, s_x) of a map of size `shape` (h_l, w_l)."""
+        return map_stride(shape[0], self.canvas[0]), map_stride(shape[1], self.canvas[1])
+
+    def extents(self, shape: Tuple[int, int]) -> torch.Tensor:
+        """(B, 2) valid (rows, columns) of every image in a map of size `shape`."""
+        stride = self.image_sizes.new_tensor(self.strides(shape))
+        return torch.div(self.image_sizes + stride - 1, stride, rounding_mode="floor")
+
+    def valid(self, shape: Tuple[int, int]) -> torch.Tensor:
+        """(B, 1, h_l, w_l) bool, True on the image's cells of a map of size `shape`."""
+        key = (shape[0], shape[1])
+        if key not in self._valid:
+            extents = self.extents(key)
+            rows = torch.arange(key[0], device=extents.device)[None, :] < extents[:, :1]
+            cols = torch.arange(key[1], device=extents.device)[None, :] < extents[:, 1:]
+            self._valid[key] = (rows[:, :, None] & cols[:, None, :])[:, None]
+        return self._valid[key]
+
+    def zero_padding(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h_l, w_l) maps with zeros outside the images."""
+        return x * self.valid(x.shape[-2:]).to(x.dtype)
+
+    def token_padding_mask(self, shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
+        """(B, S) bool, True for the padded tokens of L maps of sizes `shapes` flattened
+        level by level."""
+        return torch.cat([~self.valid(shape).flatten(1) for shape in shapes], dim=1)
+
+    def frame_scale(self, shape: Tuple[int, int]) -> torch.Tensor:
+        """(B, 2) float64 (x, y) size of the image in a map of size `shape`, as a fraction of the map:
+        a point normalised by the image (the image frame) times this is normalised by the
+        map. Deformable-DETR's valid ratios, exact rather than counted in cells."""
+        s_y, s_x = self.strides(shape)
+        sizes = self.image_sizes.to(torch.float64)
+        return torch.stack([sizes[:, 1] / (s_x * shape[1]), sizes[:, 0] / (s_y * shape[0])], dim=-1)
+
+    def valid_ratios(self, shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
+        """(B, L, 2) float64 `frame_scale` of every level."""
+        return torch.stack([self.frame_scale(shape) for shape in shapes], dim=1)
+
+    def canvas_frame_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, N, 4) cxcywh boxes normalised by the images -> normalised by the canvas."""
+        scale = self.frame_scale(self.canvas).to(boxes.dtype)
+        return boxes * scale.repeat(1, 2)[:, None, :]
+
+    def replicate_edges(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h_l, w_l) maps whose cells beyond the image repeat its last row / column,
+        so that bilinear resampling reads there what it reads at the border of a map that
+        ends with the image."""
+        height, width = x.shape[-2:]
+        extents = self.extents((height, width))
+        rows = torch.minimum(torch.arange(height, device=x.device)[None, :], extents[:, :1] - 1)  # (B, h_l)
+        cols = torch.minimum(torch.arange(width, device=x.device)[None, :], extents[:, 1:] - 1)  # (B, w_l)
+        channels = x.shape[1]
+        x = x.gather(2, rows[:, None, :, None].expand(-1, channels, -1, width))
+        return x.gather(3, cols[:, None, None, :].expand(-1, channels, height, -1))
+
+    def _hook(self, module: nn.Module, inputs, output):
+        if not isinstance(output, torch.Tensor) or output.dim() != 4:
+            return output
+        valid = self.valid(output.shape[-2:])
+        if isinstance(module, nn.GroupNorm):
+            return masked_group_norm(module, inputs[0], valid)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                "padding mask: BatchNorm in training takes its statistics over the padded batch; use frozen "
+                "BatchNorm or GroupNorm (detectron2: MODEL.RESNETS.NORM 'FrozenBN' or 'GN')"
+            )
+        return output * valid.to(output.dtype)
+
+    @contextlib.contextmanager
+    def masking(self, *modules: nn.Module):
+        """Within the context, every convolution and norm of `modules` leaves zeros outside
+        the images, and GroupNorm takes valid-region statistics (forward hooks, removed on
+        exit)."""
+        handles: List = []
+        try:
+            for module in modules:
+                for m in module.modules():
+                    if isinstance(m, (nn.Conv2d, nn.GroupNorm)) or _is_per_channel_norm(m):
+                        handles.append(m.register_forward_hook(self._hook))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()

@@ -1,0 +1,295 @@
+"""The padding mask (MODEL.DI_MASKDINO.PADDING_MASK, `modeling/padding.py`).
+
+The oracle of the model-level tests is the image itself: with the padding mask, an image's
+predictions alone equal its predictions in a batch with a larger image and with a smaller
+one (float64 to 1e-9), and a batch's training losses and gradients (with a fixed
+normaliser) are the sums of its images' own. Without the padding mask the same comparisons
+fail, which shows that they can."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from di_maskdino.modeling import (
+    ActivationCheckpointing,
+    Objective,
+    SegmentationInference,
+    SpecError,
+    build_criterion,
+    build_model,
+)
+from di_maskdino.modeling import matcher as matcher_module
+from di_maskdino.modeling import point_sampling
+from di_maskdino.modeling.padding import ImagePadding, check_padding_mask_support, map_stride, masked_group_norm
+from di_maskdino.modeling.segmentation_inference import predict_segmentation
+
+from .tiny import TinyBackbone, perturb, tiny_architecture
+
+# an image and two neighbours: one larger in both directions, one smaller
+SIZES = {"image": (70, 90), "larger": (130, 150), "smaller": (40, 50)}
+
+
+def images(dtype=torch.float64):
+    generator = torch.Generator().manual_seed(0)
+    return {name: torch.rand(3, h, w, generator=generator, dtype=dtype) * 255 for name, (h, w) in SIZES.items()}
+
+
+def padded_model(padding_mask=True, dtype=torch.float64, **overrides):
+    torch.manual_seed(0)
+    arch = tiny_architecture(padding_mask=padding_mask, **overrides)
+    return perturb(build_model(arch, TinyBackbone(deep=True))).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# the parts
+
+
+def test_map_stride_and_extents():
+    assert [map_stride(size, 96) for size in (96, 48, 24, 12, 3, 2)] == [1, 2, 4, 8, 32, 64]
+    assert map_stride(1, 20) == 32  # any stride from the canvas size on: a single cell
+    with pytest.raises(ValueError, match="power-of-two"):
+        map_stride(5, 96)
+    padding = ImagePadding(torch.tensor([[70, 90], [33, 96]]), (96, 96))
+    assert padding.extents((24, 24)).tolist() == [[18, 23], [9, 24]]  # ceil(h / 4), ceil(w / 4)
+    assert padding.extents((2, 2)).tolist() == [[2, 2], [1, 2]]  # stride 64
+    valid = padding.valid((24, 24))
+    assert valid.shape == (2, 1, 24, 24) and int(valid[0].sum()) == 18 * 23 and int(valid[1].sum()) == 9 * 24
+    torch.testing.assert_close(
+        padding.frame_scale((24, 24)), torch.tensor([[90 / 96, 70 / 96], [1.0, 33 / 96]], dtype=torch.float64)
+    )
+
+
+def test_replicate_edges_repeats_the_last_valid_row_and_column():
+    padding = ImagePadding(torch.tensor([[5, 3], [8, 8]]), (8, 8))
+    x = torch.arange(2 * 8 * 8, dtype=torch.float32).view(2, 1, 8, 8)
+    out = padding.replicate_edges(x)
+    expected = x[0, 0, :5, :3]
+    expected = torch.cat([expected, expected[-1:].expand(3, -1)])
+    expected = torch.cat([expected, expected[:, -1:].expand(-1, 5)], dim=1)
+    assert torch.equal(out[0, 0], expected)
+    assert torch.equal(out[1], x[1])
+
+
+def test_masked_group_norm_is_group_norm_of_the_image_alone():
+    norm = nn.GroupNorm(4, 8).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2)
+        norm.bias.uniform_(-1, 1)
+    x = torch.randn(1, 8, 12, 16, dtype=torch.float64)
+    padding = ImagePadding(torch.tensor([[7, 10]]), (12, 16))
+    out = masked_group_norm(norm, x, padding.valid((12, 16)))
+    torch.testing.assert_close(out[..., :7, :10], norm(x[..., :7, :10]), rtol=0, atol=1e-12)
+    assert out[..., 7:, :].abs().max() == 0 and out[..., :, 10:].abs().max() == 0
+
+
+def test_masking_makes_a_convolution_stack_independent_of_the_canvas():
+    torch.manual_seed(0)
+    stack = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.GroupNorm(4, 8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, stride=2, padding=1),
+    ).double()
+    image = torch.randn(1, 3, 21, 27, dtype=torch.float64)
+
+    def run(canvas):
+        x = F.pad(image, (0, canvas[1] - 27, 0, canvas[0] - 21))
+        padding = ImagePadding(torch.tensor([[21, 27]]), canvas)
+        with padding.masking(stack):
+            return stack(x)[..., :6, :7]  # ceil(21 / 4) x ceil(27 / 4)
+
+    small, large = run((32, 32)), run((64, 96))
+    torch.testing.assert_close(small, large, rtol=0, atol=1e-12)
+    # without the masking the padded region reaches the image
+    assert (stack(F.pad(image, (0, 5, 0, 11)))[..., :6, :7] - stack(F.pad(image, (0, 69, 0, 43)))[..., :6, :7]).abs().max() > 1e-3
+    # the hooks are gone after the context
+    assert all(not m._forward_hooks for m in stack)
+
+
+def test_unsupported_backbones_and_parts_are_refused():
+    with pytest.raises(ValueError, match="LayerNorm"):
+        check_padding_mask_support(nn.Sequential(nn.Conv2d(3, 8, 3), nn.LayerNorm(8)))
+    check_padding_mask_support(TinyBackbone(deep=True))
+    with pytest.raises(SpecError, match="padding_mask"):
+        tiny_architecture(padding_mask=True, checkpointing=ActivationCheckpointing(decoder=True))
+    torch.manual_seed(0)
+    model = build_model(tiny_architecture(padding_mask=True), TinyBackbone(deep=True))
+    with pytest.raises(ValueError, match="image sizes"):
+        model.eval().run(torch.zeros(1, 3, 64, 64))
+    bn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
+    with pytest.raises(ValueError, match="BatchNorm in training"):
+        with ImagePadding(torch.tensor([[10, 10]]), (16, 16)).masking(bn):
+            bn(torch.zeros(1, 3, 16, 16))
+
+
+# ----------------------------------------------------------------------------------------
+# the model: an image alone and in a batch
+
+
+def run_alone_and_in_batches(model):
+    """Final predictions of "image" alone, after "smaller" and before "larger"."""
+    pictures = images(model.pixel_mean.dtype)
+    results = {}
+    with torch.no_grad():
+        for name, (batch_images, index) in {
+            "alone": ([pictures["image"]], 0),
+            "with larger": ([pictures["image"], pictures["larger"]], 0),
+            "with smaller": ([pictures["smaller"], pictures["image"]], 1),
+        }.items():
+            batch, sizes = model.preprocess(batch_images)
+            output = model.run(batch, image_sizes=sizes)
+            results[name] = (output, index, tuple(batch.shape[-2:]))
+    return results
+
+
+@pytest.mark.parametrize("parts", ["instance", "detection"])
+def test_an_image_predicts_the_same_alone_and_in_any_batch(parts):
+    overrides = {} if parts == "instance" else dict(mask_branch=False, mask_enhanced_boxes=False)
+    model = padded_model(**overrides).eval()
+    results = run_alone_and_in_batches(model)
+    alone, _, canvas = results["alone"]
+    h, w = (s // 4 for s in SIZES["image"])
+    for name in ("with larger", "with smaller"):
+        output, index, other_canvas = results[name]
+        assert other_canvas != canvas or name == "with smaller"
+        for (label, ours), (_, theirs) in zip(alone.named(), output.named()):
+            torch.testing.assert_close(theirs.logits[index], ours.logits[0], rtol=0, atol=1e-9, msg=label)
+            torch.testing.assert_close(theirs.boxes[index], ours.boxes[0], rtol=0, atol=1e-9, msg=label)
+            if ours.masks is not None:
+                torch.testing.assert_close(
+                    theirs.masks[index][:, :h, :w], ours.masks[0][:, :h, :w], rtol=0, atol=1e-9, msg=label
+                )
+    # the masks are zero beyond the image
+    final = results["with larger"][0].final
+    if final.masks is not None:
+        assert final.masks[0][:, (SIZES["image"][0] + 3) // 4 :].abs().max() == 0
+
+
+def test_without_the_padding_mask_the_batch_changes_the_predictions():
+    model = padded_model(padding_mask=False).eval()
+    results = run_alone_and_in_batches(model)
+    alone = results["alone"][0].final
+    larger, index, _ = results["with larger"]
+    assert (larger.final.logits[index] - alone.logits[0]).abs().max() > 1e-3
+
+
+def test_detections_at_the_image_size_are_the_same_in_float32():
+    """The issue's float32 tolerances, through `predict` (boxes in pixels, pasted masks)."""
+    model = padded_model(dtype=torch.float32).eval()
+    pictures = images(torch.float32)
+    alone = model.predict([pictures["image"]])[0]
+    for batch, index in (([pictures["image"], pictures["larger"]], 0), ([pictures["smaller"], pictures["image"]], 1)):
+        found = model.predict(batch)[index]
+        assert found.labels.tolist() == alone.labels.tolist()
+        torch.testing.assert_close(found.scores, alone.scores, rtol=0, atol=1e-5)
+        torch.testing.assert_close(found.boxes, alone.boxes, rtol=0, atol=1e-3)
+        assert found.masks.shape == alone.masks.shape == (len(alone), *SIZES["image"])
+        assert (found.masks == alone.masks).float().mean() >= 0.9999
+
+
+def test_panoptic_and_semantic_outputs_are_the_same_alone_and_in_a_batch():
+    model = padded_model().eval()
+    inference = SegmentationInference(
+        torch.tensor([True, True, False]),
+        panoptic=True,
+        semantic=True,
+        object_mask_threshold=0.0,
+        overlap_threshold=0.0,
+    )
+    pictures = images()
+    alone = predict_segmentation(model, [pictures["image"]], inference)[0]
+    assert alone.panoptic.segments, "the comparison needs segments"
+    for batch, index in (([pictures["image"], pictures["larger"]], 0), ([pictures["smaller"], pictures["image"]], 1)):
+        found = predict_segmentation(model, batch, inference)[index]
+        torch.testing.assert_close(found.semantic, alone.semantic, rtol=0, atol=1e-9)
+        assert torch.equal(found.panoptic.ids, alone.panoptic.ids)
+        assert found.panoptic.segments == alone.panoptic.segments
+        # (post-processing scales the boxes to pixels in float32)
+        torch.testing.assert_close(found.instances.boxes, alone.instances.boxes, rtol=0, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------
+# training: losses and gradients
+
+
+def fixed_points(count, num_points, device, dtype=torch.float32):
+    """The same points for every mask (a function of their number only), so that the random
+    draws do not depend on how many masks the batch has."""
+    generator = torch.Generator().manual_seed(num_points)
+    points = torch.rand(1, num_points, 2, generator=generator, dtype=torch.float64)
+    return points.to(device=device, dtype=dtype).expand(count, -1, -1).clone()
+
+
+def image_targets():
+    """Per image of `images()`: boxes normalised by the image, masks at the image size."""
+
+    def target(size, boxes, labels):
+        h, w = size
+        masks = torch.zeros(len(labels), h, w, dtype=torch.float64)
+        normalised = []
+        for mask, (x0, y0, x1, y1) in zip(masks, boxes):
+            mask[y0:y1, x0:x1] = 1
+            normalised.append([(x0 + x1) / 2 / w, (y0 + y1) / 2 / h, (x1 - x0) / w, (y1 - y0) / h])
+        return dict(labels=torch.tensor(labels), boxes=torch.tensor(normalised, dtype=torch.float64), masks=masks)
+
+    return {
+        "image": target(SIZES["image"], [(10, 10, 40, 50), (50, 20, 88, 69)], [0, 2]),
+        "larger": target(SIZES["larger"], [(20, 30, 100, 120)], [1]),
+        "smaller": target(SIZES["smaller"], [(5, 5, 30, 30), (0, 0, 50, 40)], [2, 1]),
+    }
+
+
+def batch_losses(model, criterion, names):
+    """Losses (fixed normaliser 1) and parameter gradients of a batch of the named images
+    (targets in the model's frame: the image's with a padding mask, else the batch's)."""
+    pictures, targets = images(), image_targets()
+    model.zero_grad()
+    batch, sizes = model.preprocess([pictures[n] for n in names])
+    canvas = tuple(batch.shape[-2:])
+    prepared = []
+    for name, (h, w) in zip(names, sizes):
+        target = targets[name]
+        masks = target["masks"].new_zeros(len(target["labels"]), *canvas)
+        masks[:, :h, :w] = target["masks"]
+        frame = torch.tensor([w / canvas[1], h / canvas[0]], dtype=torch.float64)
+        if model.padding_mask:
+            prepared.append(dict(target, masks=masks, mask_frame=frame))
+        else:
+            prepared.append(dict(target, masks=masks, boxes=target["boxes"] * frame.repeat(2)))
+    losses = criterion(model.run(batch, prepared, image_sizes=sizes), prepared, num_objects=1.0)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {k: v.detach() for k, v in losses.items()}, grads
+
+
+def test_training_losses_and_gradients_of_a_batch_are_its_images_own(monkeypatch):
+    monkeypatch.setattr(point_sampling, "uniform_points", fixed_points)
+    monkeypatch.setattr(matcher_module, "uniform_points", fixed_points)
+    # no denoising queries: their groups span the batch (as many as its largest target count allows)
+    model = padded_model(denoising=None).train()
+    criterion = build_criterion(Objective(num_points=64))
+    singles = {name: batch_losses(model, criterion, [name]) for name in ("image", "larger", "smaller")}
+    for pair in (["image", "larger"], ["smaller", "image"]):
+        losses, grads = batch_losses(model, criterion, pair)
+        assert len(losses) > 20
+        for key, value in losses.items():
+            expected = sum(singles[name][0][key] for name in pair)
+            torch.testing.assert_close(value, expected, rtol=0, atol=1e-9, msg=key)
+        for key, value in grads.items():
+            expected = sum(singles[name][1].get(key, torch.zeros_like(value)) for name in pair)
+            torch.testing.assert_close(value, expected, rtol=0, atol=1e-9, msg=key)
+
+
+def test_without_the_padding_mask_a_batch_changes_its_images_losses(monkeypatch):
+    monkeypatch.setattr(point_sampling, "uniform_points", fixed_points)
+    monkeypatch.setattr(matcher_module, "uniform_points", fixed_points)
+    model = padded_model(padding_mask=False, denoising=None).train()
+    criterion = build_criterion(Objective(num_points=64))
+    alone = [batch_losses(model, criterion, [name])[0] for name in ("image", "larger")]
+    together = batch_losses(model, criterion, ["image", "larger"])[0]
+    worst = max(abs(float(together[k] - alone[0][k] - alone[1][k])) for k in together)
+    assert worst > 1e-4
