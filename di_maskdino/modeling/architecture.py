@@ -263,9 +263,7 @@ class Architecture:
         if self.bato is not None:
             rules += self._bato_problems()
         if self.padding_mask:
-            checkpointed = [
-                name for name in ("backbone", "encoder", "decoder") if getattr(self.checkpointing, name)
-            ]
+            checkpointed = [name for name in ("backbone", "encoder", "decoder") if getattr(self.checkpointing, name)]
             rules += [
                 (
                     "padding_mask",

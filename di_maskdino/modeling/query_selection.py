@@ -93,9 +93,7 @@ def encoder_proposals(
     """
     if centres is None:
         centres = torch.cat([pixel_centres(h, w, tokens.device) for h, w in shapes])[None]
-    sizes = torch.cat(
-        [centres.new_full((h * w,), 0.05 * 2.0**level) for level, (h, w) in enumerate(shapes)]
-    )  # (S,)
+    sizes = torch.cat([centres.new_full((h * w,), 0.05 * 2.0**level) for level, (h, w) in enumerate(shapes)])  # (S,)
     proposals = torch.cat([centres, sizes[None, :, None].expand(centres.shape[0], -1, 2)], dim=-1)
     valid = ((proposals > 0.01) & (proposals < 0.99)).all(-1, keepdim=True)
     logits = torch.log(proposals / (1 - proposals)).masked_fill(~valid, float("inf"))
@@ -192,7 +190,9 @@ class QuerySelection(nn.Module):
             )
         # with a padding mask the boxes are normalised by the images (the mask features are
         # zero outside them, so no mask reaches into the padding)
-        frame_scale = memory.padding.frame_scale(mask_features.shape[-2:]) if padded and mask_features is not None else None
+        frame_scale = None
+        if padded and mask_features is not None:
+            frame_scale = memory.padding.frame_scale(mask_features.shape[-2:])
         if self.mask_enhanced_boxes and predictions.mask_embed is not None:
             with torch.no_grad():  # a chunk of queries at a time: the whole logits only transiently
                 initial_box_logits = torch.cat(

@@ -18,9 +18,9 @@ from di_maskdino.modeling import (
     SpecError,
     build_criterion,
     build_model,
+    point_sampling,
 )
 from di_maskdino.modeling import matcher as matcher_module
-from di_maskdino.modeling import point_sampling
 from di_maskdino.modeling.padding import ImagePadding, check_padding_mask_support, map_stride, masked_group_norm
 from di_maskdino.modeling.segmentation_inference import predict_segmentation
 
@@ -105,7 +105,8 @@ def test_masking_makes_a_convolution_stack_independent_of_the_canvas():
     small, large = run((32, 32)), run((64, 96))
     torch.testing.assert_close(small, large, rtol=0, atol=1e-12)
     # without the masking the padded region reaches the image
-    assert (stack(F.pad(image, (0, 5, 0, 11)))[..., :6, :7] - stack(F.pad(image, (0, 69, 0, 43)))[..., :6, :7]).abs().max() > 1e-3
+    small_canvas, large_canvas = stack(F.pad(image, (0, 5, 0, 11))), stack(F.pad(image, (0, 69, 0, 43)))
+    assert (small_canvas[..., :6, :7] - large_canvas[..., :6, :7]).abs().max() > 1e-3
     # the hooks are gone after the context
     assert all(not m._forward_hooks for m in stack)
 
