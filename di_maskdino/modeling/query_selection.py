@@ -180,6 +180,10 @@ class QuerySelection(nn.Module):
         box_logits = heads.box_embed(tokens) + proposal_logits
         # Eq. 1: T_s1 = S(T_i, k1), scored by the best class logit of each token
         scores = heads.class_embed(tokens).max(-1).values
+        if padded:
+            # NOTE: with a padding mask, invalid tokens (the padding among them) come after every
+            # valid one: how many of them a batch has must not decide which valid tokens are kept.
+            scores = scores.masked_fill(proposal_logits.isinf().any(-1), float("-inf"))
         _, selected, selected_box_logits = select_top_k(scores, self.num_selected, tokens, box_logits)
         # in training the supervised masks stay factored (`Predictions`); the boxes need them whole
         predictions = heads.predict(selected, selected_box_logits.sigmoid(), mask_features, factored=self.training)

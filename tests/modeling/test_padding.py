@@ -30,9 +30,11 @@ from .tiny import TinyBackbone, perturb, tiny_architecture
 SIZES = {"image": (70, 90), "larger": (130, 150), "smaller": (40, 50)}
 
 
-def images(dtype=torch.float64):
+def images(dtype=torch.float64, image_size=SIZES["image"]):
+    """The three images; `image_size` replaces the size of "image"."""
     generator = torch.Generator().manual_seed(0)
-    return {name: torch.rand(3, h, w, generator=generator, dtype=dtype) * 255 for name, (h, w) in SIZES.items()}
+    sizes = dict(SIZES, image=image_size)
+    return {name: torch.rand(3, h, w, generator=generator, dtype=dtype) * 255 for name, (h, w) in sizes.items()}
 
 
 def padded_model(padding_mask=True, dtype=torch.float64, **overrides):
@@ -131,9 +133,9 @@ def test_unsupported_backbones_and_parts_are_refused():
 # the model: an image alone and in a batch
 
 
-def run_alone_and_in_batches(model):
-    """Final predictions of "image" alone, after "smaller" and before "larger"."""
-    pictures = images(model.pixel_mean.dtype)
+def run_alone_and_in_batches(model, image_size=SIZES["image"]):
+    """Outputs of "image" alone, after "smaller" and before "larger"."""
+    pictures = images(model.pixel_mean.dtype, image_size)
     results = {}
     with torch.no_grad():
         for name, (batch_images, index) in {
@@ -147,13 +149,14 @@ def run_alone_and_in_batches(model):
     return results
 
 
-@pytest.mark.parametrize("parts", ["instance", "detection"])
-def test_an_image_predicts_the_same_alone_and_in_any_batch(parts):
+# (64, 96) fills its own canvas: alone it has no padding at all
+@pytest.mark.parametrize("parts,image_size", [("instance", (70, 90)), ("detection", (70, 90)), ("instance", (64, 96))])
+def test_an_image_predicts_the_same_alone_and_in_any_batch(parts, image_size):
     overrides = {} if parts == "instance" else dict(mask_branch=False, mask_enhanced_boxes=False)
     model = padded_model(**overrides).eval()
-    results = run_alone_and_in_batches(model)
+    results = run_alone_and_in_batches(model, image_size)
     alone, _, canvas = results["alone"]
-    h, w = (s // 4 for s in SIZES["image"])
+    h, w = (s // 4 for s in image_size)
     for name in ("with larger", "with smaller"):
         output, index, other_canvas = results[name]
         assert other_canvas != canvas or name == "with smaller"
@@ -167,7 +170,7 @@ def test_an_image_predicts_the_same_alone_and_in_any_batch(parts):
     # the masks are zero beyond the image
     final = results["with larger"][0].final
     if final.masks is not None:
-        assert final.masks[0][:, (SIZES["image"][0] + 3) // 4 :].abs().max() == 0
+        assert final.masks[0][:, (image_size[0] + 3) // 4 :].abs().max() == 0
 
 
 def test_without_the_padding_mask_the_batch_changes_the_predictions():
