@@ -66,17 +66,18 @@ EXPORTED_FILES = {"export": "model.pt2", "aoti": "model_aoti.pt2", "onnxruntime"
 class FinalPrediction(torch.nn.Module):
     """The network on a preprocessed batch, returning tensors (for jit tracing)."""
 
-    def __init__(self, model):
+    def __init__(self, model, image_sizes):
         super().__init__()
         self.model = model
+        self.image_sizes = image_sizes
 
     def forward(self, batch):
-        return self.model.detect(batch).as_tuple()
+        return self.model.detect(batch, self.image_sizes).as_tuple()
 
 
-def count_flops(model, batch):
+def count_flops(model, batch, image_sizes):
     handles = {**flop_handles(), winograd.WINOGRAD_OP: winograd.winograd_conv_flop_jit}
-    analysis = FlopCountAnalysis(FinalPrediction(model), (batch,)).set_op_handle(**handles)
+    analysis = FlopCountAnalysis(FinalPrediction(model, image_sizes), (batch,)).set_op_handle(**handles)
     analysis.unsupported_ops_warnings(False)
     analysis.uncalled_modules_warnings(False)
     return analysis.total(), analysis.by_operator(), analysis.unsupported_ops()
@@ -128,7 +129,7 @@ def print_breakdown(kind, function, batch, model_time, matrix_flops):
         )
 
 
-def peak_memory(model, batch, device):
+def peak_memory(model, batch, image_sizes, device):
     """Memory of one eager forward (MiB): CUDA max allocated, or CPU resident-set growth."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -136,7 +137,7 @@ def peak_memory(model, batch, device):
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with torch.no_grad():
-        model.detect(batch)
+        model.detect(batch, image_sizes)
     if device.type == "cuda":
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20, "CUDA allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, "CPU resident set growth"
@@ -243,7 +244,8 @@ def main() -> int:
     )
     print(f"parameters: {total / 1e6:.2f} M (" + ", ".join(f"{k} {v / 1e6:.2f} M" for k, v in parts.items()) + ")")
 
-    batch, _ = model.preprocess([image])
+    batch, sizes = model.preprocess([image])
+    image_sizes = torch.tensor(sizes, dtype=torch.long, device=batch.device)  # read with a padding mask
     # eager and compile run in the context CPU inference runs in; exports are made without it
     speedups = model.cpu_inference
     winograd_on = args.dtype == "float32" and speedups is not None and speedups.runs_winograd(batch.shape, device)
@@ -260,12 +262,12 @@ def main() -> int:
         else:
             algorithm = "direct (oneDNN; the input is too small or not float32 for Winograd to pay)"
         print(f"3x3 stride-1 convolutions of eager / compile: {algorithm}")
-    peak, measured = peak_memory(model, batch, device)  # first: a later forward would set the mark
+    peak, measured = peak_memory(model, batch, image_sizes, device)  # first: a later forward would set the mark
     print(f"peak memory of one eager forward: {peak:.0f} MiB ({measured})")
     matrix_flops = None
     if not args.no_flops:
         with torch.no_grad():
-            flops, by_operator, unsupported = count_flops(model, batch)
+            flops, by_operator, unsupported = count_flops(model, batch, image_sizes)
         matrix_flops = sum(by_operator.get(name, 0) for name in MATRIX_FLOP_OPERATORS)
         top = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in sorted(by_operator.items(), key=lambda kv: -kv[1])[:6])
         print(f"FLOPs: {flops / 1e9:.1f} G  ({top}; G)")
@@ -290,7 +292,9 @@ def main() -> int:
         in_model_code = kind in ("eager", "compile")
         convolutions = winograd.winograd_convolutions(winograd_on and in_model_code)
         with torch.inference_mode(), autocast, convolutions:
-            model_time, runs, faults = timed(lambda f=function: f(batch), device, args.warmup, args.repeats)
+            model_time, runs, faults = timed(
+                lambda f=function: f(batch, image_sizes), device, args.warmup, args.repeats
+            )
             end_to_end, _, _ = timed(lambda p=predictor: p([image]), device, args.warmup, args.repeats)
             print(
                 f"  model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS; runs "
@@ -300,7 +304,7 @@ def main() -> int:
             )
             print(f"  end to end with post-processing: {end_to_end * 1e3:.1f} ms")
             if args.breakdown and kind in ("eager", "compile"):
-                print_breakdown(kind, function, batch, model_time, matrix_flops)
+                print_breakdown(kind, lambda b, f=function: f(b, image_sizes), batch, model_time, matrix_flops)
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 

@@ -100,10 +100,11 @@ def verify(model, path, size_divisibility):
         [torch.rand(3, 330, 410, generator=generator) * 255],
     ]
     for images in batches:
-        batch, _ = model.preprocess(images)
+        batch, sizes = model.preprocess(images)
+        image_sizes = torch.tensor(sizes, dtype=torch.long)
         with torch.no_grad():
-            expected = model.detect(batch).as_tuple()
-        actual = detector(batch).as_tuple()
+            expected = model.detect(batch, image_sizes).as_tuple()
+        actual = detector(batch, image_sizes).as_tuple()
         names = ("scores", "labels", "boxes", "mask_logits")
         diffs = ", ".join(
             f"{n} {(a.float() - e.float()).abs().max().item():.2e}" for n, a, e in zip(names, actual, expected)

@@ -30,6 +30,7 @@ from .metadata import METADATA_KEY, MIN_IMAGE_SIZE, ExportMetadata
 
 __all__ = [
     "DetectorGraph",
+    "example_inputs",
     "OUTPUT_NAMES",
     "metadata_for",
     "example_batch",
@@ -49,14 +50,27 @@ MAX_BATCH = 64
 
 
 class DetectorGraph(nn.Module):
-    """`DIMaskDINO.detect` with tensors in and a tuple of tensors out, as export captures it."""
+    """`DIMaskDINO.detect` with tensors in and a tuple of tensors out, as export captures it.
+    A model with a padding mask takes a second input, image_sizes (B, 2) int64: each image's
+    (h, w) before padding."""
 
     def __init__(self, model: DIMaskDINO):
         super().__init__()
         self.model = model
 
-    def forward(self, images: torch.Tensor):
-        return self.model.detect(images).as_tuple()
+    def forward(self, images: torch.Tensor, image_sizes: Optional[torch.Tensor] = None):
+        return self.model.detect(images, image_sizes).as_tuple()
+
+
+def example_inputs(model: DIMaskDINO, images: torch.Tensor):
+    """The inputs of `DetectorGraph` for a preprocessed batch: the images, and for a model
+    with a padding mask image sizes (made distinct from the batch's, so that they stay
+    inputs rather than constants)."""
+    if not model.padding_mask:
+        return (images,)
+    height, width = images.shape[-2:]
+    sizes = torch.tensor([[height - 8 * i, width - 16 * i] for i in range(images.shape[0])], dtype=torch.long)
+    return images, sizes.clamp(min=1)
 
 
 def metadata_for(
@@ -97,6 +111,7 @@ def metadata_for(
         max_image_size=max_image_size,
         class_names=list(class_names),
         instance_classes=instance_classes,
+        padding_mask=model.padding_mask,
     )
 
 
@@ -127,7 +142,11 @@ def _dynamic_shapes(model: DIMaskDINO, max_image_size: int):
     else:
         height = Dim("height", min=low, max=high)
         width = Dim("width", min=low, max=high)
-    return {"images": {0: Dim("batch", min=1, max=MAX_BATCH), 2: height, 3: width}}
+    batch = Dim("batch", min=1, max=MAX_BATCH)
+    shapes = {"images": {0: batch, 2: height, 3: width}}
+    if model.padding_mask:
+        shapes["image_sizes"] = {0: batch}
+    return shapes
 
 
 def size_oblivious_tracing():
@@ -162,7 +181,10 @@ def export_program(
     example = example_batch(model) if example is None else example
     with torch.no_grad(), size_oblivious_tracing():
         return torch.export.export(
-            DetectorGraph(model), (example,), dynamic_shapes=_dynamic_shapes(model, max_image_size), strict=False
+            DetectorGraph(model),
+            example_inputs(model, example),
+            dynamic_shapes=_dynamic_shapes(model, max_image_size),
+            strict=False,
         )
 
 
@@ -278,7 +300,7 @@ def export_onnx(
         program,
         dynamo=True,
         opset_version=opset,
-        input_names=["images"],
+        input_names=["images", "image_sizes"] if metadata.padding_mask else ["images"],
         output_names=list(outputs),
         custom_translation_table=table,
         optimize=optimize,

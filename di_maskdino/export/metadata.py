@@ -31,6 +31,7 @@ class ExportMetadata:
     class_names: optional, for drawing.
     instance_classes: the labels reported as instances (the things of a panoptic model,
         whose labels also index stuff), or None: every label.
+    padding_mask: the model has a padding mask and takes the image sizes as a second input.
     """
 
     pixel_mean: Tuple[float, ...]
@@ -46,6 +47,7 @@ class ExportMetadata:
     max_image_size: int = 4096
     class_names: List[str] = field(default_factory=list)
     instance_classes: Optional[List[int]] = None
+    padding_mask: bool = False
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> str:

@@ -127,11 +127,11 @@ class ExportedDetector:
             options.intra_op_num_threads = threads
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self._session = onnxruntime.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
-        self._input = self._session.get_inputs()[0].name
 
-    def __call__(self, images: torch.Tensor) -> RawDetections:
+    def __call__(self, images: torch.Tensor, image_sizes: Optional[torch.Tensor] = None) -> RawDetections:
         """images: (B, 3, H, W) preprocessed batch (normalised, padded to a multiple of the
-        size divisibility)."""
+        size divisibility); image_sizes: (B, 2) int64 (h, w) of the images before padding,
+        read by a model exported with a padding mask (default there: the whole batch size)."""
         divisor = max(self.metadata.size_divisibility, 1)
         if images.dim() != 4 or images.shape[-2] % divisor or images.shape[-1] % divisor:
             raise ValueError(
@@ -146,8 +146,19 @@ class ExportedDetector:
                 f"high and wide, got {height} x {width}: pad small images further, or export with a larger "
                 "--max-image-size for large ones"
             )
+        inputs = [images.to(self.device, torch.float32)]
+        if self.metadata.padding_mask:
+            if image_sizes is None:
+                image_sizes = torch.tensor([[height, width]] * images.shape[0])
+            if tuple(image_sizes.shape) != (images.shape[0], 2):
+                raise ValueError(
+                    f"ExportedDetector: image_sizes must be ({images.shape[0]}, 2) (h, w per image), "
+                    f"got {tuple(image_sizes.shape)}"
+                )
+            inputs.append(image_sizes.to(self.device, torch.long))
         if self.kind == "onnx":
-            outputs = self._session.run(None, {self._input: images.detach().cpu().float().contiguous().numpy()})
+            feeds = {i.name: x.detach().cpu().contiguous().numpy() for i, x in zip(self._session.get_inputs(), inputs)}
+            outputs = self._session.run(None, feeds)
             return RawDetections.from_tuple(torch.from_numpy(o) for o in outputs)
         with torch.no_grad():
-            return RawDetections.from_tuple(self._run(images.to(self.device, torch.float32)))
+            return RawDetections.from_tuple(self._run(*inputs))

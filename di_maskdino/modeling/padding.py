@@ -125,11 +125,15 @@ class ImagePadding:
     def valid(self, shape: Tuple[int, int]) -> torch.Tensor:
         """(B, 1, h_l, w_l) bool, True on the image's cells of a map of size `shape`."""
         key = (shape[0], shape[1])
-        if key not in self._valid:
+        symbolic = not all(isinstance(size, int) for size in key)  # traced by torch.export: no cache
+        if symbolic or key not in self._valid:
             extents = self.extents(key)
             rows = torch.arange(key[0], device=extents.device)[None, :] < extents[:, :1]
             cols = torch.arange(key[1], device=extents.device)[None, :] < extents[:, 1:]
-            self._valid[key] = (rows[:, :, None] & cols[:, None, :])[:, None]
+            valid = (rows[:, :, None] & cols[:, None, :])[:, None]
+            if symbolic:
+                return valid
+            self._valid[key] = valid
         return self._valid[key]
 
     def zero_padding(self, x: torch.Tensor) -> torch.Tensor:

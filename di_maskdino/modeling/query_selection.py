@@ -136,14 +136,12 @@ def masks_to_box_logits(
     cx, cy, w, h = box_convert(corners, "xyxy", "cxcywh").unbind(-1)
     # divided by the sizes one by one (not by a tensor made of them), so that a dynamic-shape
     # torch.export keeps them symbolic
-    boxes = torch.stack([cx / width, cy / height, w / width, h / height], dim=-1)
+    boxes = torch.stack([cx / width, cy / height, w / width, h / height], dim=-1).view(batch, queries, 4)
     if frame_scale is not None:
-        scale = frame_scale.to(boxes.dtype).repeat(1, 2)  # (B, 4)
-        boxes = boxes / scale.repeat_interleave(queries, dim=0)
-    empty = ~binary.flatten(1).any(1)
+        boxes = boxes / frame_scale.to(boxes.dtype).repeat(1, 2)[:, None, :]
+    empty = ~binary.flatten(1).any(1).view(batch, queries, 1)
     empty_box = [1.0, 1.0, 0.0, 0.0] if edges == "indices" else [0.0, 0.0, 0.0, 0.0]
-    boxes = torch.where(empty[:, None], boxes.new_tensor(empty_box), boxes)
-    return inverse_sigmoid(boxes.view(batch, queries, 4))
+    return inverse_sigmoid(torch.where(empty, boxes.new_tensor(empty_box), boxes))
 
 
 class QuerySelection(nn.Module):

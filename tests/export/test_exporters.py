@@ -225,3 +225,44 @@ def test_the_private_size_oblivious_switch_still_exists():
     with size_oblivious_tracing():
         assert fx_config.backed_size_oblivious is True
     assert fx_config.backed_size_oblivious == before
+
+
+def test_a_model_with_a_padding_mask_exports_with_the_image_sizes_as_input(folder):
+    """The padding mask's model exports with a second input, image_sizes; the saved program
+    and the ONNX model give the eager model's detections, and an image's detections from a
+    batch equal its own (also when the predictor pads it up to the export's smallest size)."""
+    pytest.importorskip("onnx", reason=ONNX_REASON)
+    pytest.importorskip("onnxruntime", reason=ONNX_REASON)
+    from di_maskdino import Predictor
+    from di_maskdino.modeling import build_model
+
+    from ..modeling.tiny import TinyBackbone, tiny_architecture
+
+    torch.manual_seed(0)
+    model = perturb(build_model(tiny_architecture(padding_mask=True), TinyBackbone(deep=True))).eval()
+    metadata = metadata_for(model, max_image_size=512)
+    assert metadata.padding_mask
+    program = export_program(model, max_image_size=512)
+    assert len(program.graph_signature.user_inputs) == 2
+    saved = save_program(program, os.path.join(folder, "padding_mask.pt2"), metadata)
+    onnx_path = export_onnx(
+        export_program(model, max_image_size=512),
+        os.path.join(folder, "padding_mask.onnx"),
+        metadata_for(model, deformable_attention="decomposed", max_image_size=512),
+    )
+    generator = torch.Generator().manual_seed(5)
+    images = [
+        torch.randint(0, 256, (3, 140, 190), generator=generator, dtype=torch.uint8),
+        torch.randint(0, 256, (3, 200, 150), generator=generator, dtype=torch.uint8),
+        torch.randint(0, 256, (3, 60, 90), generator=generator, dtype=torch.uint8),
+    ]
+    eager = Predictor.from_model(model, max_detections=None)
+    alone = [eager([image])[0] for image in images]
+    for path in (saved, onnx_path):
+        exported = Predictor.from_exported(path, max_detections=None, batch_size=3)
+        for got, want in zip(exported(images), alone):
+            assert len(want) > 0
+            assert got.labels.tolist() == want.labels.tolist()
+            torch.testing.assert_close(got.scores, want.scores, rtol=0, atol=1e-4)
+            torch.testing.assert_close(got.boxes, want.boxes, rtol=0, atol=1e-2)
+            assert (got.masks == want.masks).float().mean().item() >= 0.999
