@@ -110,6 +110,15 @@ class DIMaskDINO(nn.Module):
         self.test_masks = test_masks
         self.segmentation = segmentation
         self.padding_mask = padding_mask
+        self._padding: Optional[ImagePadding] = None  # the batch being run (padding mask only)
+        if padding_mask:
+            # NOTE: registered once, not per forward pass, so that torch.compile traces them
+            # without graph breaks; they act while `masked` holds a padding. A bound method, so
+            # that a deep copy of the model (EMA) hooks its own copy.
+            for part in (backbone, encoder, head):
+                for module in part.modules():
+                    if ImagePadding.masks(module):
+                        module.register_forward_hook(self._mask_padding)
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False
         )
@@ -160,12 +169,18 @@ class DIMaskDINO(nn.Module):
             image_sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], dtype=torch.long)
         return ImagePadding(image_sizes.to(batch.device), tuple(batch.shape[-2:]))
 
+    def _mask_padding(self, module: nn.Module, inputs, output):
+        return output if self._padding is None else self._padding.hook(module, inputs, output)
+
+    @contextlib.contextmanager
     def masked(self, padding: Optional[ImagePadding]):
-        """The context in which the convolutions of the backbone, the encoder and BATO leave
-        the padded region out (no-op without a padding)."""
-        if padding is None:
-            return contextlib.nullcontext()
-        return padding.masking(self.backbone, self.encoder, self.head)
+        """The context in which the convolutions and norms of the backbone, the encoder and
+        BATO leave the padded region out (no-op without a padding)."""
+        previous, self._padding = self._padding, padding
+        try:
+            yield
+        finally:
+            self._padding = previous
 
     def encode(self, batch: torch.Tensor, padding: Optional[ImagePadding] = None):
         """Backbone maps and encoder output of a preprocessed batch."""

@@ -174,7 +174,14 @@ class ImagePadding:
         x = x.gather(2, rows[:, None, :, None].expand(-1, channels, -1, width))
         return x.gather(3, cols[:, None, None, :].expand(-1, channels, height, -1))
 
-    def _hook(self, module: nn.Module, inputs, output):
+    @staticmethod
+    def masks(module: nn.Module) -> bool:
+        """Whether `module` is one the padding mask hooks: a convolution or a norm."""
+        return isinstance(module, (nn.Conv2d, nn.GroupNorm)) or _is_per_channel_norm(module)
+
+    def hook(self, module: nn.Module, inputs, output):
+        """The forward hook of a convolution or norm (`masks`): its output with zeros outside
+        the images, GroupNorm's from valid-region statistics."""
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             return output
         valid = self.valid(output.shape[-2:])
@@ -195,9 +202,7 @@ class ImagePadding:
         handles: List = []
         try:
             for module in modules:
-                for m in module.modules():
-                    if isinstance(m, (nn.Conv2d, nn.GroupNorm)) or _is_per_channel_norm(m):
-                        handles.append(m.register_forward_hook(self._hook))
+                handles += [m.register_forward_hook(self.hook) for m in module.modules() if self.masks(m)]
             yield self
         finally:
             for handle in handles:
