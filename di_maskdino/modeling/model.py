@@ -115,10 +115,8 @@ class DIMaskDINO(nn.Module):
             # NOTE: registered once, not per forward pass, so that torch.compile traces them
             # without graph breaks; they act while `masked` holds a padding. A bound method, so
             # that a deep copy of the model (EMA) hooks its own copy.
-            for part in (backbone, encoder, head):
-                for module in part.modules():
-                    if ImagePadding.masks(module):
-                        module.register_forward_hook(self._mask_padding)
+            for module in ImagePadding.hooked_modules(backbone, encoder, head):
+                module.register_forward_hook(self._mask_padding)
         self.register_buffer(
             "pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(-1, 1, 1), persistent=False
         )
@@ -166,7 +164,15 @@ class DIMaskDINO(nn.Module):
                 "(run(batch, image_sizes=...), detect(batch, image_sizes))"
             )
         if not isinstance(image_sizes, torch.Tensor):
-            image_sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], dtype=torch.long)
+            image_sizes = [(int(h), int(w)) for h, w in image_sizes]
+            height, width = batch.shape[-2:]
+            wrong = [size for size in image_sizes if not (0 < size[0] <= height and 0 < size[1] <= width)]
+            if len(image_sizes) != batch.shape[0] or wrong:
+                raise ValueError(
+                    f"DIMaskDINO: image_sizes must give the (h, w) of each of the {batch.shape[0]} images, each within "
+                    f"the padded batch's {height} x {width}; got {image_sizes}"
+                )
+            image_sizes = torch.tensor(image_sizes, dtype=torch.long)
         return ImagePadding(image_sizes.to(batch.device), tuple(batch.shape[-2:]))
 
     def _mask_padding(self, module: nn.Module, inputs, output):

@@ -85,12 +85,15 @@ def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, valid: torch.Tensor) 
     weight = valid.reshape(batch, 1, 1, height * width).to(x.dtype)
     count = weight.sum(-1, keepdim=True) * (channels // groups)
     mean = (grouped * weight).sum((-2, -1), keepdim=True) / count
-    centred = (grouped - mean) * weight
-    variance = (centred * centred).sum((-2, -1), keepdim=True) / count
-    normed = (centred * torch.rsqrt(variance + norm.eps)).reshape(batch, channels, height, width)
+    spread = torch.linalg.vector_norm((grouped - mean) * weight, dim=(-2, -1), keepdim=True)
+    inverse_std = torch.rsqrt(spread * spread / count + norm.eps)  # (B, G, 1, 1)
+    # per image and channel: y = x * scale + shift on the valid cells
+    scale = inverse_std.expand(-1, -1, channels // groups, -1).reshape(batch, channels)
+    shift = -mean.expand(-1, -1, channels // groups, -1).reshape(batch, channels) * scale
     if norm.affine:
-        normed = normed * norm.weight[:, None, None] + norm.bias[:, None, None] * valid.to(x.dtype)
-    return normed
+        scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
+    normed = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
+    return normed * valid.to(x.dtype)
 
 
 class ImagePadding:
@@ -106,7 +109,7 @@ class ImagePadding:
             raise ValueError(f"ImagePadding: image sizes must be (B, 2) (h, w), got {tuple(image_sizes.shape)}")
         self.image_sizes = image_sizes.long()
         self.canvas = (canvas[0], canvas[1])
-        self._valid: Dict[Tuple[int, int], torch.Tensor] = {}
+        self._valid: Dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def of(cls, sizes: Sequence[Tuple[int, int]], canvas: Tuple[int, int], device: torch.device) -> "ImagePadding":
@@ -136,9 +139,18 @@ class ImagePadding:
             self._valid[key] = valid
         return self._valid[key]
 
+    def valid_as(self, shape: Tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """`valid` as 1 / 0 of `dtype` (cached like it)."""
+        key = (shape[0], shape[1], dtype)
+        if not all(isinstance(size, int) for size in shape):
+            return self.valid(shape).to(dtype)
+        if key not in self._valid:
+            self._valid[key] = self.valid(shape).to(dtype)
+        return self._valid[key]
+
     def zero_padding(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h_l, w_l) maps with zeros outside the images."""
-        return x * self.valid(x.shape[-2:]).to(x.dtype)
+        return x * self.valid_as(x.shape[-2:], x.dtype)
 
     def token_padding_mask(self, shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
         """(B, S) bool, True for the padded tokens of L maps of sizes `shapes` flattened
@@ -184,7 +196,7 @@ class ImagePadding:
         the images, GroupNorm's from valid-region statistics."""
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             return output
-        valid = self.valid(output.shape[-2:])
+        valid = self.valid_as(output.shape[-2:], output.dtype)
         if isinstance(module, nn.GroupNorm):
             return masked_group_norm(module, inputs[0], valid)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
@@ -192,7 +204,26 @@ class ImagePadding:
                 "padding mask: BatchNorm in training takes its statistics over the padded batch; use frozen "
                 "BatchNorm or GroupNorm (detectron2: MODEL.RESNETS.NORM 'FrozenBN' or 'GN')"
             )
-        return output * valid.to(output.dtype)
+        if torch.is_grad_enabled():
+            return output * valid
+        return output.mul_(valid)  # no autograd: the module's fresh output, in place
+
+    @classmethod
+    def hooked_modules(cls, *parts: nn.Module) -> List[nn.Module]:
+        """The modules of `parts` that need the hook: every convolution and GroupNorm, and
+        the per-channel norms that are not inside a convolution (detectron2's Conv2d applies
+        its norm and activation itself, and its hook then zeroes the result)."""
+        hooked = []
+        for part in parts:
+            inside_convolutions = {
+                id(child) for m in part.modules() if isinstance(m, nn.Conv2d) for child in m.modules() if child is not m
+            }
+            hooked += [
+                m
+                for m in part.modules()
+                if cls.masks(m) and (isinstance(m, (nn.Conv2d, nn.GroupNorm)) or id(m) not in inside_convolutions)
+            ]
+        return hooked
 
     @contextlib.contextmanager
     def masking(self, *modules: nn.Module):
@@ -201,8 +232,7 @@ class ImagePadding:
         exit)."""
         handles: List = []
         try:
-            for module in modules:
-                handles += [m.register_forward_hook(self.hook) for m in module.modules() if self.masks(m)]
+            handles += [m.register_forward_hook(self.hook) for m in self.hooked_modules(*modules)]
             yield self
         finally:
             for handle in handles:

@@ -123,6 +123,8 @@ def test_unsupported_backbones_and_parts_are_refused():
     model = build_model(tiny_architecture(padding_mask=True), TinyBackbone(deep=True))
     with pytest.raises(ValueError, match="image sizes"):
         model.eval().run(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="within the padded batch's 64 x 64"):
+        model.run(torch.zeros(1, 3, 64, 64), image_sizes=[(65, 10)])
     bn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
     with pytest.raises(ValueError, match="BatchNorm in training"):
         with ImagePadding(torch.tensor([[10, 10]]), (16, 16)).masking(bn):
@@ -297,3 +299,20 @@ def test_without_the_padding_mask_a_batch_changes_its_images_losses(monkeypatch)
     together = batch_losses(model, criterion, ["image", "larger"])[0]
     worst = max(abs(float(together[k] - alone[0][k] - alone[1][k])) for k in together)
     assert worst > 1e-4
+
+
+def test_a_deep_copy_masks_its_own_batches():
+    """The hooks are bound to the model: a deep copy (an EMA of the weights) masks with its
+    own padding, and the original stays untouched by the copy's runs."""
+    import copy
+
+    model = padded_model().eval()
+    twin = copy.deepcopy(model)
+    hooks = [h for m in twin.modules() for h in m._forward_hooks.values()]
+    assert hooks and all(h.__self__ is twin for h in hooks)
+    pictures = images()
+    batch, sizes = model.preprocess([pictures["image"], pictures["larger"]])
+    with torch.no_grad():
+        ours, theirs = model.run(batch, image_sizes=sizes), twin.run(batch, image_sizes=sizes)
+    torch.testing.assert_close(theirs.final.logits, ours.final.logits, rtol=0, atol=0)
+    assert model._padding is None and twin._padding is None
