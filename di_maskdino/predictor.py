@@ -317,7 +317,7 @@ class Predictor:
             # predictions slightly against the eager model on the smaller padding.
             grow = [0, max(small - batch.shape[-1], 0), 0, max(small - batch.shape[-2], 0)]
             batch = F.pad(batch, grow)
-        image_sizes = torch.tensor(sizes, dtype=torch.long, device=batch.device)
+        image_sizes = torch.tensor(sizes, dtype=torch.long)  # on the host: the model moves them
         found = self.postprocess(
             self.backend(batch, image_sizes),
             sizes,

@@ -14,7 +14,9 @@ Writes into --output:
 Input "images": (B, 3, H, W) float32, normalised and padded to multiples of the size
 divisibility (dynamic B, H, W up to --max-image-size); outputs "scores", "labels", "boxes"
 (normalised cxcywh of the padded input) and "mask_logits" (1/4 resolution) of the
-TEST.DETECTIONS_PER_IMAGE best (query, class) pairs per image. The metadata (normalisation,
+TEST.DETECTIONS_PER_IMAGE best (query, class) pairs per image. A model with the padding mask
+(MODEL.DI_MASKDINO.PADDING_MASK) takes a second input, "image_sizes": (B, 2) int64, each
+image's (h, w) before padding. The metadata (normalisation,
 input format, test-time resizing, class names) is stored in each file;
 `di_maskdino.Predictor.from_exported(PATH)` runs any of them with the eager model's
 pre- and post-processing. With --verify every file is run next to the eager model on two

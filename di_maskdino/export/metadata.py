@@ -10,7 +10,7 @@ from typing import List, Optional, Tuple
 __all__ = ["ExportMetadata", "METADATA_KEY", "MIN_IMAGE_SIZE"]
 
 METADATA_KEY = "di_maskdino"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MIN_IMAGE_SIZE = 128  # smallest padded height / width of an export: every level (down to stride 64) at least 2 x 2
 
 

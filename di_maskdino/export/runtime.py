@@ -131,7 +131,7 @@ class ExportedDetector:
     def __call__(self, images: torch.Tensor, image_sizes: Optional[torch.Tensor] = None) -> RawDetections:
         """images: (B, 3, H, W) preprocessed batch (normalised, padded to a multiple of the
         size divisibility); image_sizes: (B, 2) int64 (h, w) of the images before padding,
-        read by a model exported with a padding mask (default there: the whole batch size)."""
+        needed by a model exported with a padding mask, ignored otherwise."""
         divisor = max(self.metadata.size_divisibility, 1)
         if images.dim() != 4 or images.shape[-2] % divisor or images.shape[-1] % divisor:
             raise ValueError(
@@ -149,7 +149,10 @@ class ExportedDetector:
         inputs = [images.to(self.device, torch.float32)]
         if self.metadata.padding_mask:
             if image_sizes is None:
-                image_sizes = torch.tensor([[height, width]] * images.shape[0])
+                raise ValueError(
+                    "ExportedDetector: this model was exported with a padding mask and needs image_sizes, the (h, w) "
+                    "of every image before padding (the Predictor passes them)"
+                )
             if tuple(image_sizes.shape) != (images.shape[0], 2):
                 raise ValueError(
                     f"ExportedDetector: image_sizes must be ({images.shape[0]}, 2) (h, w per image), "

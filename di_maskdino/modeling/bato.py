@@ -35,8 +35,8 @@ from ..layers import (
     group_norm,
     xavier_init_matrices,
 )
-from .encoder import upsample_within
 from .feature_tokens import FeatureTokens
+from .padding import upsample_within
 from .prediction_heads import PredictionHeads
 from .query_selection import TokenSet, select_top_k
 
@@ -71,8 +71,9 @@ class GuidanceSource(ABC):
         queries: torch.Tensor,
         query_pos: torch.Tensor,
         positional_query: BoxPositionalQuery,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(tokens (B, N, C), their positional queries (B, N, C)) to choose guiding tokens from.
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(tokens (B, N, C), their positional queries (B, N, C), which of them may guide
+        (B, N) bool or None: all) to choose guiding tokens from.
 
         token_sets: the named token sets of this forward pass ("T_i", "T_s1", "T_s2");
         queries, query_pos: the matching queries entering decoder layer `layer` and their
@@ -91,7 +92,7 @@ class BalanceAwareQueryGuidance(GuidanceSource):
     layer = 1
 
     def candidates(self, token_sets, queries, query_pos, positional_query):
-        return queries, query_pos
+        return queries, query_pos, None
 
 
 class TokenSetGuidance(GuidanceSource):
@@ -115,7 +116,7 @@ class TokenSetGuidance(GuidanceSource):
                 f"BATO guidance from {self.name} needs a model that makes {self.name} (T_s2: the DI module)"
             )
         chosen = token_sets[self.name]
-        return chosen.tokens, positional_query(chosen.boxes)
+        return chosen.tokens, positional_query(chosen.boxes), chosen.valid
 
 
 def guidance_source(name: str) -> GuidanceSource:
@@ -198,11 +199,15 @@ class BalanceAwareTokensOptimization(nn.Module):
         )
         xavier_init_matrices(self.cross_attn, self.ffn)
 
-    def guiding_tokens(self, tokens: torch.Tensor, pos: torch.Tensor, heads: PredictionHeads) -> GuidingTokens:
+    def guiding_tokens(
+        self, tokens: torch.Tensor, pos: torch.Tensor, heads: PredictionHeads, valid: Optional[torch.Tensor] = None
+    ) -> GuidingTokens:
         """T_g from the G candidates with the highest class score (Eq. 5-7).
 
         tokens, pos: (B, N, C) candidates of the guidance source (matching queries only,
-        never denoising ones) and their positional queries.
+        never denoising ones) and their positional queries; valid: (B, N) bool, the
+        candidates that come before the others whatever their score (T_i's image tokens
+        under a padding mask), or None.
 
         NOTE: as in the released weights, the scores are computed on the candidates without
         the prediction heads' LayerNorm (and so are the mask embeddings of Eq. 5).
@@ -211,6 +216,8 @@ class BalanceAwareTokensOptimization(nn.Module):
         MODEL.DI_MASKDINO.LOSS.STUFF_BOX_LOSS (see criterion.py).
         """
         scores = heads.class_embed(tokens).max(-1).values
+        if valid is not None:
+            scores = scores.masked_fill(~valid, float("-inf"))
         _, chosen, chosen_pos = select_top_k(scores, self.num_guiding_tokens, tokens, pos)
         return self.generator(chosen, chosen_pos, heads)
 

@@ -253,14 +253,19 @@ class SetCriterion(nn.Module):
         """Weighted losses of every supervised output.
 
         targets: per image "labels" (M,) int64, "boxes" (M, 4) normalised cxcywh of the padded
-        input, "masks" (M, H, W) at the padded input resolution, and optionally "is_thing"
-        (M,) bool (panoptic and semantic targets).
+        input (of the image, for a model with a padding mask: `output.padding`), "masks"
+        (M, H, W) at the padded input resolution, and optionally "is_thing" (M,) bool
+        (panoptic and semantic targets). With a padding, every target gets its image's
+        "mask_frame" (see `HungarianMatcher.forward`): the mask points are drawn in the image.
         num_objects: the normaliser, when it spans more than this batch (gradient
             accumulation: the objects of all micro-batches, averaged per process); default:
             the objects of `targets`, averaged over the processes.
         """
         device = output.final.logits.device
         targets = self.with_box_flags(targets)
+        if output.padding is not None:
+            frames = output.padding.frame_scale(output.padding.canvas, at_least_float32(output.final.logits).dtype)
+            targets = [{**t, "mask_frame": frame} for t, frame in zip(targets, frames)]
         num_objects = _num_objects(targets, device) if num_objects is None else num_objects
         # (loss-name suffix, description for error messages, output)
         named: List[Tuple[str, str, Predictions]] = [("", "the final layer", output.final)]

@@ -150,10 +150,10 @@ class DeformableDecoder(nn.Module):
                 query_pos = self.ref_point_head(reference)
                 if bato is not None and index == bato.guidance.layer:
                     matching = slice(queries.shape[1] - num_matching, None)
-                    tokens, pos = bato.guidance.candidates(
+                    tokens, pos, valid = bato.guidance.candidates(
                         token_sets or {}, queries[:, matching], query_pos[:, matching], self.ref_point_head
                     )
-                    guide = bato.guiding_tokens(tokens, pos, heads)
+                    guide = bato.guiding_tokens(tokens, pos, heads, valid)
                     balanced, mask_features = checkpointed(self.grad_checkpointing, bato, memory, mask_features, guide)
                     attended = memory.with_tokens(balanced)  # T_bal
                 # Eq. 4 (index 0): Q_bal = MHCA(T_s2, T_i), self-attention among the queries,

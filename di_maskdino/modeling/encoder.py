@@ -23,7 +23,6 @@ from typing import Dict, List, Optional, Sequence, Type
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..layers import (
     FFN,
@@ -38,9 +37,9 @@ from ..layers import (
     xavier_init_matrices,
 )
 from .feature_tokens import FeatureTokens
-from .padding import ImagePadding
+from .padding import ImagePadding, upsample_within
 
-__all__ = ["MaskDINOEncoder", "EncoderOutput", "EncoderLayer", "upsample_within"]
+__all__ = ["MaskDINOEncoder", "EncoderOutput", "EncoderLayer"]
 
 
 @dataclass
@@ -188,8 +187,9 @@ class MaskDINOEncoder(nn.Module):
 
     def forward(self, features: Dict[str, torch.Tensor], padding: Optional[ImagePadding] = None) -> EncoderOutput:
         """features: the backbone maps; padding: the images' valid regions (the padding mask),
-        or None. With a padding, the caller runs the encoder within `padding.masking(encoder)`
-        (its convolutions and norms then ignore the padded region, see `DIMaskDINO.run`)."""
+        or None. With a padding, the encoder's convolutions and norms must run under the
+        padding's hooks (`DIMaskDINO` registers them; `ImagePadding.masking` for an encoder on
+        its own)."""
         device_type = next(iter(features.values())).device.type
         # NOTE: like the release, the encoder runs in float32 even under autocast.
         with torch.autocast(device_type=device_type, enabled=False):
@@ -249,12 +249,3 @@ class MaskDINOEncoder(nn.Module):
             upsampled = upsample_within(fused, lateral_map.shape[-2:], padding)
             fused = output(lateral_map + upsampled)
         return self.mask_features(fused)
-
-
-def upsample_within(x: torch.Tensor, size, padding: Optional[ImagePadding]) -> torch.Tensor:
-    """Bilinear resize of (B, C, h, w) maps to `size`; with a padding, from the images' cells
-    only (edges repeated beyond them) and zero outside the images at the new size."""
-    if padding is None:
-        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    resized = F.interpolate(padding.replicate_edges(x), size=size, mode="bilinear", align_corners=False)
-    return padding.zero_padding(resized)

@@ -105,7 +105,7 @@ class FeatureTokens:
             shapes,
             padding,
             None if padding is None else padding.token_padding_mask(shapes),
-            None if padding is None else padding.valid_ratios(shapes).to(tokens.dtype),
+            None if padding is None else padding.valid_ratios(shapes, tokens.dtype),
         )
 
     @property

@@ -15,7 +15,7 @@ from .box_mask_head import BoxMaskHead, BoxMasks
 from .di_maskdino_head import DIMaskDINOHead
 from .encoder import MaskDINOEncoder
 from .outputs import DIMaskDINOOutput, Predictions, RawDetections
-from .padding import ImagePadding, check_padding_mask_support
+from .padding import BATCH_STATISTICS_ERROR, ImagePadding, check_padding_mask_support
 from .postprocess import Detections, box_mask_detections, detections_from_raw, instance_inference, top_pairs
 from .segmentation_inference import SegmentationInference
 
@@ -96,6 +96,20 @@ class DIMaskDINO(nn.Module):
                 raise ValueError(
                     "DIMaskDINO: the padding mask does not cover the box mask head yet; turn one of them off"
                 )
+            checkpointing = [
+                name
+                for name, on in (
+                    ("backbone", getattr(backbone, "grad_checkpointing", False)),
+                    ("encoder", encoder.grad_checkpointing),
+                    ("decoder", head.decoder.grad_checkpointing),
+                )
+                if on
+            ]
+            if checkpointing:
+                raise ValueError(
+                    f"DIMaskDINO: the padding mask does not reach the recomputation of activation checkpointing "
+                    f"(on in the {', '.join(checkpointing)}); turn one of them off"
+                )
         if (fine_feature is not None) != (box_mask_head is not None and box_mask_head.fine_projection is not None):
             raise ValueError("DIMaskDINO: fine_feature names the backbone map a box mask head fuses, and only that")
         if test_masks not in TEST_MASKS:
@@ -115,6 +129,7 @@ class DIMaskDINO(nn.Module):
             # NOTE: registered once, not per forward pass, so that torch.compile traces them
             # without graph breaks; they act while `masked` holds a padding. A bound method, so
             # that a deep copy of the model (EMA) hooks its own copy.
+            self._batch_norms = [m for m in backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
             for module in ImagePadding.hooked_modules(backbone, encoder, head):
                 module.register_forward_hook(self._mask_padding)
         self.register_buffer(
@@ -164,15 +179,22 @@ class DIMaskDINO(nn.Module):
                 "(run(batch, image_sizes=...), detect(batch, image_sizes))"
             )
         if not isinstance(image_sizes, torch.Tensor):
-            image_sizes = [(int(h), int(w)) for h, w in image_sizes]
-            height, width = batch.shape[-2:]
-            wrong = [size for size in image_sizes if not (0 < size[0] <= height and 0 < size[1] <= width)]
-            if len(image_sizes) != batch.shape[0] or wrong:
+            image_sizes = torch.tensor([[int(h), int(w)] for h, w in image_sizes], dtype=torch.long)
+        height, width = batch.shape[-2:]
+        if image_sizes.dim() != 2 or tuple(image_sizes.shape) != (batch.shape[0], 2):
+            raise ValueError(
+                f"DIMaskDINO: image_sizes must be ({batch.shape[0]}, 2), the (h, w) of each image before padding; "
+                f"got {tuple(image_sizes.shape)}"
+            )
+        # the values where reading them costs nothing (on the host, not traced)
+        if image_sizes.device.type == "cpu" and not torch.compiler.is_compiling():
+            if bool((image_sizes < 1).any()) or bool((image_sizes > image_sizes.new_tensor([height, width])).any()):
                 raise ValueError(
-                    f"DIMaskDINO: image_sizes must give the (h, w) of each of the {batch.shape[0]} images, each within "
-                    f"the padded batch's {height} x {width}; got {image_sizes}"
+                    f"DIMaskDINO: image_sizes must lie within the padded batch's {height} x {width} (and be at "
+                    f"least 1); got {image_sizes.tolist()}"
                 )
-            image_sizes = torch.tensor(image_sizes, dtype=torch.long)
+        if self.training and any(m.training for m in self._batch_norms):
+            raise ValueError(BATCH_STATISTICS_ERROR)
         return ImagePadding(image_sizes.to(batch.device), tuple(batch.shape[-2:]))
 
     def _mask_padding(self, module: nn.Module, inputs, output):
@@ -218,6 +240,7 @@ class DIMaskDINO(nn.Module):
                 all_layer_masks=all_layer_masks,
                 factored_masks=factored_masks,
             )
+        output.padding = padding
         if self.box_mask_head is not None:
             fine = batch if self.fine_feature == "image" else features.get(self.fine_feature)
             output.box_features = self.box_mask_head.encode_image(encoded.mask_features, fine)

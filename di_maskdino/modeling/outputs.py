@@ -11,6 +11,7 @@ import torch
 
 from .box_mask_head import BoxHeadFeatures
 from .denoising import DenoisingQueries
+from .padding import ImagePadding
 
 __all__ = ["Predictions", "DenoisingOutput", "DIMaskDINOOutput", "mask_logits", "RawDetections"]
 
@@ -110,6 +111,8 @@ class DIMaskDINOOutput:
     denoising: present in training when the model has denoising queries.
     box_features: the box-conditioned mask head's per-image features, when the model has
         that head.
+    padding: the images' valid regions when the model has a padding mask (its boxes are then
+        normalised by each image), else None.
     """
 
     layers: List[Predictions]
@@ -117,6 +120,7 @@ class DIMaskDINOOutput:
     token_interaction: List[List[Predictions]] = field(default_factory=list)
     denoising: Optional[DenoisingOutput] = None
     box_features: Optional[BoxHeadFeatures] = None
+    padding: Optional[ImagePadding] = None
 
     @property
     def final(self) -> Predictions:

@@ -23,17 +23,47 @@ Shape glossary: B batch, C channels, H x W canvas, h_l x w_l a feature map, L le
 """
 
 import contextlib
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-__all__ = ["ImagePadding", "map_stride", "check_padding_mask_support", "masked_group_norm"]
+__all__ = [
+    "ImagePadding",
+    "map_stride",
+    "check_padding_mask_support",
+    "check_batch_statistics",
+    "masked_group_norm",
+    "upsample_within",
+]
 
-# leaf modules a backbone may hold under a padding mask: convolutions and per-channel norms
-# (their outputs are zeroed outside the image), GroupNorm (valid-region statistics),
-# activations that keep zero at zero, and max pooling of such activations
-_ELEMENTWISE_LEAVES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d, nn.Dropout)
+# leaf modules a backbone may hold under a padding mask besides convolutions and norms (their
+# outputs are zeroed outside the image; GroupNorm takes valid-region statistics): activations
+# that keep zero at zero, dropout, and max pooling (of such activations: zero padding and the
+# canvas border then give the same maxima)
+_PADDING_SAFE_LEAVES = (nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d, nn.Dropout)
+
+
+BATCH_STATISTICS_ERROR = (
+    "padding mask: BatchNorm in training takes its statistics over the padded batch; use frozen BatchNorm or "
+    "GroupNorm (detectron2: MODEL.RESNETS.NORM 'FrozenBN' or 'GN')"
+)
+
+
+def check_batch_statistics(backbone: nn.Module) -> None:
+    """Refuses a backbone whose BatchNorm layers train (their statistics span the padding)."""
+    if any(_tracks_batch_statistics(m) for m in backbone.modules()):
+        raise ValueError(BATCH_STATISTICS_ERROR)
+
+
+def upsample_within(x: torch.Tensor, size, padding: Optional["ImagePadding"]) -> torch.Tensor:
+    """Bilinear resize of (B, C, h, w) maps to `size`; with a padding, from the images' cells
+    only (edges repeated beyond them) and zero outside the images at the new size."""
+    if padding is None:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    resized = F.interpolate(padding.replicate_edges(x), size=size, mode="bilinear", align_corners=False)
+    return padding.zero_padding(resized)
 
 
 def map_stride(size: int, canvas: int) -> int:
@@ -51,8 +81,14 @@ def map_stride(size: int, canvas: int) -> int:
 
 
 def _is_per_channel_norm(module: nn.Module) -> bool:
-    # detectron2's and torchvision's FrozenBatchNorm2d are per-channel affine maps
+    # NOTE: detectron2's and torchvision's FrozenBatchNorm2d (per-channel affine maps) are
+    # recognised by name, so that the model core needs neither; BatchNorm by torch's base class
+    # of its BatchNorm layers (tests/modeling/test_padding.py builds both kinds).
     return isinstance(module, nn.modules.batchnorm._BatchNorm) or type(module).__name__ == "FrozenBatchNorm2d"
+
+
+def _tracks_batch_statistics(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
 
 
 def check_padding_mask_support(backbone: nn.Module) -> None:
@@ -64,7 +100,7 @@ def check_padding_mask_support(backbone: nn.Module) -> None:
             type(m).__name__
             for m in backbone.modules()
             if not any(True for _ in m.children())
-            and not isinstance(m, (nn.Conv2d, nn.GroupNorm) + _ELEMENTWISE_LEAVES)
+            and not isinstance(m, (nn.Conv2d, nn.GroupNorm) + _PADDING_SAFE_LEAVES)
             and not _is_per_channel_norm(m)
         }
     )
@@ -80,6 +116,10 @@ def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, valid: torch.Tensor) 
     """GroupNorm of (B, C, h, w) maps with the statistics of the valid cells (`valid`
     (B, 1, h, w), 1 or 0) only; zero outside them."""
     batch, channels, height, width = x.shape
+    dtype = x.dtype
+    # statistics in float32 at least (under autocast the input can be float16, whose squares
+    # overflow), as torch's GroupNorm takes them
+    x = x.to(torch.promote_types(dtype, torch.float32))
     groups = norm.num_groups
     grouped = x.reshape(batch, groups, channels // groups, height * width)
     weight = valid.reshape(batch, 1, 1, height * width).to(x.dtype)
@@ -93,7 +133,7 @@ def masked_group_norm(norm: nn.GroupNorm, x: torch.Tensor, valid: torch.Tensor) 
     if norm.affine:
         scale, shift = scale * norm.weight, shift * norm.weight + norm.bias
     normed = torch.addcmul(shift[:, :, None, None], x, scale[:, :, None, None])
-    return normed * valid.to(x.dtype)
+    return (normed * valid.to(x.dtype)).to(dtype)
 
 
 class ImagePadding:
@@ -157,21 +197,21 @@ class ImagePadding:
         level by level."""
         return torch.cat([~self.valid(shape).flatten(1) for shape in shapes], dim=1)
 
-    def frame_scale(self, shape: Tuple[int, int]) -> torch.Tensor:
-        """(B, 2) float64 (x, y) size of the image in a map of size `shape`, as a fraction of the map:
+    def frame_scale(self, shape: Tuple[int, int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, 2) (x, y) size of the image in a map of size `shape`, as a fraction of the map:
         a point normalised by the image (the image frame) times this is normalised by the
         map. Deformable-DETR's valid ratios, exact rather than counted in cells."""
         s_y, s_x = self.strides(shape)
-        sizes = self.image_sizes.to(torch.float64)
+        sizes = self.image_sizes.to(dtype)
         return torch.stack([sizes[:, 1] / (s_x * shape[1]), sizes[:, 0] / (s_y * shape[0])], dim=-1)
 
-    def valid_ratios(self, shapes: Sequence[Tuple[int, int]]) -> torch.Tensor:
-        """(B, L, 2) float64 `frame_scale` of every level."""
-        return torch.stack([self.frame_scale(shape) for shape in shapes], dim=1)
+    def valid_ratios(self, shapes: Sequence[Tuple[int, int]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(B, L, 2) `frame_scale` of every level."""
+        return torch.stack([self.frame_scale(shape, dtype) for shape in shapes], dim=1)
 
     def canvas_frame_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
         """(B, N, 4) cxcywh boxes normalised by the images -> normalised by the canvas."""
-        scale = self.frame_scale(self.canvas).to(boxes.dtype)
+        scale = self.frame_scale(self.canvas, boxes.dtype)
         return boxes * scale.repeat(1, 2)[:, None, :]
 
     def replicate_edges(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +227,8 @@ class ImagePadding:
         return x.gather(3, cols[:, None, None, :].expand(-1, channels, height, -1))
 
     @staticmethod
-    def masks(module: nn.Module) -> bool:
-        """Whether `module` is one the padding mask hooks: a convolution or a norm."""
+    def is_masked(module: nn.Module) -> bool:
+        """Whether the padding mask hooks `module`: a convolution or a norm."""
         return isinstance(module, (nn.Conv2d, nn.GroupNorm)) or _is_per_channel_norm(module)
 
     def hook(self, module: nn.Module, inputs, output):
@@ -199,11 +239,8 @@ class ImagePadding:
         valid = self.valid_as(output.shape[-2:], output.dtype)
         if isinstance(module, nn.GroupNorm):
             return masked_group_norm(module, inputs[0], valid)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
-            raise ValueError(
-                "padding mask: BatchNorm in training takes its statistics over the padded batch; use frozen "
-                "BatchNorm or GroupNorm (detectron2: MODEL.RESNETS.NORM 'FrozenBN' or 'GN')"
-            )
+        if _tracks_batch_statistics(module):
+            raise ValueError(BATCH_STATISTICS_ERROR)
         if torch.is_grad_enabled():
             return output * valid
         return output.mul_(valid)  # no autograd: the module's fresh output, in place
@@ -221,7 +258,7 @@ class ImagePadding:
             hooked += [
                 m
                 for m in part.modules()
-                if cls.masks(m) and (isinstance(m, (nn.Conv2d, nn.GroupNorm)) or id(m) not in inside_convolutions)
+                if cls.is_masked(m) and (isinstance(m, (nn.Conv2d, nn.GroupNorm)) or id(m) not in inside_convolutions)
             ]
         return hooked
 

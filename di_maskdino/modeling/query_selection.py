@@ -50,11 +50,14 @@ def select_top_k(scores: torch.Tensor, k: int, *tensors: torch.Tensor) -> Tuple[
 class TokenSet:
     """A set of tokens with a box each: T_i, T_s1, T_s2 or the queries of a decoder layer.
 
-    tokens: (B, N, C); box_logits: (B, N, 4), inverse sigmoid of normalised cxcywh boxes.
+    tokens: (B, N, C); box_logits: (B, N, 4), inverse sigmoid of normalised cxcywh boxes;
+    valid: (B, N) bool, the tokens a selection takes before the others (T_i's image tokens
+    with a padding mask), or None: all alike.
     """
 
     tokens: torch.Tensor
     box_logits: torch.Tensor
+    valid: Optional[torch.Tensor] = None
 
     @property
     def boxes(self) -> torch.Tensor:
@@ -178,10 +181,12 @@ class QuerySelection(nn.Module):
         box_logits = heads.box_embed(tokens) + proposal_logits
         # Eq. 1: T_s1 = S(T_i, k1), scored by the best class logit of each token
         scores = heads.class_embed(tokens).max(-1).values
+        valid = None
         if padded:
             # NOTE: with a padding mask, invalid tokens (the padding among them) come after every
             # valid one: how many of them a batch has must not decide which valid tokens are kept.
-            scores = scores.masked_fill(proposal_logits.isinf().any(-1), float("-inf"))
+            valid = ~proposal_logits.isinf().any(-1)
+            scores = scores.masked_fill(~valid, float("-inf"))
         _, selected, selected_box_logits = select_top_k(scores, self.num_selected, tokens, box_logits)
         # in training the supervised masks stay factored (`Predictions`); the boxes need them whole
         predictions = heads.predict(selected, selected_box_logits.sigmoid(), mask_features, factored=self.training)
@@ -194,7 +199,7 @@ class QuerySelection(nn.Module):
         # zero outside them, so no mask reaches into the padding)
         frame_scale = None
         if padded and mask_features is not None:
-            frame_scale = memory.padding.frame_scale(mask_features.shape[-2:])
+            frame_scale = memory.padding.frame_scale(mask_features.shape[-2:], memory.tokens.dtype)
         if self.mask_enhanced_boxes and predictions.mask_embed is not None:
             with torch.no_grad():  # a chunk of queries at a time: the whole logits only transiently
                 initial_box_logits = torch.cat(
@@ -209,7 +214,7 @@ class QuerySelection(nn.Module):
         else:
             initial_box_logits = selected_box_logits.detach()
         return SelectedTokens(
-            scored=TokenSet(tokens, box_logits),
+            scored=TokenSet(tokens, box_logits, valid),
             selected=TokenSet(selected.detach(), initial_box_logits),
             predictions=predictions,
         )

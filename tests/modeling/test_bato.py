@@ -101,9 +101,9 @@ class Spy:
         self.seen = []
         bato.guiding_tokens = self
 
-    def __call__(self, tokens, pos, heads):
+    def __call__(self, tokens, pos, heads, valid=None):
         self.seen.append((tokens, pos))
-        return self.original(tokens, pos, heads)
+        return self.original(tokens, pos, heads, valid)
 
 
 def named_token_sets(model, batch_targets=None):

@@ -58,7 +58,8 @@ def test_map_stride_and_extents():
     valid = padding.valid((24, 24))
     assert valid.shape == (2, 1, 24, 24) and int(valid[0].sum()) == 18 * 23 and int(valid[1].sum()) == 9 * 24
     torch.testing.assert_close(
-        padding.frame_scale((24, 24)), torch.tensor([[90 / 96, 70 / 96], [1.0, 33 / 96]], dtype=torch.float64)
+        padding.frame_scale((24, 24), torch.float64),
+        torch.tensor([[90 / 96, 70 / 96], [1.0, 33 / 96]], dtype=torch.float64),
     )
 
 
@@ -125,6 +126,10 @@ def test_unsupported_backbones_and_parts_are_refused():
         model.eval().run(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="within the padded batch's 64 x 64"):
         model.run(torch.zeros(1, 3, 64, 64), image_sizes=[(65, 10)])
+    with pytest.raises(ValueError, match="within the padded batch"):
+        model.detect(torch.zeros(1, 3, 64, 64), torch.tensor([[0, 10]]))
+    with pytest.raises(ValueError, match=r"must be \(2, 2\)"):
+        model.detect(torch.zeros(2, 3, 64, 64), torch.tensor([[64, 64]]))
     bn = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
     with pytest.raises(ValueError, match="BatchNorm in training"):
         with ImagePadding(torch.tensor([[10, 10]]), (16, 16)).masking(bn):
@@ -262,10 +267,10 @@ def batch_losses(model, criterion, names):
         masks = target["masks"].new_zeros(len(target["labels"]), *canvas)
         masks[:, :h, :w] = target["masks"]
         frame = torch.tensor([w / canvas[1], h / canvas[0]], dtype=torch.float64)
-        if model.padding_mask:
-            prepared.append(dict(target, masks=masks, mask_frame=frame))
-        else:
-            prepared.append(dict(target, masks=masks, boxes=target["boxes"] * frame.repeat(2)))
+        # with the padding mask the boxes stay in the image's frame (the criterion draws the mask
+        # points in the image: `output.padding`), without it they are the batch's
+        boxes = target["boxes"] if model.padding_mask else target["boxes"] * frame.repeat(2)
+        prepared.append(dict(target, masks=masks, boxes=boxes))
     losses = criterion(model.run(batch, prepared, image_sizes=sizes), prepared, num_objects=1.0)
     sum(losses.values()).backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -316,3 +321,25 @@ def test_a_deep_copy_masks_its_own_batches():
         ours, theirs = model.run(batch, image_sizes=sizes), twin.run(batch, image_sizes=sizes)
     torch.testing.assert_close(theirs.final.logits, ours.final.logits, rtol=0, atol=0)
     assert model._padding is None and twin._padding is None
+
+
+def test_masked_group_norm_keeps_float16_inputs_finite():
+    """Under autocast a convolution gives float16; the statistics are taken in float32 (the
+    squares of float16 values above 256 overflow)."""
+    norm = nn.GroupNorm(4, 8)
+    x = torch.randn(1, 8, 40, 60) * 600 + 100
+    padding = ImagePadding(torch.tensor([[30, 50]]), (40, 60))
+    out = masked_group_norm(norm, x.half(), padding.valid((40, 60)))
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    expected = norm(x[..., :30, :50])
+    torch.testing.assert_close(out[..., :30, :50].float(), expected, rtol=0, atol=2e-2)
+
+
+def test_bato_guided_by_t_i_is_batch_independent():
+    """BATO guided by T_i chooses among every encoder token: the padded ones come last."""
+    model = padded_model(bato=dict(guidance_source="T_i")).eval()
+    results = run_alone_and_in_batches(model)
+    alone = results["alone"][0].final
+    for name in ("with larger", "with smaller"):
+        output, index, _ = results[name]
+        torch.testing.assert_close(output.final.logits[index], alone.logits[0], rtol=0, atol=1e-9, msg=name)

@@ -40,8 +40,9 @@ def lsj_augmentation(cfg):
         ),
         # NOTE: detectron2 pads segmentations with 255 (the semantic "ignore" label), which would
         # turn the padding into foreground of instance masks; 0 is background for instance
-        # masks and void (id 0) for panoptic PNGs.
-        T.FixedSizeCrop(crop_size=(size, size), seg_pad_value=0),
+        # masks and void (id 0) for panoptic PNGs. With the padding mask the crop is not
+        # padded: the model pads the batch and keeps the padding out (docs/padding_mask.md).
+        T.FixedSizeCrop(crop_size=(size, size), pad=not cfg.MODEL.DI_MASKDINO.PADDING_MASK, seg_pad_value=0),
     ]
 
 

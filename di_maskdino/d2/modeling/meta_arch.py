@@ -114,7 +114,7 @@ class DIMaskDINOArch(DIMaskDINO):
         """detectron2 Instances -> targets with boxes normalised by the padded input size
         (the frame the network predicts in) and, unless the model is detection-only, masks
         padded to it. With a padding mask, the boxes are normalised by each image (the frame
-        that model predicts in) and "mask_frame" gives the image's share of the padded masks."""
+        that model predicts in)."""
         # NOTE: the release normalises the boxes by each image's unpadded size, while its
         # predictions (and the masks) live in the padded frame; the two agree when every image of
         # the batch has the padded size (LSJ's fixed crops) and differ by 0.5-2% otherwise
@@ -140,10 +140,6 @@ class DIMaskDINOArch(DIMaskDINO):
                 padded = masks.new_zeros((masks.shape[0], height, width))
                 padded[:, : masks.shape[1], : masks.shape[2]] = masks
                 target["masks"] = padded.to(dtype)
-                if self.padding_mask:
-                    target["mask_frame"] = torch.tensor(
-                        [image_width / width, image_height / height], dtype=dtype, device=self.device
-                    )
             if instances.has("gt_is_thing"):  # panoptic / semantic targets: things and stuff
                 target["is_thing"] = instances.gt_is_thing
             targets.append(target)
