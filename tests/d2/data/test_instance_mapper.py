@@ -194,3 +194,18 @@ def test_synthetic_dataset_loads_and_maps(tmp_path):
     for record in records:
         out = mapper(record)
         assert out["instances"].gt_masks.tensor.shape[-2:] == (128, 128)
+
+
+def test_lsj_with_the_padding_mask_leaves_the_padding_to_the_model(tmp_path):
+    """With MODEL.DI_MASKDINO.PADDING_MASK the fixed-size crop is not padded (the model pads
+    the batch and masks it): an image scaled below the crop size keeps its own size."""
+    cfg = lsj_cfg(size=512)
+    cfg.INPUT.MIN_SCALE = cfg.INPUT.MAX_SCALE = 0.5  # the 100 x 160 image fits 256 x 256: 160 x 256
+    cfg.MODEL.DI_MASKDINO.PADDING_MASK = True
+    torch.manual_seed(0)
+    np.random.seed(0)
+    out = DIMaskDINODatasetMapper(cfg, True)(two_rectangles(tmp_path))
+    assert out["image"].shape[-2:] == (160, 256)  # not padded to the 512 x 512 crop
+    cfg.MODEL.DI_MASKDINO.PADDING_MASK = False
+    out = DIMaskDINODatasetMapper(cfg, True)(two_rectangles(tmp_path))
+    assert out["image"].shape[-2:] == (512, 512)
