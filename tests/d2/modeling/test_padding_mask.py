@@ -118,3 +118,24 @@ def test_batchnorm_in_training_is_refused():
     model.eval()
     with torch.no_grad():
         assert len(model([example(*INPUTS["image"])])[0]["instances"]) > 0
+
+
+def test_frozen_batchnorm_resnet_alone_and_in_a_batch():
+    """The release's backbone norm (FrozenBN, applied inside detectron2's Conv2d): an image's
+    detections alone equal its detections beside a larger image."""
+    torch.manual_seed(0)
+    frozen = build_model(load_config(QUICK, SETTING + ["MODEL.RESNETS.NORM", "FrozenBN"])).double().eval()
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in frozen.parameters():
+            p.add_(torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.02)
+        for name, buffer in frozen.backbone.named_buffers():  # statistics that shift and scale
+            if name.endswith("running_mean"):
+                buffer.normal_(0, 0.5, generator=generator)
+            elif name.endswith("running_var"):
+                buffer.uniform_(0.5, 2.0, generator=generator)
+        alone = frozen([example(*INPUTS["image"])])[0]["instances"]
+        batched = frozen([example(*INPUTS["image"]), example(*INPUTS["larger"])])[0]["instances"]
+    assert len(alone) > 0 and torch.equal(alone.pred_classes, batched.pred_classes)
+    torch.testing.assert_close(batched.scores, alone.scores, rtol=0, atol=1e-9)
+    torch.testing.assert_close(batched.pred_boxes.tensor, alone.pred_boxes.tensor, rtol=0, atol=1e-4)
