@@ -232,7 +232,7 @@ class ImagePadding:
         return isinstance(module, (nn.Conv2d, nn.GroupNorm)) or _is_per_channel_norm(module)
 
     def hook(self, module: nn.Module, inputs, output):
-        """The forward hook of a convolution or norm (`masks`): its output with zeros outside
+        """The forward hook of a convolution or norm (`is_masked`): its output with zeros outside
         the images, GroupNorm's from valid-region statistics."""
         if not isinstance(output, torch.Tensor) or output.dim() != 4:
             return output
