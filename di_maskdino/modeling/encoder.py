@@ -136,6 +136,9 @@ class MaskDINOEncoder(nn.Module):
         # ResNet), of equally wide ones the coarsest (p5 of a feature pyramid, whose maps all
         # have one width; MaskDINO picks the same), each further one from the previous extra level.
         self.extra_level_source = max(self.transformer_in_features, key=lambda f: (in_channels[f], in_strides[f]))
+        # the stride of the coarsest map the backbone and the encoder make
+        extra_levels = num_levels - len(self.transformer_in_features)
+        self.coarsest_stride = max(max(in_strides.values()), in_strides[self.extra_level_source] * 2**extra_levels)
         self.input_proj = self._input_projections(in_channels, norm_layer)
         self.level_embed = nn.Parameter(torch.empty(num_levels, hidden_dim))
         self.layers = nn.ModuleList(

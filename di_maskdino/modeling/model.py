@@ -186,6 +186,8 @@ class DIMaskDINO(nn.Module):
                 f"DIMaskDINO: image_sizes must be ({batch.shape[0]}, 2), the (h, w) of each image before padding; "
                 f"got {tuple(image_sizes.shape)}"
             )
+        if self.training and any(m.training for m in self._batch_norms):
+            raise ValueError(BATCH_STATISTICS_ERROR)
         # the values where reading them costs nothing (on the host, not traced)
         if image_sizes.device.type == "cpu" and not torch.compiler.is_compiling():
             if bool((image_sizes < 1).any()) or bool((image_sizes > image_sizes.new_tensor([height, width])).any()):
@@ -193,8 +195,15 @@ class DIMaskDINO(nn.Module):
                     f"DIMaskDINO: image_sizes must lie within the padded batch's {height} x {width} (and be at "
                     f"least 1); got {image_sizes.tolist()}"
                 )
-        if self.training and any(m.training for m in self._batch_norms):
-            raise ValueError(BATCH_STATISTICS_ERROR)
+            # every image fills a canvas that each map divides evenly: nothing to mask, and the
+            # masked network computes what the network without the mask computes
+            stride = self.encoder.coarsest_stride
+            if (
+                height % stride == 0
+                and width % stride == 0
+                and bool((image_sizes == image_sizes.new_tensor([height, width])).all())
+            ):
+                return None
         return ImagePadding(image_sizes.to(batch.device), tuple(batch.shape[-2:]))
 
     def _mask_padding(self, module: nn.Module, inputs, output):

@@ -183,10 +183,11 @@ class QuerySelection(nn.Module):
         scores = heads.class_embed(tokens).max(-1).values
         valid = None
         if padded:
-            # NOTE: with a padding mask, invalid tokens (the padding among them) come after every
-            # valid one: how many of them a batch has must not decide which valid tokens are kept.
-            valid = ~proposal_logits.isinf().any(-1)
-            scores = scores.masked_fill(~valid, float("-inf"))
+            # NOTE: with a padding mask, the padded tokens come after every image token: how many
+            # of them a batch has must not decide which image tokens are kept. The image's own
+            # tokens compete as in the release (its border tokens included).
+            valid = ~memory.padding_mask
+            scores = scores.masked_fill(memory.padding_mask, float("-inf"))
         _, selected, selected_box_logits = select_top_k(scores, self.num_selected, tokens, box_logits)
         # in training the supervised masks stay factored (`Predictions`); the boxes need them whole
         predictions = heads.predict(selected, selected_box_logits.sigmoid(), mask_features, factored=self.training)

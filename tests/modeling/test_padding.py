@@ -343,3 +343,91 @@ def test_bato_guided_by_t_i_is_batch_independent():
     for name in ("with larger", "with smaller"):
         output, index, _ = results[name]
         torch.testing.assert_close(output.final.logits[index], alone.logits[0], rtol=0, atol=1e-9, msg=name)
+
+
+# ----------------------------------------------------------------------------------------
+# a batch without padding: the oracle is the model without the switch (the release's)
+
+
+def unpadded_batch_outputs(model, monkeypatch=None, force_mask=False):
+    """Outputs, losses (fixed normaliser) and gradients of a float64 training batch of two
+    128 x 192 images (a canvas every map of the tiny model divides: strides up to 64).
+    `force_mask`: run the masking path although the batch has nothing to mask."""
+    generator = torch.Generator().manual_seed(1)
+    pictures = [torch.rand(3, 128, 192, generator=generator, dtype=torch.float64) * 255 for _ in range(2)]
+    batch, sizes = model.preprocess(pictures)
+    if force_mask:
+        monkeypatch.setattr(model, "image_padding", lambda batch, sizes: ImagePadding.of(sizes, (128, 192), "cpu"))
+    masks = torch.zeros(2, 128, 192, dtype=torch.float64)
+    masks[0, 10:60, 20:90], masks[1, 70:128, 100:192] = 1, 1
+    boxes = torch.tensor([[55 / 192, 35 / 128, 70 / 192, 50 / 128], [146 / 192, 99 / 128, 92 / 192, 58 / 128]])
+    boxes = boxes.double()
+    targets = [dict(labels=torch.tensor([i]), boxes=boxes[i : i + 1], masks=masks[i : i + 1]) for i in range(2)]
+    criterion = build_criterion(Objective(num_points=64))
+    model.zero_grad()
+    output = model.run(batch, targets, image_sizes=sizes)
+    losses = criterion(output, targets, num_objects=1.0)
+    sum(losses.values()).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return output, {k: v.detach() for k, v in losses.items()}, grads
+
+
+def test_without_padding_the_switch_computes_what_the_release_model_computes(monkeypatch):
+    """Images that fill a canvas divisible by the coarsest stride: the masked network (forced
+    through its masking path) equals the network without the switch, its border tokens
+    included (only the padded tokens lose query selection). To 1e-6 in float64 (gradients: 1e-6 of
+    their largest): the network without the switch computes the token centres in float32, as the
+    release does."""
+    monkeypatch.setattr(point_sampling, "uniform_points", fixed_points)
+    monkeypatch.setattr(matcher_module, "uniform_points", fixed_points)
+    release = padded_model(padding_mask=False, denoising=None).train()
+    switched = padded_model(padding_mask=True, denoising=None).train()
+    switched.load_state_dict(release.state_dict())
+    batch, sizes = switched.preprocess([torch.zeros(3, 128, 192, dtype=torch.float64)] * 2)
+    assert switched.encoder.coarsest_stride == 64
+    assert switched.image_padding(batch, sizes) is None  # nothing to mask: the unmasked network runs
+    assert switched.image_padding(batch[..., :-64], [(128, 100), (128, 128)]) is not None
+
+    ours, our_losses, our_grads = unpadded_batch_outputs(switched, monkeypatch, force_mask=True)
+    theirs, their_losses, their_grads = unpadded_batch_outputs(release)
+    assert ours.padding is not None and theirs.padding is None
+    for (label, a), (_, b) in zip(ours.named(), theirs.named()):
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6, msg=label)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=1e-6, msg=label)
+    assert our_losses.keys() == their_losses.keys() and len(our_losses) > 20
+    for key in our_losses:
+        torch.testing.assert_close(our_losses[key], their_losses[key], rtol=0, atol=1e-6, msg=key)
+    assert our_grads.keys() == their_grads.keys()
+    for key in our_grads:
+        scale = float(their_grads[key].abs().max())
+        torch.testing.assert_close(our_grads[key], their_grads[key], rtol=0, atol=1e-6 * max(scale, 1.0), msg=key)
+
+
+def test_without_padding_border_tokens_are_selected_as_by_the_release(monkeypatch):
+    """The release zeroes the encoder tokens whose proposal leaves (0.01, 0.99) (the outer
+    columns of a map wider than 50 cells) and still lets them compete in query selection.
+    Weights that give those zeroed tokens the highest possible score make the release select
+    them first; the switch, through its masking path, selects the same tokens."""
+    release = padded_model(padding_mask=False).eval()
+    with torch.no_grad():
+        heads, selection = release.head.heads, release.head.query_selection
+        heads.class_embed.weight.copy_(heads.class_embed.weight[:1].expand(3, -1))  # one score for all classes
+        heads.class_embed.bias.fill_(0.0)
+        # a zeroed token becomes LayerNorm(bias): aligned with the class weights, the largest score
+        direction = heads.class_embed.weight[0] - heads.class_embed.weight[0].mean()
+        selection.memory_norm.weight.fill_(1.0)
+        selection.memory_norm.bias.fill_(0.0)
+        selection.memory_proj.bias.copy_(direction * 10)
+    switched = padded_model(padding_mask=True)
+    switched.load_state_dict(release.state_dict())
+    switched.eval()
+    generator = torch.Generator().manual_seed(2)
+    picture = torch.rand(3, 64, 448, generator=generator, dtype=torch.float64) * 255  # stride 8: 56 columns
+    batch, sizes = switched.preprocess([picture])
+    monkeypatch.setattr(switched, "image_padding", lambda batch, sizes: ImagePadding.of(sizes, (64, 448), "cpu"))
+    with torch.no_grad():
+        ours, theirs = switched.run(batch, image_sizes=sizes), release.run(batch)
+    assert ours.padding is not None
+    for (label, a), (_, b) in zip(ours.named(), theirs.named()):
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6, msg=label)
+        torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=1e-6, msg=label)
