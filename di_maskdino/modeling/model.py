@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .box_mask_head import BoxMaskHead, BoxMasks
 from .di_maskdino_head import DIMaskDINOHead
@@ -204,7 +205,9 @@ class DIMaskDINO(nn.Module):
                 and bool((image_sizes == image_sizes.new_tensor([height, width])).all())
             ):
                 return None
-        return ImagePadding(image_sizes.to(batch.device), tuple(batch.shape[-2:]))
+            host_sizes = [(int(h), int(w)) for h, w in image_sizes.tolist()]
+            return ImagePadding(image_sizes.to(batch.device), (height, width), host_sizes)
+        return ImagePadding(image_sizes.to(batch.device), (height, width))
 
     def _mask_padding(self, module: nn.Module, inputs, output):
         return output if self._padding is None else self._padding.hook(module, inputs, output)
@@ -300,11 +303,34 @@ class DIMaskDINO(nn.Module):
         image_sizes: (B, 2) (h, w) before padding, read with a padding mask only; the boxes
         and masks are then given in the padded frame, as without one (`canvas_frame`)."""
         padding = self.image_padding(batch, image_sizes)
+        if self._detects_on_own_canvas(padding):
+            return self._detect_on_own_canvas(batch, padding)
         with self.masked(padding):
             raw = self.head.detect(self.encode(batch, padding)[1], self.test_topk)
         if padding is None:
             return raw
         masks = None if raw.mask_logits is None else padding.replicate_edges(raw.mask_logits)
+        return RawDetections(raw.scores, raw.labels, padding.canvas_frame_boxes(raw.boxes), masks)
+
+    def _detects_on_own_canvas(self, padding: Optional[ImagePadding]) -> bool:
+        """Whether `detect` runs a single padded image on the image itself: with its size known
+        on the host and at least the coarsest stride (whose maps then tell their strides)."""
+        if padding is None or padding.host_sizes is None or len(padding.host_sizes) != 1:
+            return False
+        return min(padding.host_sizes[0]) >= self.encoder.coarsest_stride
+
+    def _detect_on_own_canvas(self, batch: torch.Tensor, padding: ImagePadding) -> RawDetections:
+        """`detect` of one image on a canvas that ends with it: what the mask computes on the
+        padded canvas (every map of the image holds ceil(h / s) x ceil(w / s) cells either
+        way), without masking work. Its outputs are then placed on the padded canvas."""
+        height, width = padding.host_sizes[0]
+        own = ImagePadding(padding.image_sizes, (height, width), padding.host_sizes)
+        # every map of its own canvas is the image's: nothing for the hooks to mask
+        raw = self.head.detect(self.encode(batch[..., :height, :width], own)[1], self.test_topk)
+        masks = raw.mask_logits
+        if masks is not None:
+            rows, cols = own.map_shape(masks.shape[-2:], padding.canvas)
+            masks = F.pad(masks, (0, cols - masks.shape[-1], 0, rows - masks.shape[-2]), mode="replicate")
         return RawDetections(raw.scores, raw.labels, padding.canvas_frame_boxes(raw.boxes), masks)
 
     def canvas_frame(self, prediction: Predictions, image_sizes, padded_size: Tuple[int, int]) -> Predictions:

@@ -59,11 +59,16 @@ def check_batch_statistics(backbone: nn.Module) -> None:
 
 def upsample_within(x: torch.Tensor, size, padding: Optional["ImagePadding"]) -> torch.Tensor:
     """Bilinear resize of (B, C, h, w) maps to `size`; with a padding, from the images' cells
-    only (edges repeated beyond them) and zero outside the images at the new size."""
+    only (edges repeated beyond them), by the ratio of the two maps' strides (a canvas whose
+    maps do not halve exactly, e.g. one that ends with an image, samples where a larger one
+    does), and zero outside the images at the new size."""
     if padding is None:
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-    resized = F.interpolate(padding.replicate_edges(x), size=size, mode="bilinear", align_corners=False)
-    return padding.zero_padding(resized)
+    (in_y, in_x), (out_y, out_x) = padding.strides(x.shape[-2:]), padding.strides(size)
+    resized = F.interpolate(
+        padding.replicate_edges(x), scale_factor=(in_y // out_y, in_x // out_x), mode="bilinear", align_corners=False
+    )
+    return padding.zero_padding(resized[..., : size[0], : size[1]])
 
 
 def map_stride(size: int, canvas: int) -> int:
@@ -144,17 +149,28 @@ class ImagePadding:
         canvas: (H, W) of the padded batch.
     """
 
-    def __init__(self, image_sizes: torch.Tensor, canvas: Tuple[int, int]):
+    def __init__(
+        self,
+        image_sizes: torch.Tensor,
+        canvas: Tuple[int, int],
+        host_sizes: Optional[List[Tuple[int, int]]] = None,
+    ):
         if image_sizes.dim() != 2 or image_sizes.shape[1] != 2:
             raise ValueError(f"ImagePadding: image sizes must be (B, 2) (h, w), got {tuple(image_sizes.shape)}")
         self.image_sizes = image_sizes.long()
         self.canvas = (canvas[0], canvas[1])
+        self.host_sizes = host_sizes  # the same sizes as Python ints, where known without a sync
         self._valid: Dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def of(cls, sizes: Sequence[Tuple[int, int]], canvas: Tuple[int, int], device: torch.device) -> "ImagePadding":
         """From a list of (h, w)."""
         return cls(torch.tensor([list(s) for s in sizes], dtype=torch.long, device=device), canvas)
+
+    def map_shape(self, shape: Tuple[int, int], canvas: Tuple[int, int]) -> Tuple[int, int]:
+        """The size, on a canvas of size `canvas`, of the map whose size is `shape` here."""
+        s_y, s_x = self.strides(shape)
+        return -(-canvas[0] // s_y), -(-canvas[1] // s_x)
 
     def strides(self, shape: Tuple[int, int]) -> Tuple[int, int]:
         """(s_y, s_x) of a map of size `shape` (h_l, w_l)."""

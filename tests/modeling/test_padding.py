@@ -431,3 +431,28 @@ def test_without_padding_border_tokens_are_selected_as_by_the_release(monkeypatc
     for (label, a), (_, b) in zip(ours.named(), theirs.named()):
         torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=1e-6, msg=label)
         torch.testing.assert_close(a.boxes, b.boxes, rtol=0, atol=1e-6, msg=label)
+
+
+@pytest.mark.parametrize("parts", ["instance", "detection"])
+def test_a_single_image_detects_on_its_own_canvas_what_the_mask_computes(monkeypatch, parts):
+    """`detect` of one padded image runs the network on the image itself (a canvas whose maps
+    do not halve exactly: 70 x 90) instead of masking the padding: the same outputs."""
+    overrides = {} if parts == "instance" else dict(mask_branch=False, mask_enhanced_boxes=False)
+    model = padded_model(**overrides).eval()
+    batch, sizes = model.preprocess([images()["image"]])
+    assert tuple(batch.shape[-2:]) == (96, 96) and sizes == [(70, 90)]
+    padding = model.image_padding(batch, sizes)
+    assert model._detects_on_own_canvas(padding)
+    assert not model._detects_on_own_canvas(model.image_padding(batch, [(40, 90)]))  # below the coarsest stride
+    with torch.no_grad():
+        own = model.detect(batch, torch.tensor(sizes))
+        monkeypatch.setattr(model, "_detects_on_own_canvas", lambda padding: False)
+        masked = model.detect(batch, torch.tensor(sizes))
+    assert torch.equal(own.labels, masked.labels)
+    torch.testing.assert_close(own.scores, masked.scores, rtol=0, atol=1e-9)
+    torch.testing.assert_close(own.boxes, masked.boxes, rtol=0, atol=1e-9)
+    if parts == "instance":
+        assert own.mask_logits.shape == masked.mask_logits.shape and own.mask_logits.shape[-2:] == (24, 24)
+        torch.testing.assert_close(own.mask_logits, masked.mask_logits, rtol=0, atol=1e-9)
+    else:
+        assert own.mask_logits is None and masked.mask_logits is None
