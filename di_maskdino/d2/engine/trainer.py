@@ -221,7 +221,7 @@ class Trainer(DefaultTrainer):
             seed,
             aspect_ratios=[d["width"] > d["height"] for d in dicts] if grouping else None,
         )
-        dataset = SeededMapDataset(dicts, build_mapper(cfg, True))
+        dataset = cls.build_train_dataset(cfg, dicts, micro_batch)
         loader = build_batch_data_loader(
             dataset,
             sampler,
@@ -232,6 +232,12 @@ class Trainer(DefaultTrainer):
         )
         loader.resumable_sampler = sampler
         return loader
+
+    @classmethod
+    def build_train_dataset(cls, cfg, dicts, micro_batch: int) -> SeededMapDataset:
+        """The training dataset the loader reads by (seed, position, index) keys, every
+        `micro_batch` consecutive positions one batch: `dicts` mapped by the recipe's mapper."""
+        return SeededMapDataset(dicts, build_mapper(cfg, True))
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
