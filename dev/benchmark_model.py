@@ -29,6 +29,10 @@ MODEL.WEIGHTS is given.
 On the CPU, each model-time reading also gives the minor page faults per run, and
 --retain-freed-memory makes malloc keep freed memory for reuse (`di_maskdino.cpu_inference.memory`): without
 it, every forward pass at detection resolution faults its large activations in anew.
+--versus 'KEY VALUE ...' builds a second model with these overrides on top (the same weights)
+and times the two run by run, alternating which goes first, for eager and compile: both
+medians and the median of the per-run ratio, second / first (what changes with a switch,
+such as MODEL.DI_MASKDINO.PADDING_MASK, on a machine whose speed drifts between processes).
 --breakdown profiles one eager (and compile) forward and splits its CPU time into matrix
 products (convolutions, GEMMs, attention), the deformable attention and everything else: a
 backend that keeps float32 and the same matrix kernels cannot take less than the matrix
@@ -39,6 +43,7 @@ import argparse
 import contextlib
 import os
 import resource
+import shlex
 import statistics
 import sys
 import tempfile
@@ -104,6 +109,30 @@ def timed(function, device, warmup, repeats):
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times), times, (page_faults() - faults) / max(repeats, 1)
+
+
+def timed_pair(first, second, device, warmup, repeats):
+    """`timed` of two functions run by run, the order alternating: (median seconds of each,
+    median of the per-run ratios second / first, every run's (first, second) seconds)."""
+
+    def run(function):
+        start = time.perf_counter()
+        function()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        run(first), run(second)
+    runs = []
+    for index in range(repeats):
+        if index % 2 == 0:
+            a, b = run(first), run(second)
+        else:
+            b, a = run(second), run(first)
+        runs.append((a, b))
+    ratio = statistics.median(b / a for a, b in runs)
+    return statistics.median(a for a, _ in runs), statistics.median(b for _, b in runs), ratio, runs
 
 
 def print_breakdown(kind, function, batch, model_time, matrix_flops):
@@ -199,6 +228,11 @@ def main() -> int:
         help="CPU: malloc keeps freed memory (di_maskdino.cpu_inference.memory)",
     )
     parser.add_argument(
+        "--versus",
+        metavar="'KEY VALUE ...'",
+        help="eager / compile: time a second model with these config overrides against the first, run by run",
+    )
+    parser.add_argument(
         "--breakdown",
         action="store_true",
         help="CPU: eager / compile time by kind of operator (di_maskdino.cpu_inference.profiling)",
@@ -208,6 +242,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     if args.dtype == "bfloat16" and set(args.backend) - {"eager", "compile"}:
         parser.error("--dtype bfloat16 is measured for the eager and compile backends")
+    if args.versus and set(args.backend) - {"eager", "compile"}:
+        parser.error("--versus times the eager and compile backends")
     if args.breakdown and (not args.device.startswith("cpu") or args.dtype != "float32"):
         parser.error("--breakdown profiles float32 forwards on the CPU (--device cpu, --dtype float32)")
     if args.breakdown:
@@ -231,6 +267,18 @@ def main() -> int:
             Checkpointer(model, mode="strict", what="MODEL.WEIGHTS").load(cfg.MODEL.WEIGHTS)
         except CheckpointError as error:
             raise SystemExit(str(error)) from error
+    other = None
+    if args.versus:
+        other_cfg = load_config(args.config_file, list(TOOL_DEFAULTS) + args.opts + shlex.split(args.versus))
+        other_cfg.MODEL.DEVICE = args.device
+        other_cfg.freeze()
+        other = build_model(other_cfg).eval()
+        try:
+            other.load_state_dict(model.state_dict())
+        except RuntimeError as error:
+            raise SystemExit(
+                f"--versus {args.versus!r} changes the model's parameters; compare switches that keep them: {error}"
+            ) from error
     height, width = (int(v) for v in args.input_size.split("x"))
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
@@ -296,6 +344,15 @@ def main() -> int:
                 lambda f=function: f(batch, image_sizes), device, args.warmup, args.repeats
             )
             end_to_end, _, _ = timed(lambda p=predictor: p([image]), device, args.warmup, args.repeats)
+            if other is not None:
+                second = backend_function(kind, other, other_cfg, args)
+                first_time, second_time, ratio, pairs = timed_pair(
+                    lambda f=function: f(batch, image_sizes),
+                    lambda f=second: f(batch, image_sizes),
+                    device,
+                    args.warmup,
+                    args.repeats,
+                )
             print(
                 f"  model time: {model_time * 1e3:.1f} ms ({1 / model_time:.2f} FPS; runs "
                 + ", ".join(f"{t * 1e3:.0f}" for t in runs)
@@ -303,6 +360,11 @@ def main() -> int:
                 + (f"; {faults:.0f} page faults per run" if device.type == "cpu" else "")
             )
             print(f"  end to end with post-processing: {end_to_end * 1e3:.1f} ms")
+            if other is not None:
+                print(
+                    f"  versus {args.versus}, run by run: model time {first_time * 1e3:.1f} ms against "
+                    f"{second_time * 1e3:.1f} ms; ratio (second / first) median {ratio:.3f} over {len(pairs)} runs"
+                )
             if args.breakdown and kind in ("eager", "compile"):
                 print_breakdown(kind, lambda b, f=function: f(b, image_sizes), batch, model_time, matrix_flops)
     print(f"load average at the end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -4,13 +4,14 @@ import csv
 import json
 import math
 import re
+import time
 
 import pytest
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (install it from source, see README)")
 
 from di_maskdino.cpu_inference.winograd import winograd_available  # noqa: E402
-from tests.tooling import QUICK, run_tool  # noqa: E402
+from tests.tooling import QUICK, load_script, run_tool  # noqa: E402
 
 pytestmark = pytest.mark.slow  # every test runs a tool in a subprocess
 
@@ -89,3 +90,43 @@ def test_model_benchmark_reports_size_flops_and_time(data_root):
     assert set(shares) == {"matrix products", "deformable attention", "other"}, out
     assert 97 <= sum(shares.values()) <= 103 and shares["matrix products"] > 0
     assert "matrix products ran at" in out  # their FLOPs were counted
+
+
+def test_paired_timing_alternates_the_order_and_times_each_function():
+    benchmark = load_script("dev/benchmark_model.py", "benchmark_model")
+    calls = []
+
+    def sleeper(name, seconds):
+        def function():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return function
+
+    first_time, second_time, ratio, runs = benchmark.timed_pair(
+        sleeper("a", 0.01), sleeper("b", 0.03), benchmark.torch.device("cpu"), warmup=1, repeats=4
+    )
+    assert calls == ["a", "b"] + ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert len(runs) == 4 and all(b > a for a, b in runs)
+    assert 0.01 <= first_time < 0.02 and 0.03 <= second_time < 0.045
+    assert 2.0 < ratio < 3.5
+
+
+def test_model_benchmark_times_a_switch_against_the_model_without_it(data_root):
+    args = ["--config-file", QUICK, "--input-size", "112x128", "--warmup", "0", "--repeats", "2", "--no-flops"]
+    result = run_tool(
+        "dev/benchmark_model.py",
+        args + ["--versus", "MODEL.DI_MASKDINO.PADDING_MASK True", "--backend", "eager"],
+        data_root,
+    )
+    line = re.search(
+        r"versus MODEL.DI_MASKDINO.PADDING_MASK True, run by run: model time ([\d.]+) ms against ([\d.]+) ms; "
+        r"ratio \(second / first\) median ([\d.]+) over 2 runs",
+        result.stdout,
+    )
+    assert line, result.stdout
+    assert all(float(value) > 0 for value in line.groups())
+    refused = run_tool(
+        "dev/benchmark_model.py", args + ["--versus", "MODEL.DI_MASKDINO.DEC_LAYERS 2"], data_root, check=False
+    )
+    assert refused.returncode != 0 and "changes the model's parameters" in refused.stderr
