@@ -147,6 +147,8 @@ class ImagePadding:
     Args:
         image_sizes: (B, 2) int64 (h, w) of the images before padding.
         canvas: (H, W) of the padded batch.
+        host_sizes: the image sizes as (h, w) ints, where they are known without reading the
+            device (`DIMaskDINO.detect` then runs a single image on its own canvas).
     """
 
     def __init__(
