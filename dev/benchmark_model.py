@@ -92,44 +92,35 @@ def page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def seconds(function, device) -> float:
+    """Wall time of one `function()`, its CUDA work included."""
+    start = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
 def timed(function, device, warmup, repeats):
     """(median seconds, every run's seconds, minor page faults per run) of `function()`."""
-
-    def run():
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):
-        run()
-    times = []
+        seconds(function, device)
     faults = page_faults()
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
+    times = [seconds(function, device) for _ in range(repeats)]
     return statistics.median(times), times, (page_faults() - faults) / max(repeats, 1)
 
 
 def timed_pair(first, second, device, warmup, repeats):
     """`timed` of two functions run by run, the order alternating: (median seconds of each,
     median of the per-run ratios second / first, every run's (first, second) seconds)."""
-
-    def run(function):
-        start = time.perf_counter()
-        function()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
     for _ in range(warmup):
-        run(first), run(second)
+        seconds(first, device), seconds(second, device)
     runs = []
     for index in range(repeats):
         if index % 2 == 0:
-            a, b = run(first), run(second)
+            a, b = seconds(first, device), seconds(second, device)
         else:
-            b, a = run(second), run(first)
+            b, a = seconds(second, device), seconds(first, device)
         runs.append((a, b))
     ratio = statistics.median(b / a for a, b in runs)
     return statistics.median(a for a, _ in runs), statistics.median(b for _, b in runs), ratio, runs
